@@ -1,0 +1,1 @@
+"""Kernels and their readable references: ``reference.py`` (PyTorch BPTT), ``cpu_lif.py`` (numba)."""

@@ -1,0 +1,533 @@
+"""Compiled CPU kernels for the fused LIF layer (numba), beside their reference in ``reference.py``.
+
+Why compiled loops: the seed paper's sparse backward touches a few percent of B·T·N entries; written
+with torch ops and a Python loop over T, per-op overhead (10–50 µs × ops × T) eats that saving.
+Here one kernel runs the whole recurrence, parallel over the batch, and the backward walks compact
+lists of active entries.
+
+Layout everywhere: batch-first, contiguous ``(B, T, N)`` arrays, per-neuron parameters ``(N,)``.
+Each kernel follows the equations in :mod:`snnopt.spec`; the reverse sweeps are their adjoints:
+
+    Gs[t]   = dL/ds[t] + Vᵀ Gcur[t+1] + (attached reset: -θ Gv[t+1] | -β v[t] Gv[t+1])
+    Gv[t]   = dL/dv[t] + Gs[t] σ'(v[t]-θ) + β m[t+1] Gv[t+1]     (m = 1 - s[t] for reset="zero")
+    Gsyn[t] = Gv[t] + α Gsyn[t+1]                               (CuBa)
+    Gcur[t] = Gsyn[t] (CuBa) or Gv[t];  dL/dI[t] = Gcur[t]
+
+In sparse mode σ' is zero outside the window, so ``Gs[t] σ'`` is only evaluated at the active
+entries recorded by the forward pass; the recurrent term Vᵀ Gcur[t+1] likewise.
+
+Example::
+
+    >>> spikes, membrane, syn_rec, v_fin, syn_fin, counts, idx, surr = lif_forward(...)  # see ops.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+RESET_CODES = {"subtract": 0, "zero": 1, "none": 2}
+
+
+@njit(inline="always", cache=True)
+def _surrogate(u, code, k):
+    # Codes follow snnopt.surrogate.SURROGATE_CODES.
+    if code == 0:
+        a = k * abs(u) + 1.0
+        return 1.0 / (a * a)
+    if code == 1:
+        sg = 1.0 / (1.0 + math.exp(-k * u))
+        return k * sg * (1.0 - sg)
+    if code == 2:
+        z = math.pi / 2.0 * k * u
+        return (k / 2.0) / (1.0 + z * z)
+    if code == 3:
+        return max(0.0, 1.0 - abs(u) / k) / k
+    return 1.0 / k if abs(u) < k / 2.0 else 0.0
+
+
+@njit(inline="always", cache=True)
+def _fires(u, fire_at_threshold):
+    return u > 0.0 or (fire_at_threshold and u >= 0.0)
+
+
+@njit(parallel=True, cache=True)
+def _lif_forward_kernel(current, beta, theta, alpha, recurrent_t, v0, syn0,
+                        reset_code, cuba, recurrent, fire_at_threshold,
+                        record_membrane, record_syn, collect_active, window, surrogate_code, surrogate_param,
+                        spikes, membrane, syn_record, v_final, syn_final,
+                        active_counts, active_index, active_surr):
+    batch, steps, neurons = current.shape
+    for b in prange(batch):
+        v = v0[b].copy()
+        syn = syn0[b].copy()
+        s_prev = np.empty(neurons, dtype=current.dtype)
+        cur = np.empty(neurons, dtype=current.dtype)
+        for j in range(neurons):
+            s_prev[j] = 1.0 if _fires(v[j] - theta[j], fire_at_threshold) else 0.0
+        count = 0
+        for t in range(steps):
+            for j in range(neurons):
+                cur[j] = current[b, t, j]
+            if recurrent:
+                # Event-driven: only presynaptic neurons that spiked at t-1 contribute.
+                for k in range(neurons):
+                    if s_prev[k] != 0.0:
+                        for j in range(neurons):
+                            cur[j] += recurrent_t[k, j]
+            for j in range(neurons):
+                drive = cur[j]
+                if cuba:
+                    syn[j] = alpha[j] * syn[j] + drive
+                    drive = syn[j]
+                if reset_code == 0:
+                    vj = beta[j] * v[j] + drive - theta[j] * s_prev[j]
+                elif reset_code == 1:
+                    vj = beta[j] * v[j] * (1.0 - s_prev[j]) + drive
+                else:
+                    vj = beta[j] * v[j] + drive
+                v[j] = vj
+                u = vj - theta[j]
+                s = 1.0 if _fires(u, fire_at_threshold) else 0.0
+                s_prev[j] = s
+                spikes[b, t, j] = s
+                if record_membrane:
+                    membrane[b, t, j] = vj
+                if record_syn:
+                    syn_record[b, t, j] = syn[j]
+                if collect_active and abs(u) < window:
+                    active_index[b, count] = t * neurons + j
+                    active_surr[b, count] = _surrogate(u, surrogate_code, surrogate_param)
+                    count += 1
+        for j in range(neurons):
+            v_final[b, j] = v[j]
+            syn_final[b, j] = syn[j]
+        active_counts[b] = count
+
+
+@njit(parallel=True, cache=True)
+def _compact_active_kernel(active_counts, offsets, active_index, active_surr, out_index, out_surr):
+    for b in prange(active_counts.shape[0]):
+        start = offsets[b]
+        for n in range(active_counts[b]):
+            out_index[start + n] = active_index[b, n]
+            out_surr[start + n] = active_surr[b, n]
+
+
+@njit(parallel=True, cache=True)
+def _densify_active_kernel(active_counts, active_index, active_surr, out_dense):
+    for b in prange(active_counts.shape[0]):
+        for n in range(active_counts[b]):
+            out_dense[b, active_index[b, n]] = active_surr[b, n]
+
+
+def lif_forward(current, beta, theta, alpha, recurrent_t, v0, syn0, *, reset, cuba, recurrent,
+                fire_at_threshold, record_membrane, record_syn, collect_active, window, surrogate_code,
+                surrogate_param, dense_active_fraction=0.5):
+    """Run the recurrence over all steps. numpy in, numpy out.
+
+    Returns ``(spikes, membrane, syn_record, v_final, syn_final, active)`` where ``active`` is
+    ``None`` unless ``collect_active``; then it is ``("list", offsets, index, surr)`` (entries of
+    batch b at ``offsets[b]:offsets[b+1]``, index ``t*N + j`` ascending) or, when more than
+    ``dense_active_fraction`` of B·T·N is active, ``("dense", surr_dense)`` with zeros outside the
+    window — the same numbers in less memory than a list would take.
+    """
+    batch, steps, neurons = current.shape
+    dtype = current.dtype
+    spikes = np.empty_like(current)
+    membrane = np.empty_like(current) if record_membrane else np.empty((1, 1, 1), dtype)
+    syn_record = np.empty_like(current) if record_syn else np.empty((1, 1, 1), dtype)
+    v_final = np.empty((batch, neurons), dtype)
+    syn_final = np.empty((batch, neurons), dtype)
+    counts = np.zeros(batch, np.int64)
+    # Worst-case per-batch buffers; untouched pages are never committed, and they are freed as
+    # soon as the entries are compacted below.
+    capacity = steps * neurons if collect_active else 1
+    index_buf = np.empty((batch, capacity), np.int32)
+    surr_buf = np.empty((batch, capacity), dtype)
+    _lif_forward_kernel(current, beta, theta, alpha, recurrent_t, v0, syn0,
+                        RESET_CODES[reset], cuba, recurrent, fire_at_threshold,
+                        record_membrane, record_syn, collect_active, window, surrogate_code, surrogate_param,
+                        spikes, membrane, syn_record, v_final, syn_final, counts, index_buf, surr_buf)
+    active = None
+    if collect_active:
+        total = int(counts.sum())
+        if total > dense_active_fraction * batch * steps * neurons:
+            dense = np.zeros((batch, steps * neurons), dtype)
+            _densify_active_kernel(counts, index_buf, surr_buf, dense)
+            active = ("dense", dense.reshape(batch, steps, neurons))
+        else:
+            offsets = np.zeros(batch + 1, np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            index = np.empty(total, np.int32)
+            surr = np.empty(total, dtype)
+            _compact_active_kernel(counts, offsets, index_buf, surr_buf, index, surr)
+            active = ("list", offsets, index, surr)
+    return spikes, membrane, syn_record, v_final, syn_final, active
+
+
+@njit(parallel=True, cache=True)
+def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
+                                offsets, active_index, active_surr, dense_mode, surr_dense,
+                                beta, alpha, theta, v0, spikes_u8, recurrent_t,
+                                reset_code, cuba, recurrent, fire_at_threshold, window,
+                                surrogate_code, surrogate_param,
+                                grad_current, grad_v0, grad_syn0):
+    batch, steps, neurons = grad_spikes.shape
+    for b in prange(batch):
+        gv_next = np.zeros(neurons, dtype=grad_spikes.dtype)
+        gv = np.empty(neurons, dtype=grad_spikes.dtype)
+        gsyn_next = np.zeros(neurons, dtype=grad_spikes.dtype)
+        ptr = offsets[b + 1] - 1
+        start = offsets[b]
+        for t in range(steps - 1, -1, -1):
+            for j in range(neurons):
+                carry = gv_next[j] * beta[j]
+                if reset_code == 1:
+                    carry *= 1.0 - spikes_u8[b, t, j]
+                g = carry
+                if has_grad_membrane:
+                    g += grad_membrane[b, t, j]
+                if t == steps - 1:
+                    g += grad_v_final[b, j]
+                gv[j] = g
+            if dense_mode:
+                for j in range(neurons):
+                    sg = surr_dense[b, t, j]
+                    if sg != 0.0:
+                        gs = grad_spikes[b, t, j]
+                        if recurrent and t < steps - 1:
+                            acc = 0.0
+                            for i in range(neurons):
+                                acc += recurrent_t[j, i] * grad_current[b, t + 1, i]
+                            gs += acc
+                        gv[j] += gs * sg
+            else:
+                while ptr >= start and active_index[ptr] // neurons == t:
+                    j = active_index[ptr] % neurons
+                    gs = grad_spikes[b, t, j]
+                    if recurrent and t < steps - 1:
+                        acc = 0.0
+                        for i in range(neurons):
+                            acc += recurrent_t[j, i] * grad_current[b, t + 1, i]
+                        gs += acc
+                    gv[j] += gs * active_surr[ptr]
+                    ptr -= 1
+            if cuba:
+                for j in range(neurons):
+                    gsyn = gv[j] + alpha[j] * gsyn_next[j]
+                    if t == steps - 1:
+                        gsyn += grad_syn_final[b, j]
+                    gsyn_next[j] = gsyn
+                    grad_current[b, t, j] = gsyn
+            else:
+                for j in range(neurons):
+                    grad_current[b, t, j] = gv[j]
+            for j in range(neurons):
+                gv_next[j] = gv[j]
+        # Step -1: the initial state. s[-1] = H(v0 - θ) feeds the reset (detached here) and the
+        # recurrent input of step 0 (attached, windowed surrogate).
+        for j in range(neurons):
+            u0 = v0[b, j] - theta[j]
+            carry = gv_next[j] * beta[j]
+            if reset_code == 1 and _fires(u0, fire_at_threshold):
+                carry = 0.0
+            if recurrent and abs(u0) < window:
+                acc = 0.0
+                for i in range(neurons):
+                    acc += recurrent_t[j, i] * grad_current[b, 0, i]
+                carry += acc * _surrogate(u0, surrogate_code, surrogate_param)
+            grad_v0[b, j] = carry
+            grad_syn0[b, j] = alpha[j] * gsyn_next[j] if cuba else 0.0
+
+
+def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, active, beta, alpha, theta,
+                        v0, spikes_u8, recurrent_t, *, reset, cuba, recurrent, fire_at_threshold, window,
+                        surrogate_code, surrogate_param):
+    """Reverse sweep of the windowed, reset-detached network; returns ``(dL/dI, dL/dv0, dL/dsyn0)``."""
+    batch, steps, neurons = grad_spikes.shape
+    dtype = grad_spikes.dtype
+    grad_current = np.empty_like(grad_spikes)
+    grad_v0 = np.empty((batch, neurons), dtype)
+    grad_syn0 = np.empty((batch, neurons), dtype)
+    has_grad_membrane = grad_membrane is not None
+    if grad_membrane is None:
+        grad_membrane = np.empty((1, 1, 1), dtype)
+    if active[0] == "dense":
+        offsets, index, surr, dense = np.zeros(batch + 1, np.int64), np.empty(0, np.int32), np.empty(0, dtype), active[1]
+    else:
+        (_, offsets, index, surr), dense = active, np.empty((1, 1, 1), dtype)
+    _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
+                                offsets, index, surr, active[0] == "dense", dense,
+                                beta, alpha, theta, v0, spikes_u8, recurrent_t,
+                                RESET_CODES[reset], cuba, recurrent, fire_at_threshold, window,
+                                surrogate_code, surrogate_param, grad_current, grad_v0, grad_syn0)
+    return grad_current, grad_v0, grad_syn0
+
+
+@njit(parallel=True, cache=True)
+def _lif_backward_exact_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
+                               membrane, syn_record, beta, alpha, theta, v0, syn0, recurrent_t,
+                               reset_code, reset_in_graph, cuba, recurrent, fire_at_threshold,
+                               surrogate_code, surrogate_param,
+                               grad_current, grad_v0, grad_syn0, grad_beta_b, grad_theta_b, grad_alpha_b):
+    batch, steps, neurons = grad_spikes.shape
+    for b in prange(batch):
+        gv_next = np.zeros(neurons, dtype=grad_spikes.dtype)
+        gv = np.empty(neurons, dtype=grad_spikes.dtype)
+        gsyn_next = np.zeros(neurons, dtype=grad_spikes.dtype)
+        for t in range(steps - 1, -1, -1):
+            for j in range(neurons):
+                vt = membrane[b, t, j]
+                u = vt - theta[j]
+                s_t = 1.0 if _fires(u, fire_at_threshold) else 0.0
+                # dL/ds[t]: output, recurrent input of step t+1, and the reset of step t+1.
+                gs = grad_spikes[b, t, j]
+                if t < steps - 1:
+                    if recurrent:
+                        acc = 0.0
+                        for i in range(neurons):
+                            acc += recurrent_t[j, i] * grad_current[b, t + 1, i]
+                        gs += acc
+                    if reset_in_graph:
+                        if reset_code == 0:
+                            gs -= theta[j] * gv_next[j]
+                        elif reset_code == 1:
+                            gs -= beta[j] * vt * gv_next[j]
+                sg = _surrogate(u, surrogate_code, surrogate_param)
+                carry = gv_next[j] * beta[j]
+                if reset_code == 1:
+                    carry *= 1.0 - s_t
+                g = gs * sg + carry
+                if has_grad_membrane:
+                    g += grad_membrane[b, t, j]
+                if t == steps - 1:
+                    g += grad_v_final[b, j]
+                gv[j] = g
+                v_prev = membrane[b, t - 1, j] if t > 0 else v0[b, j]
+                s_prev = 1.0 if _fires(v_prev - theta[j], fire_at_threshold) else 0.0
+                grad_theta_b[b, j] -= gs * sg
+                if reset_code == 0:
+                    grad_theta_b[b, j] -= g * s_prev
+                    grad_beta_b[b, j] += g * v_prev
+                elif reset_code == 1:
+                    grad_beta_b[b, j] += g * v_prev * (1.0 - s_prev)
+                else:
+                    grad_beta_b[b, j] += g * v_prev
+            if cuba:
+                for j in range(neurons):
+                    gsyn = gv[j] + alpha[j] * gsyn_next[j]
+                    if t == steps - 1:
+                        gsyn += grad_syn_final[b, j]
+                    syn_prev = syn_record[b, t - 1, j] if t > 0 else syn0[b, j]
+                    grad_alpha_b[b, j] += gsyn * syn_prev
+                    gsyn_next[j] = gsyn
+                    grad_current[b, t, j] = gsyn
+            else:
+                for j in range(neurons):
+                    grad_current[b, t, j] = gv[j]
+            for j in range(neurons):
+                gv_next[j] = gv[j]
+        for j in range(neurons):
+            u0 = v0[b, j] - theta[j]
+            s0 = 1.0 if _fires(u0, fire_at_threshold) else 0.0
+            gs = 0.0
+            if recurrent:
+                for i in range(neurons):
+                    gs += recurrent_t[j, i] * grad_current[b, 0, i]
+            if reset_in_graph:
+                if reset_code == 0:
+                    gs -= theta[j] * gv_next[j]
+                elif reset_code == 1:
+                    gs -= beta[j] * v0[b, j] * gv_next[j]
+            sg = _surrogate(u0, surrogate_code, surrogate_param)
+            carry = gv_next[j] * beta[j]
+            if reset_code == 1:
+                carry *= 1.0 - s0
+            grad_v0[b, j] = gs * sg + carry
+            grad_theta_b[b, j] -= gs * sg
+            grad_syn0[b, j] = alpha[j] * gsyn_next[j] if cuba else 0.0
+
+
+def lif_backward_exact(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, membrane, syn_record, beta, alpha,
+                       theta, v0, syn0, recurrent_t, *, reset, reset_in_graph, cuba, recurrent, fire_at_threshold,
+                       surrogate_code, surrogate_param):
+    """Full BPTT adjoint; returns ``(dI, dv0, dsyn0, dβ, dθ, dα)`` with parameter grads per neuron."""
+    batch, steps, neurons = grad_spikes.shape
+    dtype = grad_spikes.dtype
+    grad_current = np.empty_like(grad_spikes)
+    grad_v0 = np.empty((batch, neurons), dtype)
+    grad_syn0 = np.empty((batch, neurons), dtype)
+    # Per-batch partial sums avoid races between threads; reduced once at the end.
+    grad_beta_b = np.zeros((batch, neurons), dtype)
+    grad_theta_b = np.zeros((batch, neurons), dtype)
+    grad_alpha_b = np.zeros((batch, neurons), dtype)
+    has_grad_membrane = grad_membrane is not None
+    if grad_membrane is None:
+        grad_membrane = np.empty((1, 1, 1), dtype)
+    _lif_backward_exact_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
+                               membrane, syn_record, beta, alpha, theta, v0, syn0, recurrent_t,
+                               RESET_CODES[reset], reset_in_graph, cuba, recurrent, fire_at_threshold,
+                               surrogate_code, surrogate_param,
+                               grad_current, grad_v0, grad_syn0, grad_beta_b, grad_theta_b, grad_alpha_b)
+    return (grad_current, grad_v0, grad_syn0, grad_beta_b.sum(0), grad_theta_b.sum(0), grad_alpha_b.sum(0))
+
+
+# --- Sparse inputs: compact events instead of dense scans -------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _count_nonzero_rows(x2d, counts):
+    for r in prange(x2d.shape[0]):
+        n = 0
+        for i in range(x2d.shape[1]):
+            if x2d[r, i] != 0.0:
+                n += 1
+        counts[r] = n
+
+
+@njit(parallel=True, cache=True)
+def _fill_csr(x2d, row_ptr, cols, vals):
+    for r in prange(x2d.shape[0]):
+        p = row_ptr[r]
+        for i in range(x2d.shape[1]):
+            xv = x2d[r, i]
+            if xv != 0.0:
+                cols[p] = i
+                vals[p] = xv
+                p += 1
+
+
+def dense_to_events(x2d, max_density):
+    """Compress rows of ``x2d`` into CSR events ``(row_ptr, cols, vals)``; None if denser than ``max_density``.
+
+    NaN and ±inf are nonzero, so they travel as events and propagate like in a dense matmul
+    (except that NaN·0 terms a dense matmul would add are absent, which cannot change a NaN result).
+    """
+    counts = np.empty(x2d.shape[0], np.int64)
+    _count_nonzero_rows(x2d, counts)
+    total = int(counts.sum())
+    if total > max_density * x2d.size:
+        return None
+    row_ptr = np.zeros(x2d.shape[0] + 1, np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    cols = np.empty(total, np.int32)
+    vals = np.empty(total, x2d.dtype)
+    _fill_csr(x2d, row_ptr, cols, vals)
+    return row_ptr, cols, vals
+
+
+@njit(parallel=True, cache=True)
+def _events_linear_kernel(row_ptr, cols, vals, weight_t, bias, has_bias, out):
+    rows, outputs = out.shape
+    for r in prange(rows):
+        for j in range(outputs):
+            out[r, j] = bias[j] if has_bias else 0.0
+        for p in range(row_ptr[r], row_ptr[r + 1]):
+            xv = vals[p]
+            i = cols[p]
+            for j in range(outputs):
+                out[r, j] += xv * weight_t[i, j]
+
+
+def events_linear(events, weight_t, bias, rows):
+    """``x @ weightᵀ + bias`` from the CSR events of ``x``; ``weight_t`` is ``(in, out)`` contiguous."""
+    row_ptr, cols, vals = events
+    out = np.empty((rows, weight_t.shape[1]), weight_t.dtype)
+    has_bias = bias is not None
+    _events_linear_kernel(row_ptr, cols, vals, weight_t, bias if has_bias else weight_t[0], has_bias, out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _events_weight_grad_kernel(row_ptr, cols, vals, grad_rows, partial):
+    # partial[c] accumulates dWᵀ for a contiguous block of rows; blocks are summed afterwards.
+    chunks = partial.shape[0]
+    rows = grad_rows.shape[0]
+    outputs = grad_rows.shape[1]
+    per_chunk = (rows + chunks - 1) // chunks
+    for c in prange(chunks):
+        acc = partial[c]
+        for r in range(c * per_chunk, min(rows, (c + 1) * per_chunk)):
+            for p in range(row_ptr[r], row_ptr[r + 1]):
+                xv = vals[p]
+                i = cols[p]
+                for j in range(outputs):
+                    acc[i, j] += xv * grad_rows[r, j]
+
+
+def events_weight_grad(events, grad_rows, in_features):
+    """``dW = grad_rowsᵀ @ x`` in ``(out, in)`` layout, visiting only the nonzeros of ``x``."""
+    row_ptr, cols, vals = events
+    chunks = max(1, numba.get_num_threads())
+    partial = np.zeros((chunks, in_features, grad_rows.shape[1]), grad_rows.dtype)
+    _events_weight_grad_kernel(row_ptr, cols, vals, grad_rows, partial)
+    return partial.sum(0).T
+
+
+@njit(parallel=True, cache=True)
+def _input_grad_at_kernel(flat_index, grad_rows, weight_t, out_values):
+    in_features = weight_t.shape[0]
+    outputs = weight_t.shape[1]
+    for n in prange(flat_index.shape[0]):
+        r = flat_index[n] // in_features
+        i = flat_index[n] % in_features
+        acc = 0.0
+        for j in range(outputs):
+            acc += grad_rows[r, j] * weight_t[i, j]
+        out_values[n] = acc
+
+
+def input_grad_at(flat_index, grad_rows, weight_t):
+    """Entries ``(grad_rows @ weight)[flat_index]`` only: the upstream layer reads nothing else."""
+    out = np.empty(flat_index.shape[0], grad_rows.dtype)
+    _input_grad_at_kernel(flat_index, grad_rows, weight_t, out)
+    return out
+
+
+# --- Non-spiking leaky integrator --------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _leaky_forward_kernel(current, beta, state0, out):
+    batch, steps, neurons = current.shape
+    for b in prange(batch):
+        for j in range(neurons):
+            acc = state0[b, j]
+            for t in range(steps):
+                acc = beta[j] * acc + current[b, t, j]
+                out[b, t, j] = acc
+
+
+@njit(parallel=True, cache=True)
+def _leaky_backward_kernel(grad_out, grad_final, beta, outputs, state0, grad_current, grad_state0, grad_beta_b):
+    batch, steps, neurons = grad_out.shape
+    for b in prange(batch):
+        for j in range(neurons):
+            g = grad_final[b, j]
+            gb = 0.0
+            for t in range(steps - 1, -1, -1):
+                g = g + grad_out[b, t, j]
+                grad_current[b, t, j] = g
+                gb += g * (outputs[b, t - 1, j] if t > 0 else state0[b, j])
+                g = g * beta[j]
+            grad_state0[b, j] = g
+            grad_beta_b[b, j] = gb
+
+
+def leaky_forward(current, beta, state0):
+    out = np.empty_like(current)
+    _leaky_forward_kernel(current, beta, state0, out)
+    return out
+
+
+def leaky_backward(grad_out, grad_final, beta, outputs, state0):
+    """Returns ``(dI, d state0, dβ per neuron)`` of ``out[t] = β out[t-1] + I[t]``."""
+    grad_current = np.empty_like(grad_out)
+    grad_state0 = np.empty_like(state0)
+    grad_beta_b = np.empty_like(state0)
+    _leaky_backward_kernel(grad_out, grad_final, beta, outputs, state0, grad_current, grad_state0, grad_beta_b)
+    return grad_current, grad_state0, grad_beta_b.sum(0)

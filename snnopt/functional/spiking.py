@@ -1,0 +1,303 @@
+"""Fused spiking layers as functions: :func:`lif`, :func:`linear_lif`, :func:`leaky_integrator`.
+
+Each call runs a whole layer over all time steps through one ``snnopt::`` custom op: the input
+currents for all steps in one matmul (or from the input's events when it is sparse), the
+recurrence in one compiled pass, and a backward that is either the exact BPTT gradient or the
+seed paper's sparse gradient (see :mod:`snnopt.spec`, README "How the sparse backward works").
+
+Example::
+
+    >>> import torch, snnopt.functional as SF
+    >>> x = (torch.rand(8, 100, 784) < 0.01).float()
+    >>> w = torch.randn(200, 784, requires_grad=True) * 0.05
+    >>> spikes = SF.linear_lif(x, w, beta=0.9)           # (8, 100, 200), sparse backward
+    >>> spikes.sum().backward()
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+import snnopt.ops  # noqa: F401  (registers the torch.ops.snnopt ops)
+from snnopt import surrogate as surrogate_lib
+from snnopt.errors import InvalidArgumentError, InvalidTypeError
+from snnopt.spec import LifSpec
+
+
+class LifState(NamedTuple):
+    """State of a LIF layer between chunks: membrane ``v`` and synaptic current ``syn`` (CuBa only)."""
+
+    v: Tensor
+    syn: Optional[Tensor] = None
+
+
+class LifOutput(NamedTuple):
+    """Returned when ``return_membrane`` or ``return_state`` is set; unrequested fields are None."""
+
+    spikes: Tensor
+    membrane: Optional[Tensor]
+    state: Optional[LifState]
+
+
+# Spike tensors produced by a sparse-backward layer, mapped to that layer's active entries. A layer
+# fed with such a tensor computes its input gradient only there: the producer's backward reads its
+# incoming gradient at its active entries and nowhere else, so the rest would be wasted work.
+_SPARSE_PRODUCERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def lif(current: Tensor, *, beta, threshold=1.0, reset: str = "subtract", detach_reset: bool = True, alpha=None,
+        surrogate=None, backward: str = "sparse", window: float = 0.2, time_dim: int = 1,
+        fire_at_threshold: bool = False, initial_state=None, return_membrane: bool = False,
+        return_state: bool = False):
+    """LIF (or, with ``alpha``, current-based LIF) neurons driven by ``current``.
+
+    ``current`` is ``(B, T, *neurons)`` (``time_dim=1``) or ``(T, B, *neurons)`` (``time_dim=0``);
+    ``beta``, ``threshold``, ``alpha`` are floats or tensors broadcastable to ``neurons``. Returns
+    the spikes, shaped like ``current``, or a :class:`LifOutput` when ``return_membrane`` /
+    ``return_state`` ask for more. ``backward="sparse"`` (default) is the seed paper's gradient
+    (surrogate zero outside ``|v-θ| < window``, reset detached); ``"exact"`` is full BPTT.
+
+    Example::
+
+        >>> spikes = lif(torch.rand(4, 50, 10), beta=0.9, surrogate="atan")
+    """
+    spec = _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold, recurrent=False)
+    _check_tensor("current", current, min_dim=3)
+    return _run(current, None, None, None, spec, beta, threshold, alpha, time_dim, initial_state,
+                return_membrane, return_state, None)
+
+
+def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recurrent_weight: Optional[Tensor] = None,
+               beta, threshold=1.0, reset: str = "subtract", detach_reset: bool = True, alpha=None, surrogate=None,
+               backward: str = "sparse", window: float = 0.2, time_dim: int = 1, fire_at_threshold: bool = False,
+               initial_state=None, return_membrane: bool = False, return_state: bool = False,
+               input_active: Optional[Tensor] = None):
+    """``lif(torch.nn.functional.linear(x, weight, bias), ...)`` fused: the seed paper's layer.
+
+    Owning the weight lets the backward build the weight gradient from the compact input events
+    and the reverse-filtered active entries, never from dense B·T·N tensors. ``recurrent_weight``
+    (``(N, N)``, linear layout) adds ``s[t-1] @ recurrent_weightᵀ`` to the current. ``input_active``
+    (int64 flat indices into the batch-first ``(B, T, in)`` input) limits the input gradient to
+    those entries; it is filled automatically when ``x`` is the spike output of another
+    sparse-backward layer, where only those entries of the gradient are ever read.
+
+    Example::
+
+        >>> spikes = linear_lif((torch.rand(2, 30, 5) < .2).float(), torch.rand(3, 5), beta=0.8)
+    """
+    spec = _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold,
+                      recurrent=recurrent_weight is not None)
+    _check_tensor("x", x, exact_dim=3)
+    _check_tensor("weight", weight, exact_dim=2, like=x, like_name="x")
+    if weight.shape[1] != x.shape[-1]:
+        raise InvalidArgumentError(
+            f"weight: shape {tuple(weight.shape)} does not match x's {x.shape[-1]} input features; "
+            f"expected (out_features, {x.shape[-1]})")
+    neurons = weight.shape[0]
+    if bias is not None:
+        _check_tensor("bias", bias, exact_dim=1, like=x, like_name="x")
+        if bias.shape[0] != neurons:
+            raise InvalidArgumentError(f"bias: expected shape ({neurons},), got {tuple(bias.shape)}")
+    if recurrent_weight is not None:
+        _check_tensor("recurrent_weight", recurrent_weight, exact_dim=2, like=x, like_name="x")
+        if tuple(recurrent_weight.shape) != (neurons, neurons):
+            raise InvalidArgumentError(
+                f"recurrent_weight: expected shape ({neurons}, {neurons}), got {tuple(recurrent_weight.shape)}")
+    if input_active is not None:
+        if not isinstance(input_active, Tensor) or input_active.dtype != torch.int64 or input_active.dim() != 1:
+            raise InvalidTypeError("input_active: expected a 1-D int64 tensor of flat indices into (B, T, in)")
+    return _run(x, weight, bias, recurrent_weight, spec, beta, threshold, alpha, time_dim, initial_state,
+                return_membrane, return_state, input_active)
+
+
+def leaky_integrator(current: Tensor, *, beta, time_dim: int = 1, initial_state: Optional[Tensor] = None,
+                     return_state: bool = False):
+    """Non-spiking readout ``out[t] = β out[t-1] + current[t]``; exact gradient (it is linear).
+
+    Returns the outputs shaped like ``current``, or ``(outputs, final_state)``.
+
+    Example::
+
+        >>> out = leaky_integrator(torch.rand(4, 50, 10), beta=0.95).amax(1)
+    """
+    _check_tensor("current", current, min_dim=3)
+    _check_time_dim(time_dim)
+    seq = current.transpose(0, 1) if time_dim == 0 else current
+    batch, steps, neuron_shape = seq.shape[0], seq.shape[1], tuple(seq.shape[2:])
+    neurons = _numel(neuron_shape)
+    canonical = seq.reshape(batch, steps, neurons).contiguous()
+    beta_n = _per_neuron("beta", beta, neuron_shape, current, allow_grad=True)
+    state0 = _state_tensor("initial_state", initial_state, batch, neuron_shape, current)
+    outputs = torch.ops.snnopt.leaky_integrator(canonical, beta_n, state0)
+    outputs = outputs.reshape((batch, steps) + neuron_shape)
+    final = outputs[:, -1]
+    if time_dim == 0:
+        outputs = outputs.transpose(0, 1)
+    return (outputs, final) if return_state else outputs
+
+
+# --- shared plumbing ---------------------------------------------------------------------------------
+
+
+def _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold, recurrent) -> LifSpec:
+    if not isinstance(reset, str):
+        raise InvalidTypeError(f"reset: expected one of 'subtract', 'zero', 'none', got {type(reset).__name__}")
+    if not isinstance(backward, str):
+        raise InvalidTypeError(f"backward: expected 'sparse' or 'exact', got {type(backward).__name__}")
+    return LifSpec(reset=reset, detach_reset=detach_reset, surrogate=surrogate_lib.get(surrogate),
+                   cuba=alpha is not None, recurrent=recurrent, fire_at_threshold=fire_at_threshold,
+                   backward=backward, window=window)
+
+
+def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alpha, time_dim, initial_state,
+         return_membrane, return_state, input_active):
+    _check_time_dim(time_dim)
+    seq = x.transpose(0, 1) if time_dim == 0 else x
+    batch, steps = seq.shape[0], seq.shape[1]
+    if steps < 1 or batch < 1:
+        raise InvalidArgumentError(f"x: needs at least one batch entry and one time step, got shape {tuple(x.shape)}")
+    if weight is None:
+        neuron_shape = tuple(seq.shape[2:])
+        canonical = seq.reshape(batch, steps, _numel(neuron_shape)).contiguous()
+    else:
+        neuron_shape = (weight.shape[0],)
+        canonical = seq.contiguous()
+    neurons = _numel(neuron_shape)
+    sparse = spec.sparse
+    beta_n = _per_neuron("beta", beta, neuron_shape, x, allow_grad=not sparse)
+    theta_n = _per_neuron("threshold", threshold, neuron_shape, x, allow_grad=not sparse)
+    alpha_n = None if alpha is None else _per_neuron("alpha", alpha, neuron_shape, x, allow_grad=not sparse)
+    if recurrent_weight is not None and weight is None and len(neuron_shape) != 1:
+        raise InvalidArgumentError("recurrent_weight: needs a single neuron dimension")
+    v0, syn0 = _initial_state(initial_state, batch, neuron_shape, x, spec.cuba)
+    tensors = [t for t in (x, weight, bias, recurrent_weight, beta_n, theta_n, alpha_n, v0, syn0) if t is not None]
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    eager = not torch.compiler.is_compiling()
+    if input_active is None and weight is not None and eager and needs_backward and x.requires_grad:
+        input_active = _upstream_active(x, time_dim, batch, steps)
+    outs = torch.ops.snnopt.lif(
+        canonical, weight, bias, recurrent_weight, beta_n, theta_n, alpha_n, v0.reshape(batch, neurons),
+        None if syn0 is None else syn0.reshape(batch, neurons), input_active,
+        spec.reset, spec.detach_reset, spec.surrogate.name, spec.surrogate.param, spec.fire_at_threshold,
+        spec.backward, spec.window, bool(return_membrane), needs_backward)
+    spikes = _user_layout(outs[0], batch, steps, neuron_shape, time_dim)
+    if sparse and needs_backward and eager and outs[6].numel():
+        _SPARSE_PRODUCERS[spikes] = (outs[6], outs[7], steps, neurons, time_dim, spikes._version)
+    if not (return_membrane or return_state):
+        return spikes
+    membrane = _user_layout(outs[1], batch, steps, neuron_shape, time_dim) if return_membrane else None
+    state = None
+    if return_state:
+        state = LifState(outs[2].reshape((batch,) + neuron_shape),
+                         outs[3].reshape((batch,) + neuron_shape) if spec.cuba else None)
+    return LifOutput(spikes, membrane, state)
+
+
+def _upstream_active(x: Tensor, time_dim: int, batch: int, steps: int) -> Optional[Tensor]:
+    entry = _SPARSE_PRODUCERS.get(x)
+    if entry is None:
+        return None
+    offsets, index, producer_steps, neurons, producer_time_dim, version = entry
+    if (version != x._version or producer_time_dim != time_dim or producer_steps != steps
+            or neurons != x.shape[-1] or offsets.numel() != batch + 1):
+        return None
+    counts = offsets[1:] - offsets[:-1]
+    batch_of_entry = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)
+    return batch_of_entry * (steps * neurons) + index.to(torch.int64)
+
+
+def _user_layout(t: Tensor, batch, steps, neuron_shape, time_dim) -> Tensor:
+    t = t.reshape((batch, steps) + tuple(neuron_shape))
+    return t.transpose(0, 1) if time_dim == 0 else t
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _check_time_dim(time_dim) -> None:
+    if isinstance(time_dim, bool) or time_dim not in (0, 1):
+        raise InvalidArgumentError(f"time_dim: expected 0 (time-first) or 1 (batch-first), got {time_dim!r}")
+
+
+def _check_tensor(name, t, *, min_dim=None, exact_dim=None, like=None, like_name=None) -> None:
+    if not isinstance(t, Tensor):
+        raise InvalidTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise InvalidTypeError(f"{name}: expected dtype float32 or float64, got {t.dtype}")
+    if exact_dim is not None and t.dim() != exact_dim:
+        raise InvalidArgumentError(f"{name}: expected {exact_dim} dimensions, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise InvalidArgumentError(
+            f"{name}: expected at least {min_dim} dimensions (batch, time, neurons...), got shape {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise InvalidArgumentError(
+            f"{name}: is on {t.device}, but this build of snnopt runs on CPU tensors only; move it with .cpu()")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise InvalidTypeError(f"{name}: dtype {t.dtype} differs from {like_name}'s {like.dtype}; cast one of them")
+        if t.device != like.device:
+            raise InvalidArgumentError(f"{name}: on {t.device} but {like_name} is on {like.device}")
+
+
+def _per_neuron(name, value, neuron_shape, like: Tensor, allow_grad: bool) -> Tensor:
+    """β/θ/α as a flat ``(N,)`` tensor in ``like``'s dtype; gradients flow back through the expand."""
+    neurons = _numel(neuron_shape)
+    if isinstance(value, bool):
+        raise InvalidTypeError(f"{name}: expected a float or a tensor, got bool")
+    if isinstance(value, numbers.Real):
+        return torch.full((neurons,), float(value), dtype=like.dtype)
+    if not isinstance(value, Tensor):
+        raise InvalidTypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise InvalidTypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    if value.device != like.device:
+        raise InvalidArgumentError(f"{name}: on {value.device} but the input is on {like.device}")
+    if value.requires_grad and not allow_grad and torch.is_grad_enabled():
+        raise InvalidArgumentError(
+            f"{name}: requires grad, but backward='sparse' treats it as a constant; "
+            f"use backward='exact' to learn it, or pass {name}.detach()")
+    try:
+        expanded = value.to(like.dtype).expand(neuron_shape) if value.dim() <= len(neuron_shape) else None
+    except RuntimeError:
+        expanded = None
+    if expanded is None:
+        raise InvalidArgumentError(
+            f"{name}: shape {tuple(value.shape)} does not broadcast to the neuron shape {tuple(neuron_shape)}")
+    return expanded.reshape(neurons)
+
+
+def _state_tensor(name, value, batch, neuron_shape, like: Tensor) -> Tensor:
+    if value is None:
+        return torch.zeros((batch, _numel(neuron_shape)), dtype=like.dtype)
+    _check_tensor(name, value, like=like, like_name="the input")
+    if tuple(value.shape) != (batch,) + tuple(neuron_shape):
+        raise InvalidArgumentError(
+            f"{name}: expected shape {(batch,) + tuple(neuron_shape)} (batch, *neurons), got {tuple(value.shape)}")
+    return value.reshape(batch, _numel(neuron_shape))
+
+
+def _initial_state(initial_state, batch, neuron_shape, like: Tensor, cuba: bool):
+    if initial_state is None:
+        v, syn = None, None
+    elif isinstance(initial_state, Tensor):
+        v, syn = initial_state, None
+    elif isinstance(initial_state, tuple) and len(initial_state) in (1, 2):
+        v, syn = initial_state[0], (initial_state[1] if len(initial_state) == 2 else None)
+    else:
+        raise InvalidTypeError("initial_state: expected None, a tensor v, or a LifState / (v, syn) tuple")
+    if syn is not None and not cuba:
+        raise InvalidArgumentError("initial_state: a synaptic current was given but the layer has no alpha (not CuBa)")
+    v0 = _state_tensor("initial_state.v", v, batch, neuron_shape, like)
+    syn0 = _state_tensor("initial_state.syn", syn, batch, neuron_shape, like) if cuba else None
+    return v0, syn0

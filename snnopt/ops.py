@@ -1,0 +1,346 @@
+"""The fused spiking-layer ops, as ``torch.library`` custom ops.
+
+``snnopt::lif`` runs a whole (linear →) LIF / CuBa-LIF layer over all time steps in one call;
+``snnopt::lif_backward`` is its backward, itself an op so that ``torch.compile`` and
+``torch.export`` keep both whole. ``snnopt::leaky_integrator`` (+ backward) is the non-spiking
+readout. Users reach them through :mod:`snnopt.functional`; the compiler emits them directly.
+
+Arguments are canonical: batch-first contiguous ``(B, T, features)`` tensors, per-neuron ``(N,)``
+parameters, explicit ``(B, N)`` initial state. Besides the user-facing results the forward op
+returns what its backward needs, in compact form (see ``_LIF_OUTPUTS``); ``setup_context`` saves
+only those. Where a piece is not needed it is an empty tensor, so the op has one fixed signature.
+
+Example::
+
+    >>> outs = torch.ops.snnopt.lif(x, w, None, None, beta, theta, None, v0, None, None,
+    ...                             "subtract", True, "superspike", 100.0, False, "sparse", 0.2, False, True)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from snnopt.codegen import cpu_lif
+from snnopt.surrogate import SURROGATE_CODES
+
+# Above this fraction of nonzeros a BLAS matmul beats walking events (measured on 2 cores).
+MAX_EVENT_DENSITY = 0.1
+
+_LIF_OUTPUTS = (
+    "spikes", "membrane", "v_final", "syn_final",          # user-facing (membrane may be empty)
+    "syn_record", "spikes_u8",                             # exact CuBa / sparse zero-reset or recurrent
+    "active_offsets", "active_index", "active_surrogate",  # compact active entries (sparse)
+    "active_dense",                                        # same, dense, when most entries are active
+    "x_row_ptr", "x_cols", "x_vals",                       # the input as CSR events when it is sparse
+)
+_GRAD_INPUTS = ("x", "weight", "bias", "recurrent_weight", "beta", "threshold", "alpha", "initial_v",
+                "initial_syn")
+
+
+def _np(t: Optional[Tensor]):
+    return None if t is None else t.detach().numpy()
+
+
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return torch.empty(0, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def _known_nonempty(t: Tensor) -> bool:
+    """True when ``t`` surely has elements; False when it has none or when that is unknown (tracing)."""
+    try:
+        return int(t.numel()) > 0
+    except Exception:  # an unbacked size while tracing
+        return False
+
+
+def _needs_spikes_u8(reset: str, recurrent: bool, backward: str, needs_backward: bool) -> bool:
+    return needs_backward and backward == "sparse" and (reset == "zero" or recurrent)
+
+
+@torch.library.custom_op("snnopt::lif", mutates_args=())
+def lif_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
+           beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
+           initial_syn: Optional[Tensor], input_active: Optional[Tensor],
+           reset: str, detach_reset: bool, surrogate: str, surrogate_param: float, fire_at_threshold: bool,
+           backward: str, window: float, record_membrane: bool, needs_backward: bool
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                      Tensor, Tensor]:
+    batch, steps = x.shape[0], x.shape[1]
+    cuba = alpha is not None
+    recurrent = recurrent_weight is not None
+    sparse = backward == "sparse"
+    events = None
+    if weight is None:
+        current = _np(x)
+    else:
+        neurons, in_features = weight.shape
+        x2d = _np(x).reshape(batch * steps, in_features)
+        events = cpu_lif.dense_to_events(x2d, MAX_EVENT_DENSITY)
+        if events is not None:
+            weight_t = np.ascontiguousarray(_np(weight).T)
+            current = cpu_lif.events_linear(events, weight_t, _np(bias), batch * steps)
+        else:
+            current = torch.nn.functional.linear(x.detach().reshape(batch * steps, in_features), weight.detach(),
+                                                 None if bias is None else bias.detach()).numpy()
+        current = current.reshape(batch, steps, neurons)
+    neurons = current.shape[2]
+    zeros_n = np.zeros(neurons, current.dtype)
+    record_membrane_now = record_membrane or (needs_backward and not sparse)
+    record_syn = needs_backward and not sparse and cuba
+    spikes, membrane, syn_record, v_final, syn_final, active = cpu_lif.lif_forward(
+        current, _np(beta), _np(threshold), zeros_n if alpha is None else _np(alpha),
+        np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), current.dtype),
+        _np(initial_v), np.zeros((batch, neurons), current.dtype) if initial_syn is None else _np(initial_syn),
+        reset=reset, cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold,
+        record_membrane=record_membrane_now, record_syn=record_syn, collect_active=needs_backward and sparse,
+        window=window, surrogate_code=SURROGATE_CODES[surrogate], surrogate_param=surrogate_param)
+    spikes_t = torch.from_numpy(spikes)
+    out_membrane = torch.from_numpy(membrane) if record_membrane_now else _empty(x)
+    out_syn_final = torch.from_numpy(syn_final) if cuba else _empty(x)
+    out_syn_record = torch.from_numpy(syn_record) if record_syn else _empty(x)
+    if _needs_spikes_u8(reset, recurrent, backward, needs_backward):
+        spikes_u8 = spikes_t.to(torch.uint8)
+    else:
+        spikes_u8 = _empty(x, torch.uint8)
+    offsets, index, surr, dense = (_empty(x, torch.int64), _empty(x, torch.int32), _empty(x), _empty(x))
+    if active is not None and active[0] == "list":
+        offsets, index, surr = (torch.from_numpy(a) for a in active[1:])
+    elif active is not None:
+        dense = torch.from_numpy(active[1]).reshape(-1)
+    row_ptr, cols, vals = (_empty(x, torch.int64), _empty(x, torch.int32), _empty(x))
+    if events is not None and needs_backward:
+        row_ptr, cols, vals = (torch.from_numpy(a) for a in events)
+    return (spikes_t, out_membrane, torch.from_numpy(v_final), out_syn_final, out_syn_record, spikes_u8,
+            offsets, index, surr, dense, row_ptr, cols, vals)
+
+
+@lif_op.register_fake
+def _lif_fake(x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active,
+              reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+              record_membrane, needs_backward):
+    batch, steps = x.shape[0], x.shape[1]
+    neurons = x.shape[2] if weight is None else weight.shape[0]
+    sparse = backward == "sparse"
+    seq = x.new_empty(batch, steps, neurons)
+    state = x.new_empty(batch, neurons)
+    ctx = torch.library.get_ctx()
+    membrane = x.new_empty(batch, steps, neurons) if (record_membrane or (needs_backward and not sparse)) else _empty(x)
+    syn_final = x.new_empty(batch, neurons) if alpha is not None else _empty(x)
+    syn_record = (x.new_empty(batch, steps, neurons) if (needs_backward and not sparse and alpha is not None)
+                  else _empty(x))
+    u8_shape = (batch, steps, neurons) if _needs_spikes_u8(reset, recurrent_weight is not None, backward,
+                                                           needs_backward) else (0,)
+    spikes_u8 = x.new_empty(u8_shape, dtype=torch.uint8)
+    # Which compact form the active set takes, and whether the input is stored as events, depends
+    # on the data: these sizes are unknown until run time.
+    n_offsets, n_active, n_dense = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    n_rows, n_events = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (seq, membrane, state, syn_final, syn_record, spikes_u8,
+            x.new_empty(n_offsets, dtype=torch.int64), x.new_empty(n_active, dtype=torch.int32),
+            x.new_empty(n_active), x.new_empty(n_dense),
+            x.new_empty(n_rows, dtype=torch.int64), x.new_empty(n_events, dtype=torch.int32), x.new_empty(n_events))
+
+
+def _lif_setup_context(ctx, inputs, output):
+    (x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active,
+     reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+     record_membrane, needs_backward) = inputs
+    (spikes, membrane, v_final, syn_final, syn_record, spikes_u8, offsets, index, surr, dense,
+     row_ptr, cols, vals) = output
+    exact = backward == "exact"
+    # The dense input is needed only for the weight gradient, and only when it was not compressed
+    # into events (while tracing that is unknown, so it is kept).
+    keep_x = weight is not None and not _known_nonempty(row_ptr)
+    ctx.save_for_backward(
+        x if keep_x else None, weight, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn,
+        input_active, membrane if exact else None, syn_record, spikes_u8, offsets, index, surr, dense,
+        row_ptr, cols, vals)
+    ctx.config = (reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window)
+    ctx.steps = x.shape[1]
+    ctx.has_bias = bias is not None
+
+
+def _lif_backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_unused):
+    saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = torch.ops.snnopt.lif_backward(
+        grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *saved, ctx.steps, *ctx.config,
+        needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6], needs[7],
+        needs[8])
+    result = [g if need else None for g, need in zip(grads, needs[:9])]
+    return tuple(result) + (None,) * 10
+
+
+torch.library.register_autograd("snnopt::lif", _lif_backward, setup_context=_lif_setup_context)
+
+
+@torch.library.custom_op("snnopt::lif_backward", mutates_args=())
+def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor], grad_v_final: Optional[Tensor],
+                    grad_syn_final: Optional[Tensor], x: Optional[Tensor], weight: Optional[Tensor],
+                    recurrent_weight: Optional[Tensor], beta: Tensor, threshold: Tensor, alpha: Optional[Tensor],
+                    initial_v: Tensor, initial_syn: Optional[Tensor], input_active: Optional[Tensor],
+                    membrane: Optional[Tensor], syn_record: Tensor, spikes_u8: Tensor, active_offsets: Tensor,
+                    active_index: Tensor, active_surrogate: Tensor, active_dense: Tensor, x_row_ptr: Tensor,
+                    x_cols: Tensor, x_vals: Tensor, steps: int, reset: str, detach_reset: bool, surrogate: str,
+                    surrogate_param: float, fire_at_threshold: bool, backward: str, window: float,
+                    need_x: bool, need_weight: bool, need_bias: bool, need_recurrent: bool, need_beta: bool,
+                    need_threshold: bool, need_alpha: bool, need_initial_v: bool, need_initial_syn: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    batch, neurons = initial_v.shape
+    cuba = alpha is not None
+    recurrent = recurrent_weight is not None
+    seq_shape = (batch, steps, neurons)
+    gs = _np(grad_spikes) if grad_spikes is not None else np.zeros(seq_shape, beta.numpy().dtype)
+    gm = _np(grad_membrane) if grad_membrane is not None and grad_membrane.numel() else None
+    state_zeros = np.zeros((batch, neurons), gs.dtype)
+    gvf = _np(grad_v_final) if grad_v_final is not None else state_zeros
+    gsf = _np(grad_syn_final) if (grad_syn_final is not None and grad_syn_final.numel()) else state_zeros
+    alpha_np = _np(alpha) if cuba else np.zeros(neurons, gs.dtype)
+    syn0 = _np(initial_syn) if initial_syn is not None else state_zeros
+    rec_t = np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), gs.dtype)
+    code = SURROGATE_CODES[surrogate]
+    grad_beta = grad_theta = grad_alpha = None
+    if backward == "sparse":
+        if active_offsets.numel():
+            active = ("list", _np(active_offsets), _np(active_index), _np(active_surrogate))
+        else:
+            active = ("dense", _np(active_dense).reshape(seq_shape))
+        u8 = _np(spikes_u8) if spikes_u8.numel() else np.zeros((1, 1, 1), np.uint8)
+        grad_current, grad_v0, grad_syn0 = cpu_lif.lif_backward_sparse(
+            gs, gm, gvf, gsf, active, _np(beta), alpha_np, _np(threshold), _np(initial_v), u8, rec_t,
+            reset=reset, cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold, window=window,
+            surrogate_code=code, surrogate_param=surrogate_param)
+    else:
+        syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), gs.dtype)
+        grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = cpu_lif.lif_backward_exact(
+            gs, gm, gvf, gsf, _np(membrane), syn_rec, _np(beta), alpha_np, _np(threshold), _np(initial_v), syn0,
+            rec_t, reset=reset, reset_in_graph=not detach_reset, cuba=cuba, recurrent=recurrent,
+            fire_at_threshold=fire_at_threshold, surrogate_code=code, surrogate_param=surrogate_param)
+    grad_current_t = torch.from_numpy(grad_current)
+    rows = grad_current_t.reshape(batch * steps, neurons)
+    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
+        return _empty(beta)
+
+    grad_x = grad_w = grad_b = grad_rec = None
+    if weight is None:
+        grad_x = grad_current_t if need_x else None
+    else:
+        in_features = weight.shape[1]
+        has_events = x_row_ptr.numel() > 0
+        events = (_np(x_row_ptr), _np(x_cols), _np(x_vals)) if has_events else None
+        if need_weight:
+            if has_events:
+                grad_w = torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(),
+                                                                                          in_features)))
+            else:
+                grad_w = rows.t().mm(x.detach().reshape(batch * steps, in_features))
+        if need_bias:
+            grad_b = rows.sum(0)
+        if need_x:
+            if input_active is not None:
+                flat = grad_current_t.new_zeros(batch * steps * in_features)
+                weight_t = np.ascontiguousarray(_np(weight).T)
+                flat[input_active] = torch.from_numpy(cpu_lif.input_grad_at(_np(input_active), rows.numpy(),
+                                                                            weight_t))
+                grad_x = flat.reshape(batch, steps, in_features)
+            else:
+                grad_x = rows.mm(weight.detach()).reshape(batch, steps, in_features)
+    if recurrent and need_recurrent:
+        grad_rec = _recurrent_weight_grad(rows, spikes_u8, membrane, initial_v, threshold, fire_at_threshold,
+                                          backward, seq_shape)
+    grad_beta_t = torch.from_numpy(grad_beta) if (need_beta and grad_beta is not None) else empty()
+    grad_theta_t = torch.from_numpy(grad_theta) if (need_threshold and grad_theta is not None) else empty()
+    grad_alpha_t = torch.from_numpy(grad_alpha) if (need_alpha and grad_alpha is not None and cuba) else empty()
+    grad_x, grad_w, grad_b, grad_rec = (empty() if g is None else g for g in (grad_x, grad_w, grad_b, grad_rec))
+    return (grad_x, grad_w, grad_b, grad_rec, grad_beta_t, grad_theta_t, grad_alpha_t,
+            torch.from_numpy(grad_v0) if need_initial_v else empty(),
+            torch.from_numpy(grad_syn0) if (need_initial_syn and cuba) else empty())
+
+
+def _recurrent_weight_grad(rows, spikes_u8, membrane, initial_v, threshold, fire_at_threshold, backward, seq_shape):
+    """dV = Σ_t Gcur[t]ᵀ s[t-1]: the recurrent weight sees the spikes shifted by one step."""
+    batch, steps, neurons = seq_shape
+    if backward == "sparse":
+        spikes = torch.from_numpy(_np(spikes_u8)).to(rows.dtype)
+    else:
+        u = membrane - threshold
+        spikes = ((u >= 0) if fire_at_threshold else (u > 0)).to(rows.dtype)
+    u0 = initial_v - threshold
+    s_init = ((u0 >= 0) if fire_at_threshold else (u0 > 0)).to(rows.dtype)
+    shifted = torch.cat([s_init.unsqueeze(1), spikes[:, :-1]], 1).reshape(batch * steps, neurons).contiguous()
+    events = cpu_lif.dense_to_events(shifted.numpy(), MAX_EVENT_DENSITY)
+    if events is None:
+        return rows.t().mm(shifted)
+    return torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(), neurons)))
+
+
+@lif_backward_op.register_fake
+def _lif_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, x, weight, recurrent_weight, beta,
+                       threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record, spikes_u8,
+                       active_offsets, active_index, active_surrogate, active_dense, x_row_ptr, x_cols, x_vals,
+                       steps, reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+                       need_x, need_weight, need_bias, need_recurrent, need_beta, need_threshold, need_alpha,
+                       need_initial_v, need_initial_syn):
+    batch, neurons = initial_v.shape
+
+    def empty():
+        return _empty(beta)
+
+    in_features = neurons if weight is None else weight.shape[1]
+    return (beta.new_empty(batch, steps, in_features) if need_x else empty(),
+            weight.new_empty(weight.shape) if (need_weight and weight is not None) else empty(),
+            beta.new_empty(neurons) if need_bias else empty(),
+            beta.new_empty(neurons, neurons) if (need_recurrent and recurrent_weight is not None) else empty(),
+            beta.new_empty(neurons) if (need_beta and backward == "exact") else empty(),
+            beta.new_empty(neurons) if (need_threshold and backward == "exact") else empty(),
+            beta.new_empty(neurons) if (need_alpha and alpha is not None and backward == "exact") else empty(),
+            beta.new_empty(batch, neurons) if need_initial_v else empty(),
+            beta.new_empty(batch, neurons) if (need_initial_syn and alpha is not None) else empty())
+
+
+# --- Leaky integrator --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("snnopt::leaky_integrator", mutates_args=())
+def leaky_integrator_op(current: Tensor, beta: Tensor, initial_state: Tensor) -> Tensor:
+    return torch.from_numpy(cpu_lif.leaky_forward(_np(current), _np(beta), _np(initial_state)))
+
+
+@leaky_integrator_op.register_fake
+def _leaky_fake(current, beta, initial_state):
+    return torch.empty_like(current)
+
+
+def _leaky_setup_context(ctx, inputs, output):
+    current, beta, initial_state = inputs
+    ctx.save_for_backward(beta, output, initial_state)
+
+
+def _leaky_backward(ctx, grad_out):
+    beta, outputs, initial_state = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(outputs)
+    grad_current, grad_beta, grad_state0 = torch.ops.snnopt.leaky_integrator_backward(
+        grad_out, beta, outputs, initial_state)
+    return grad_current, grad_beta, grad_state0
+
+
+torch.library.register_autograd("snnopt::leaky_integrator", _leaky_backward, setup_context=_leaky_setup_context)
+
+
+@torch.library.custom_op("snnopt::leaky_integrator_backward", mutates_args=())
+def leaky_integrator_backward_op(grad_out: Tensor, beta: Tensor, outputs: Tensor,
+                                 initial_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grad_final = np.zeros_like(_np(initial_state))
+    g_cur, g_state, g_beta = cpu_lif.leaky_backward(_np(grad_out.contiguous()), grad_final, _np(beta), _np(outputs),
+                                                    _np(initial_state))
+    return torch.from_numpy(g_cur), torch.from_numpy(g_beta), torch.from_numpy(g_state)
+
+
+@leaky_integrator_backward_op.register_fake
+def _leaky_backward_fake(grad_out, beta, outputs, initial_state):
+    return torch.empty_like(outputs), torch.empty_like(beta), torch.empty_like(initial_state)
