@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Optional
 
 import numpy as np
@@ -41,6 +43,19 @@ _GRAD_INPUTS = ("x", "weight", "bias", "recurrent_weight", "beta", "threshold", 
                 "initial_syn")
 
 
+# The default numba threading layer ("workqueue", see cpu_lif) must not be entered by two Python
+# threads at once; serialising the op bodies keeps multi-threaded callers safe.
+_KERNEL_LOCK = threading.Lock()
+
+
+def _serialised(fn):
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with _KERNEL_LOCK:
+            return fn(*args, **kwargs)
+    return locked
+
+
 def _np(t: Optional[Tensor]):
     return None if t is None else t.detach().numpy()
 
@@ -62,6 +77,7 @@ def _needs_spikes_u8(reset: str, recurrent: bool, backward: str, needs_backward:
 
 
 @torch.library.custom_op("snnopt::lif", mutates_args=())
+@_serialised
 def lif_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
            beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
            initial_syn: Optional[Tensor], input_active: Optional[Tensor],
@@ -73,31 +89,31 @@ def lif_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurren
     cuba = alpha is not None
     recurrent = recurrent_weight is not None
     sparse = backward == "sparse"
-    events = None
+    events = linear = None
     if weight is None:
         current = _np(x)
+        neurons = x.shape[2]
     else:
         neurons, in_features = weight.shape
         x2d = _np(x).reshape(batch * steps, in_features)
         events = cpu_lif.dense_to_events(x2d, MAX_EVENT_DENSITY)
         if events is not None:
-            weight_t = np.ascontiguousarray(_np(weight).T)
-            current = cpu_lif.events_linear(events, weight_t, _np(bias), batch * steps)
+            current = (batch, steps, neurons)
+            linear = (events, np.ascontiguousarray(_np(weight).T), _np(bias))
         else:
             current = torch.nn.functional.linear(x.detach().reshape(batch * steps, in_features), weight.detach(),
                                                  None if bias is None else bias.detach()).numpy()
-        current = current.reshape(batch, steps, neurons)
-    neurons = current.shape[2]
-    zeros_n = np.zeros(neurons, current.dtype)
+            current = current.reshape(batch, steps, neurons)
+    np_dtype = _np(beta).dtype
     record_membrane_now = record_membrane or (needs_backward and not sparse)
     record_syn = needs_backward and not sparse and cuba
     spikes, membrane, syn_record, v_final, syn_final, active = cpu_lif.lif_forward(
-        current, _np(beta), _np(threshold), zeros_n if alpha is None else _np(alpha),
-        np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), current.dtype),
-        _np(initial_v), np.zeros((batch, neurons), current.dtype) if initial_syn is None else _np(initial_syn),
+        current, _np(beta), _np(threshold), np.zeros(neurons, np_dtype) if alpha is None else _np(alpha),
+        np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), np_dtype),
+        _np(initial_v), np.zeros((batch, neurons), np_dtype) if initial_syn is None else _np(initial_syn),
         reset=reset, cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold,
         record_membrane=record_membrane_now, record_syn=record_syn, collect_active=needs_backward and sparse,
-        window=window, surrogate_code=SURROGATE_CODES[surrogate], surrogate_param=surrogate_param)
+        window=window, surrogate_code=SURROGATE_CODES[surrogate], surrogate_param=surrogate_param, linear=linear)
     spikes_t = torch.from_numpy(spikes)
     out_membrane = torch.from_numpy(membrane) if record_membrane_now else _empty(x)
     out_syn_final = torch.from_numpy(syn_final) if cuba else _empty(x)
@@ -179,6 +195,7 @@ torch.library.register_autograd("snnopt::lif", _lif_backward, setup_context=_lif
 
 
 @torch.library.custom_op("snnopt::lif_backward", mutates_args=())
+@_serialised
 def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor], grad_v_final: Optional[Tensor],
                     grad_syn_final: Optional[Tensor], x: Optional[Tensor], weight: Optional[Tensor],
                     recurrent_weight: Optional[Tensor], beta: Tensor, threshold: Tensor, alpha: Optional[Tensor],
@@ -203,55 +220,60 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
     syn0 = _np(initial_syn) if initial_syn is not None else state_zeros
     rec_t = np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), gs.dtype)
     code = SURROGATE_CODES[surrogate]
+    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
+        return _empty(beta)
+
     grad_beta = grad_theta = grad_alpha = None
+    grad_x = grad_w = grad_b = grad_rec = None
+    has_events = weight is not None and x_row_ptr.numel() > 0
+    events = (_np(x_row_ptr), _np(x_cols), _np(x_vals)) if has_events else None
     if backward == "sparse":
         if active_offsets.numel():
             active = ("list", _np(active_offsets), _np(active_index), _np(active_surrogate))
         else:
             active = ("dense", _np(active_dense).reshape(seq_shape))
         u8 = _np(spikes_u8) if spikes_u8.numel() else np.zeros((1, 1, 1), np.uint8)
-        grad_current, grad_v0, grad_syn0 = cpu_lif.lif_backward_sparse(
-            gs, gm, gvf, gsf, active, _np(beta), alpha_np, _np(threshold), _np(initial_v), u8, rec_t,
-            reset=reset, cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold, window=window,
-            surrogate_code=code, surrogate_param=surrogate_param)
+        sweep = dict(reset=reset, cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold, window=window,
+                     surrogate_code=code, surrogate_param=surrogate_param,
+                     need_recurrent_grad=recurrent and need_recurrent)
+        args = (gs, gm, gvf, gsf, active, _np(beta), alpha_np, _np(threshold), _np(initial_v), u8, rec_t)
+        # With the input as events, all linear-layer gradients are built inside the sweep — unless a
+        # dense input gradient is asked for, which needs dL/dI as a dense tensor anyway.
+        if has_events and not (need_x and input_active is None):
+            in_features = weight.shape[1]
+            entries = order = None
+            if need_x:
+                order = torch.argsort(input_active)
+                sorted_index = input_active[order].numpy()
+                rows = sorted_index // in_features
+                in_ptr = np.searchsorted(rows, np.arange(batch * steps + 1)).astype(np.int64)
+                entries = (in_ptr, np.ascontiguousarray(sorted_index % in_features))
+            _, grad_v0, grad_syn0, grad_w_t, grad_bias, grad_x_values, grad_rec_t = cpu_lif.lif_backward_sparse(
+                *args, linear=(events, np.ascontiguousarray(_np(weight).T), entries), **sweep)
+            grad_w = torch.from_numpy(np.ascontiguousarray(grad_w_t.T)) if need_weight else None
+            grad_b = torch.from_numpy(grad_bias) if need_bias else None
+            if need_x:
+                flat = torch.zeros(batch * steps * in_features, dtype=beta.dtype)
+                flat[input_active[order]] = torch.from_numpy(grad_x_values)
+                grad_x = flat.reshape(batch, steps, in_features)
+            grad_current = None
+        else:
+            grad_current, grad_v0, grad_syn0, grad_rec_t = cpu_lif.lif_backward_sparse(*args, **sweep)
+        if grad_rec_t is not None:
+            grad_rec = torch.from_numpy(np.ascontiguousarray(grad_rec_t.T))
     else:
         syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), gs.dtype)
         grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = cpu_lif.lif_backward_exact(
             gs, gm, gvf, gsf, _np(membrane), syn_rec, _np(beta), alpha_np, _np(threshold), _np(initial_v), syn0,
             rec_t, reset=reset, reset_in_graph=not detach_reset, cuba=cuba, recurrent=recurrent,
             fire_at_threshold=fire_at_threshold, surrogate_code=code, surrogate_param=surrogate_param)
-    grad_current_t = torch.from_numpy(grad_current)
-    rows = grad_current_t.reshape(batch * steps, neurons)
-    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
-        return _empty(beta)
-
-    grad_x = grad_w = grad_b = grad_rec = None
-    if weight is None:
-        grad_x = grad_current_t if need_x else None
-    else:
-        in_features = weight.shape[1]
-        has_events = x_row_ptr.numel() > 0
-        events = (_np(x_row_ptr), _np(x_cols), _np(x_vals)) if has_events else None
-        if need_weight:
-            if has_events:
-                grad_w = torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(),
-                                                                                          in_features)))
-            else:
-                grad_w = rows.t().mm(x.detach().reshape(batch * steps, in_features))
-        if need_bias:
-            grad_b = rows.sum(0)
-        if need_x:
-            if input_active is not None:
-                flat = grad_current_t.new_zeros(batch * steps * in_features)
-                weight_t = np.ascontiguousarray(_np(weight).T)
-                flat[input_active] = torch.from_numpy(cpu_lif.input_grad_at(_np(input_active), rows.numpy(),
-                                                                            weight_t))
-                grad_x = flat.reshape(batch, steps, in_features)
-            else:
-                grad_x = rows.mm(weight.detach()).reshape(batch, steps, in_features)
-    if recurrent and need_recurrent:
-        grad_rec = _recurrent_weight_grad(rows, spikes_u8, membrane, initial_v, threshold, fire_at_threshold,
-                                          backward, seq_shape)
+        if recurrent and need_recurrent:
+            grad_rec = _recurrent_weight_grad(torch.from_numpy(grad_current).reshape(batch * steps, neurons),
+                                              membrane, initial_v, threshold, fire_at_threshold, seq_shape)
+    if grad_current is not None:
+        grad_x, grad_w, grad_b = _linear_grads_from_dense(
+            torch.from_numpy(grad_current), x, weight, events, input_active, need_x, need_weight, need_bias,
+            seq_shape)
     grad_beta_t = torch.from_numpy(grad_beta) if (need_beta and grad_beta is not None) else empty()
     grad_theta_t = torch.from_numpy(grad_theta) if (need_threshold and grad_theta is not None) else empty()
     grad_alpha_t = torch.from_numpy(grad_alpha) if (need_alpha and grad_alpha is not None and cuba) else empty()
@@ -261,14 +283,39 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
             torch.from_numpy(grad_syn0) if (need_initial_syn and cuba) else empty())
 
 
-def _recurrent_weight_grad(rows, spikes_u8, membrane, initial_v, threshold, fire_at_threshold, backward, seq_shape):
-    """dV = Σ_t Gcur[t]ᵀ s[t-1]: the recurrent weight sees the spikes shifted by one step."""
+def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need_x, need_weight, need_bias,
+                             seq_shape):
+    """Gradients of ``x``, ``weight``, ``bias`` from a dense dL/dI (exact mode, or a dense input)."""
     batch, steps, neurons = seq_shape
-    if backward == "sparse":
-        spikes = torch.from_numpy(_np(spikes_u8)).to(rows.dtype)
-    else:
-        u = membrane - threshold
-        spikes = ((u >= 0) if fire_at_threshold else (u > 0)).to(rows.dtype)
+    if weight is None:
+        return (grad_current if need_x else None), None, None
+    in_features = weight.shape[1]
+    rows = grad_current.reshape(batch * steps, neurons)
+    grad_x = grad_w = grad_b = None
+    if need_weight:
+        if events is not None:
+            grad_w = torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(),
+                                                                                      in_features)))
+        else:
+            grad_w = rows.t().mm(x.detach().reshape(batch * steps, in_features))
+    if need_bias:
+        grad_b = rows.sum(0)
+    if need_x:
+        if input_active is not None:
+            flat = rows.new_zeros(batch * steps * in_features)
+            weight_t = np.ascontiguousarray(_np(weight).T)
+            flat[input_active] = torch.from_numpy(cpu_lif.input_grad_at(_np(input_active), rows.numpy(), weight_t))
+            grad_x = flat.reshape(batch, steps, in_features)
+        else:
+            grad_x = rows.mm(weight.detach()).reshape(batch, steps, in_features)
+    return grad_x, grad_w, grad_b
+
+
+def _recurrent_weight_grad(rows, membrane, initial_v, threshold, fire_at_threshold, seq_shape):
+    """dV = Σ_t Gcur[t]ᵀ s[t-1] for the exact backward: the recurrent weight sees spikes one step late."""
+    batch, steps, neurons = seq_shape
+    u = membrane - threshold
+    spikes = ((u >= 0) if fire_at_threshold else (u > 0)).to(rows.dtype)
     u0 = initial_v - threshold
     s_init = ((u0 >= 0) if fire_at_threshold else (u0 > 0)).to(rows.dtype)
     shifted = torch.cat([s_init.unsqueeze(1), spikes[:, :-1]], 1).reshape(batch * steps, neurons).contiguous()
@@ -306,6 +353,7 @@ def _lif_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
 
 
 @torch.library.custom_op("snnopt::leaky_integrator", mutates_args=())
+@_serialised
 def leaky_integrator_op(current: Tensor, beta: Tensor, initial_state: Tensor) -> Tensor:
     return torch.from_numpy(cpu_lif.leaky_forward(_np(current), _np(beta), _np(initial_state)))
 
@@ -333,6 +381,7 @@ torch.library.register_autograd("snnopt::leaky_integrator", _leaky_backward, set
 
 
 @torch.library.custom_op("snnopt::leaky_integrator_backward", mutates_args=())
+@_serialised
 def leaky_integrator_backward_op(grad_out: Tensor, beta: Tensor, outputs: Tensor,
                                  initial_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     grad_final = np.zeros_like(_np(initial_state))

@@ -24,10 +24,17 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's default "omp" layer loads a second OpenMP runtime next to PyTorch's; both spin while
+# idle and, on few cores, each slows the other several-fold (measured: sparse backward 3 ms with
+# "workqueue", 12 ms with "omp" on 2 cores). A user's NUMBA_THREADING_LAYER still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 RESET_CODES = {"subtract": 0, "zero": 1, "none": 2}
 
@@ -55,23 +62,35 @@ def _fires(u, fire_at_threshold):
 
 
 @njit(parallel=True, cache=True)
-def _lif_forward_kernel(current, beta, theta, alpha, recurrent_t, v0, syn0,
+def _lif_forward_kernel(current, linear_events, x_row_ptr, x_cols, x_vals, weight_t, bias, has_bias,
+                        beta, theta, alpha, recurrent_t, v0, syn0,
                         reset_code, cuba, recurrent, fire_at_threshold,
                         record_membrane, record_syn, collect_active, window, surrogate_code, surrogate_param,
                         spikes, membrane, syn_record, v_final, syn_final,
                         active_counts, active_index, active_surr):
-    batch, steps, neurons = current.shape
+    batch, steps, neurons = spikes.shape
     for b in prange(batch):
         v = v0[b].copy()
         syn = syn0[b].copy()
-        s_prev = np.empty(neurons, dtype=current.dtype)
-        cur = np.empty(neurons, dtype=current.dtype)
+        s_prev = np.empty(neurons, dtype=spikes.dtype)
+        cur = np.empty(neurons, dtype=spikes.dtype)
         for j in range(neurons):
             s_prev[j] = 1.0 if _fires(v[j] - theta[j], fire_at_threshold) else 0.0
         count = 0
         for t in range(steps):
-            for j in range(neurons):
-                cur[j] = current[b, t, j]
+            if linear_events:
+                # The input current straight from the input's events: x @ Wᵀ + b for this step only.
+                for j in range(neurons):
+                    cur[j] = bias[j] if has_bias else 0.0
+                row = b * steps + t
+                for p in range(x_row_ptr[row], x_row_ptr[row + 1]):
+                    xv = x_vals[p]
+                    w_row = weight_t[x_cols[p]]
+                    for j in range(neurons):
+                        cur[j] += xv * w_row[j]
+            else:
+                for j in range(neurons):
+                    cur[j] = current[b, t, j]
             if recurrent:
                 # Event-driven: only presynaptic neurons that spiked at t-1 contribute.
                 for k in range(neurons):
@@ -126,8 +145,11 @@ def _densify_active_kernel(active_counts, active_index, active_surr, out_dense):
 
 def lif_forward(current, beta, theta, alpha, recurrent_t, v0, syn0, *, reset, cuba, recurrent,
                 fire_at_threshold, record_membrane, record_syn, collect_active, window, surrogate_code,
-                surrogate_param, dense_active_fraction=0.5):
+                surrogate_param, linear=None, dense_active_fraction=0.5):
     """Run the recurrence over all steps. numpy in, numpy out.
+
+    ``current`` is the input current ``(B, T, N)``; or pass ``current=(B, T, N)`` (a shape) with
+    ``linear=(x_events, weight_t, bias)`` to compute it from the input's CSR events on the fly.
 
     Returns ``(spikes, membrane, syn_record, v_final, syn_final, active)`` where ``active`` is
     ``None`` unless ``collect_active``; then it is ``("list", offsets, index, surr)`` (entries of
@@ -135,11 +157,19 @@ def lif_forward(current, beta, theta, alpha, recurrent_t, v0, syn0, *, reset, cu
     ``dense_active_fraction`` of B·T·N is active, ``("dense", surr_dense)`` with zeros outside the
     window — the same numbers in less memory than a list would take.
     """
-    batch, steps, neurons = current.shape
-    dtype = current.dtype
-    spikes = np.empty_like(current)
-    membrane = np.empty_like(current) if record_membrane else np.empty((1, 1, 1), dtype)
-    syn_record = np.empty_like(current) if record_syn else np.empty((1, 1, 1), dtype)
+    dtype = beta.dtype
+    if linear is None:
+        batch, steps, neurons = current.shape
+        row_ptr, cols, vals = np.zeros(1, np.int64), np.empty(0, np.int32), np.empty(0, dtype)
+        weight_t, bias = np.empty((1, 1), dtype), None
+    else:
+        batch, steps, neurons = current
+        (row_ptr, cols, vals), weight_t, bias = linear
+        current = np.empty((1, 1, 1), dtype)
+    seq_shape = (batch, steps, neurons)
+    spikes = np.empty(seq_shape, dtype)
+    membrane = np.empty(seq_shape, dtype) if record_membrane else np.empty((1, 1, 1), dtype)
+    syn_record = np.empty(seq_shape, dtype) if record_syn else np.empty((1, 1, 1), dtype)
     v_final = np.empty((batch, neurons), dtype)
     syn_final = np.empty((batch, neurons), dtype)
     counts = np.zeros(batch, np.int64)
@@ -148,7 +178,8 @@ def lif_forward(current, beta, theta, alpha, recurrent_t, v0, syn0, *, reset, cu
     capacity = steps * neurons if collect_active else 1
     index_buf = np.empty((batch, capacity), np.int32)
     surr_buf = np.empty((batch, capacity), dtype)
-    _lif_forward_kernel(current, beta, theta, alpha, recurrent_t, v0, syn0,
+    _lif_forward_kernel(current, linear is not None, row_ptr, cols, vals, weight_t,
+                        bias if bias is not None else beta, bias is not None, beta, theta, alpha, recurrent_t, v0, syn0,
                         RESET_CODES[reset], cuba, recurrent, fire_at_threshold,
                         record_membrane, record_syn, collect_active, window, surrogate_code, surrogate_param,
                         spikes, membrane, syn_record, v_final, syn_final, counts, index_buf, surr_buf)
@@ -175,82 +206,131 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                                 beta, alpha, theta, v0, spikes_u8, recurrent_t,
                                 reset_code, cuba, recurrent, fire_at_threshold, window,
                                 surrogate_code, surrogate_param,
-                                grad_current, grad_v0, grad_syn0):
+                                write_grad_current, grad_current, grad_v0, grad_syn0,
+                                linear, x_row_ptr, x_cols, x_vals, weight_t, in_ptr, in_features_index, grad_x_values,
+                                need_recurrent_grad, grad_weight_t_partial, grad_bias_partial, grad_recurrent_t_partial):
+    # One chunk of batch entries per thread, each with its own weight-gradient accumulators, so the
+    # linear layer's gradients are built inside the sweep: dL/dI[b, t] is used while it is in
+    # cache and never stored as a dense (B, T, N) tensor.
     batch, steps, neurons = grad_spikes.shape
-    for b in prange(batch):
+    chunks = grad_bias_partial.shape[0]
+    per_chunk = (batch + chunks - 1) // chunks
+    for c in prange(chunks):
         gv_next = np.zeros(neurons, dtype=grad_spikes.dtype)
         gv = np.empty(neurons, dtype=grad_spikes.dtype)
         gsyn_next = np.zeros(neurons, dtype=grad_spikes.dtype)
-        ptr = offsets[b + 1] - 1
-        start = offsets[b]
-        for t in range(steps - 1, -1, -1):
-            for j in range(neurons):
-                carry = gv_next[j] * beta[j]
-                if reset_code == 1:
-                    carry *= 1.0 - spikes_u8[b, t, j]
-                g = carry
-                if has_grad_membrane:
-                    g += grad_membrane[b, t, j]
-                if t == steps - 1:
-                    g += grad_v_final[b, j]
-                gv[j] = g
-            if dense_mode:
+        gcur = np.empty(neurons, dtype=grad_spikes.dtype)
+        gcur_next = np.zeros(neurons, dtype=grad_spikes.dtype)
+        for b in range(c * per_chunk, min(batch, (c + 1) * per_chunk)):
+            gv_next[:] = 0.0
+            gsyn_next[:] = 0.0
+            gcur_next[:] = 0.0
+            ptr = offsets[b + 1] - 1
+            start = offsets[b]
+            for t in range(steps - 1, -1, -1):
                 for j in range(neurons):
-                    sg = surr_dense[b, t, j]
-                    if sg != 0.0:
+                    carry = gv_next[j] * beta[j]
+                    if reset_code == 1:
+                        carry *= 1.0 - spikes_u8[b, t, j]
+                    g = carry
+                    if has_grad_membrane:
+                        g += grad_membrane[b, t, j]
+                    if t == steps - 1:
+                        g += grad_v_final[b, j]
+                    gv[j] = g
+                if dense_mode:
+                    for j in range(neurons):
+                        sg = surr_dense[b, t, j]
+                        if sg != 0.0:
+                            gs = grad_spikes[b, t, j]
+                            if recurrent and t < steps - 1:
+                                acc = 0.0
+                                for i in range(neurons):
+                                    acc += recurrent_t[j, i] * gcur_next[i]
+                                gs += acc
+                            gv[j] += gs * sg
+                else:
+                    while ptr >= start and active_index[ptr] // neurons == t:
+                        j = active_index[ptr] % neurons
                         gs = grad_spikes[b, t, j]
                         if recurrent and t < steps - 1:
                             acc = 0.0
                             for i in range(neurons):
-                                acc += recurrent_t[j, i] * grad_current[b, t + 1, i]
+                                acc += recurrent_t[j, i] * gcur_next[i]
                             gs += acc
-                        gv[j] += gs * sg
-            else:
-                while ptr >= start and active_index[ptr] // neurons == t:
-                    j = active_index[ptr] % neurons
-                    gs = grad_spikes[b, t, j]
-                    if recurrent and t < steps - 1:
+                        gv[j] += gs * active_surr[ptr]
+                        ptr -= 1
+                if cuba:
+                    for j in range(neurons):
+                        gsyn = gv[j] + alpha[j] * gsyn_next[j]
+                        if t == steps - 1:
+                            gsyn += grad_syn_final[b, j]
+                        gsyn_next[j] = gsyn
+                        gcur[j] = gsyn
+                else:
+                    for j in range(neurons):
+                        gcur[j] = gv[j]
+                if write_grad_current:
+                    for j in range(neurons):
+                        grad_current[b, t, j] = gcur[j]
+                if linear:
+                    row = b * steps + t
+                    for p in range(x_row_ptr[row], x_row_ptr[row + 1]):
+                        xv = x_vals[p]
+                        acc_row = grad_weight_t_partial[c, x_cols[p]]
+                        for j in range(neurons):
+                            acc_row[j] += xv * gcur[j]
+                    for j in range(neurons):
+                        grad_bias_partial[c, j] += gcur[j]
+                    for q in range(in_ptr[row], in_ptr[row + 1]):
+                        w_row = weight_t[in_features_index[q]]
                         acc = 0.0
-                        for i in range(neurons):
-                            acc += recurrent_t[j, i] * grad_current[b, t + 1, i]
-                        gs += acc
-                    gv[j] += gs * active_surr[ptr]
-                    ptr -= 1
-            if cuba:
+                        for j in range(neurons):
+                            acc += gcur[j] * w_row[j]
+                        grad_x_values[q] = acc
+                if need_recurrent_grad:
+                    # dV[:, k] gets Gcur[t] wherever s[t-1, k] = 1 (s[-1] from the initial membrane).
+                    for k in range(neurons):
+                        if t > 0:
+                            spiked = spikes_u8[b, t - 1, k] != 0
+                        else:
+                            spiked = _fires(v0[b, k] - theta[k], fire_at_threshold)
+                        if spiked:
+                            acc_row = grad_recurrent_t_partial[c, k]
+                            for j in range(neurons):
+                                acc_row[j] += gcur[j]
                 for j in range(neurons):
-                    gsyn = gv[j] + alpha[j] * gsyn_next[j]
-                    if t == steps - 1:
-                        gsyn += grad_syn_final[b, j]
-                    gsyn_next[j] = gsyn
-                    grad_current[b, t, j] = gsyn
-            else:
-                for j in range(neurons):
-                    grad_current[b, t, j] = gv[j]
+                    gv_next[j] = gv[j]
+                    gcur_next[j] = gcur[j]
+            # Step -1: the initial state. s[-1] = H(v0 - θ) feeds the reset (detached here) and the
+            # recurrent input of step 0 (attached, windowed surrogate).
             for j in range(neurons):
-                gv_next[j] = gv[j]
-        # Step -1: the initial state. s[-1] = H(v0 - θ) feeds the reset (detached here) and the
-        # recurrent input of step 0 (attached, windowed surrogate).
-        for j in range(neurons):
-            u0 = v0[b, j] - theta[j]
-            carry = gv_next[j] * beta[j]
-            if reset_code == 1 and _fires(u0, fire_at_threshold):
-                carry = 0.0
-            if recurrent and abs(u0) < window:
-                acc = 0.0
-                for i in range(neurons):
-                    acc += recurrent_t[j, i] * grad_current[b, 0, i]
-                carry += acc * _surrogate(u0, surrogate_code, surrogate_param)
-            grad_v0[b, j] = carry
-            grad_syn0[b, j] = alpha[j] * gsyn_next[j] if cuba else 0.0
+                u0 = v0[b, j] - theta[j]
+                carry = gv_next[j] * beta[j]
+                if reset_code == 1 and _fires(u0, fire_at_threshold):
+                    carry = 0.0
+                if recurrent and abs(u0) < window:
+                    acc = 0.0
+                    for i in range(neurons):
+                        acc += recurrent_t[j, i] * gcur_next[i]
+                    carry += acc * _surrogate(u0, surrogate_code, surrogate_param)
+                grad_v0[b, j] = carry
+                grad_syn0[b, j] = alpha[j] * gsyn_next[j] if cuba else 0.0
 
 
 def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, active, beta, alpha, theta,
                         v0, spikes_u8, recurrent_t, *, reset, cuba, recurrent, fire_at_threshold, window,
-                        surrogate_code, surrogate_param):
-    """Reverse sweep of the windowed, reset-detached network; returns ``(dL/dI, dL/dv0, dL/dsyn0)``."""
+                        surrogate_code, surrogate_param, linear=None, need_recurrent_grad=False):
+    """Reverse sweep of the windowed, reset-detached network.
+
+    Without ``linear``: returns ``(dL/dI, dL/dv0, dL/dsyn0)`` with dL/dI dense. With ``linear =
+    (x_events, weight_t, input_active_rows)`` — the CSR events of the layer input, the weight as
+    ``(in, N)`` and optionally ``(in_ptr, feature_index)`` of the entries whose input gradient is
+    wanted — returns ``(None, dL/dv0, dL/dsyn0, dWᵀ, db, dx at those entries, dVᵀ or None)``
+    computed in the sweep.
+    """
     batch, steps, neurons = grad_spikes.shape
     dtype = grad_spikes.dtype
-    grad_current = np.empty_like(grad_spikes)
     grad_v0 = np.empty((batch, neurons), dtype)
     grad_syn0 = np.empty((batch, neurons), dtype)
     has_grad_membrane = grad_membrane is not None
@@ -260,12 +340,33 @@ def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final
         offsets, index, surr, dense = np.zeros(batch + 1, np.int64), np.empty(0, np.int32), np.empty(0, dtype), active[1]
     else:
         (_, offsets, index, surr), dense = active, np.empty((1, 1, 1), dtype)
+    chunks = max(1, min(batch, numba.get_num_threads()))
+    if linear is None:
+        grad_current = np.empty_like(grad_spikes)
+        row_ptr, cols, vals = np.zeros(1, np.int64), np.empty(0, np.int32), np.empty(0, dtype)
+        weight_t, in_ptr, in_index = np.empty((1, 1), dtype), np.zeros(1, np.int64), np.empty(0, np.int64)
+        grad_weight_t, grad_bias = np.empty((chunks, 1, 1), dtype), np.zeros((chunks, neurons), dtype)
+    else:
+        (row_ptr, cols, vals), weight_t, entries = linear
+        grad_current = np.empty((1, 1, 1), dtype)
+        in_ptr, in_index = entries if entries is not None else (np.zeros(batch * steps + 1, np.int64),
+                                                                 np.empty(0, np.int64))
+        grad_weight_t = np.zeros((chunks,) + weight_t.shape, dtype)
+        grad_bias = np.zeros((chunks, neurons), dtype)
+    grad_x_values = np.empty(in_index.shape[0], dtype)
+    grad_rec_t = np.zeros((chunks, neurons, neurons) if need_recurrent_grad else (chunks, 1, 1), dtype)
     _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
                                 offsets, index, surr, active[0] == "dense", dense,
                                 beta, alpha, theta, v0, spikes_u8, recurrent_t,
                                 RESET_CODES[reset], cuba, recurrent, fire_at_threshold, window,
-                                surrogate_code, surrogate_param, grad_current, grad_v0, grad_syn0)
-    return grad_current, grad_v0, grad_syn0
+                                surrogate_code, surrogate_param,
+                                linear is None, grad_current, grad_v0, grad_syn0,
+                                linear is not None, row_ptr, cols, vals, weight_t, in_ptr, in_index, grad_x_values,
+                                need_recurrent_grad, grad_weight_t, grad_bias, grad_rec_t)
+    grad_rec = grad_rec_t.sum(0) if need_recurrent_grad else None
+    if linear is None:
+        return grad_current, grad_v0, grad_syn0, grad_rec
+    return None, grad_v0, grad_syn0, grad_weight_t.sum(0), grad_bias.sum(0), grad_x_values, grad_rec
 
 
 @njit(parallel=True, cache=True)
@@ -380,25 +481,40 @@ def lif_backward_exact(grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
 
 
 @njit(parallel=True, cache=True)
-def _count_nonzero_rows(x2d, counts):
-    for r in prange(x2d.shape[0]):
+def _count_nonzero_rows(x_bits, magnitude_mask, counts):
+    # Compare bit patterns without the sign bit: branch-free, vectorises, and -0.0 counts as zero.
+    for r in prange(x_bits.shape[0]):
         n = 0
-        for i in range(x2d.shape[1]):
-            if x2d[r, i] != 0.0:
-                n += 1
+        row = x_bits[r]
+        for i in range(row.shape[0]):
+            n += (row[i] & magnitude_mask) != 0
         counts[r] = n
 
 
+_EVENT_BLOCK = 32
+
+
 @njit(parallel=True, cache=True)
-def _fill_csr(x2d, row_ptr, cols, vals):
+def _fill_csr(x2d, x_bits, magnitude_mask, row_ptr, cols, vals):
+    # Skip all-zero blocks with one OR over their bits; only blocks holding events are scanned.
     for r in prange(x2d.shape[0]):
         p = row_ptr[r]
-        for i in range(x2d.shape[1]):
-            xv = x2d[r, i]
-            if xv != 0.0:
-                cols[p] = i
-                vals[p] = xv
-                p += 1
+        row_bits = x_bits[r]
+        width = row_bits.shape[0]
+        i = 0
+        while i < width:
+            end = min(width, i + _EVENT_BLOCK)
+            any_bits = row_bits[i] & 0
+            for k in range(i, end):
+                any_bits |= row_bits[k]
+            if (any_bits & magnitude_mask) != 0:
+                for k in range(i, end):
+                    xv = x2d[r, k]
+                    if xv != 0.0:
+                        cols[p] = k
+                        vals[p] = xv
+                        p += 1
+            i = end
 
 
 def dense_to_events(x2d, max_density):
@@ -407,8 +523,11 @@ def dense_to_events(x2d, max_density):
     NaN and ±inf are nonzero, so they travel as events and propagate like in a dense matmul
     (except that NaN·0 terms a dense matmul would add are absent, which cannot change a NaN result).
     """
+    bits_dtype, mask = (np.uint32, np.uint32(0x7FFFFFFF)) if x2d.dtype == np.float32 else (
+        np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF))
+    x_bits = x2d.view(bits_dtype)
     counts = np.empty(x2d.shape[0], np.int64)
-    _count_nonzero_rows(x2d, counts)
+    _count_nonzero_rows(x_bits, mask, counts)
     total = int(counts.sum())
     if total > max_density * x2d.size:
         return None
@@ -416,30 +535,8 @@ def dense_to_events(x2d, max_density):
     np.cumsum(counts, out=row_ptr[1:])
     cols = np.empty(total, np.int32)
     vals = np.empty(total, x2d.dtype)
-    _fill_csr(x2d, row_ptr, cols, vals)
+    _fill_csr(x2d, x_bits, mask, row_ptr, cols, vals)
     return row_ptr, cols, vals
-
-
-@njit(parallel=True, cache=True)
-def _events_linear_kernel(row_ptr, cols, vals, weight_t, bias, has_bias, out):
-    rows, outputs = out.shape
-    for r in prange(rows):
-        for j in range(outputs):
-            out[r, j] = bias[j] if has_bias else 0.0
-        for p in range(row_ptr[r], row_ptr[r + 1]):
-            xv = vals[p]
-            i = cols[p]
-            for j in range(outputs):
-                out[r, j] += xv * weight_t[i, j]
-
-
-def events_linear(events, weight_t, bias, rows):
-    """``x @ weightᵀ + bias`` from the CSR events of ``x``; ``weight_t`` is ``(in, out)`` contiguous."""
-    row_ptr, cols, vals = events
-    out = np.empty((rows, weight_t.shape[1]), weight_t.dtype)
-    has_bias = bias is not None
-    _events_linear_kernel(row_ptr, cols, vals, weight_t, bias if has_bias else weight_t[0], has_bias, out)
-    return out
 
 
 @njit(parallel=True, cache=True)
