@@ -250,8 +250,11 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
                 entries = (in_ptr, np.ascontiguousarray(sorted_index % in_features))
             _, grad_v0, grad_syn0, grad_w_t, grad_bias, grad_x_values, grad_rec_t = cpu_lif.lif_backward_sparse(
                 *args, linear=(events, np.ascontiguousarray(_np(weight).T), entries), **sweep)
-            grad_w = torch.from_numpy(np.ascontiguousarray(grad_w_t.T)) if need_weight else None
-            grad_b = torch.from_numpy(grad_bias) if need_bias else None
+            grad_bias_t = torch.from_numpy(grad_bias)
+            if need_weight:
+                grad_w = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_w_t.T)),
+                                              torch.isnan(grad_bias_t))
+            grad_b = grad_bias_t if need_bias else None
             if need_x:
                 flat = torch.zeros(batch * steps * in_features, dtype=beta.dtype)
                 flat[input_active[order]] = torch.from_numpy(grad_x_values)
@@ -260,7 +263,9 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
         else:
             grad_current, grad_v0, grad_syn0, grad_rec_t = cpu_lif.lif_backward_sparse(*args, **sweep)
         if grad_rec_t is not None:
-            grad_rec = torch.from_numpy(np.ascontiguousarray(grad_rec_t.T))
+            nan_neurons = (torch.isnan(grad_bias_t) if grad_current is None
+                           else torch.isnan(torch.from_numpy(grad_current)).reshape(-1, neurons).any(0))
+            grad_rec = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_rec_t.T)), nan_neurons)
     else:
         syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), gs.dtype)
         grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = cpu_lif.lif_backward_exact(
@@ -294,8 +299,9 @@ def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need
     grad_x = grad_w = grad_b = None
     if need_weight:
         if events is not None:
-            grad_w = torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(),
-                                                                                      in_features)))
+            grad_w = _with_dense_nan_rows(
+                torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(), in_features))),
+                torch.isnan(rows).any(0))
         else:
             grad_w = rows.t().mm(x.detach().reshape(batch * steps, in_features))
     if need_bias:
@@ -309,6 +315,17 @@ def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need
         else:
             grad_x = rows.mm(weight.detach()).reshape(batch, steps, in_features)
     return grad_x, grad_w, grad_b
+
+
+def _with_dense_nan_rows(grad_weight: Tensor, nan_neurons: Tensor) -> Tensor:
+    """Make an event-built weight gradient NaN where a dense matmul's would be.
+
+    Events skip the zeros of the input, so NaN·0 terms that ``dIᵀ @ x`` contains are missing; a
+    neuron whose dL/dI holds a NaN anywhere gets a NaN row, as in PyTorch.
+    """
+    if bool(nan_neurons.any()):
+        grad_weight[nan_neurons] = float("nan")
+    return grad_weight
 
 
 def _recurrent_weight_grad(rows, membrane, initial_v, threshold, fire_at_threshold, seq_shape):

@@ -117,9 +117,12 @@ def _lif_forward_kernel(current, linear_events, x_row_ptr, x_cols, x_vals, weigh
                     membrane[b, t, j] = vj
                 if record_syn:
                     syn_record[b, t, j] = syn[j]
-                if collect_active and abs(u) < window:
+                # A NaN membrane is kept as an entry whose surrogate is σ'(NaN)·0, as in the
+                # windowed reference, so NaN gradients propagate exactly as PyTorch would.
+                if collect_active and (abs(u) < window or u != u):
+                    sg = _surrogate(u, surrogate_code, surrogate_param)
                     active_index[b, count] = t * neurons + j
-                    active_surr[b, count] = _surrogate(u, surrogate_code, surrogate_param)
+                    active_surr[b, count] = sg if u == u else sg * 0.0
                     count += 1
         for j in range(neurons):
             v_final[b, j] = v[j]
