@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -177,12 +178,21 @@ def _lif_setup_context(ctx, inputs, output):
         row_ptr, cols, vals)
     ctx.config = (reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window)
     ctx.steps = x.shape[1]
+    # A restricted input gradient is fine for the producing layer but not for a user who inspects
+    # the gradient at x; a weak reference lets the backward notice retain_grad() and hooks.
+    ctx.input_ref = weakref.ref(x) if (input_active is not None and not torch.compiler.is_compiling()) else None
     ctx.has_bias = bias is not None
 
 
+_SAVED_INPUT_ACTIVE = 8  # position of input_active in ctx.save_for_backward above
+
+
 def _lif_backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_unused):
-    saved = ctx.saved_tensors
+    saved = list(ctx.saved_tensors)
     needs = ctx.needs_input_grad
+    x = ctx.input_ref() if ctx.input_ref is not None else None
+    if x is not None and (x.retains_grad or getattr(x, "_backward_hooks", None)):
+        saved[_SAVED_INPUT_ACTIVE] = None
     grads = torch.ops.snnopt.lif_backward(
         grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *saved, ctx.steps, *ctx.config,
         needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6], needs[7],

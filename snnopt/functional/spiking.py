@@ -78,15 +78,20 @@ def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recu
                beta, threshold=1.0, reset: str = "subtract", detach_reset: bool = True, alpha=None, surrogate=None,
                backward: str = "sparse", window: float = 0.2, time_dim: int = 1, fire_at_threshold: bool = False,
                initial_state=None, return_membrane: bool = False, return_state: bool = False,
-               input_active: Optional[Tensor] = None):
+               input_active="auto"):
     """``lif(torch.nn.functional.linear(x, weight, bias), ...)`` fused: the seed paper's layer.
 
     Owning the weight lets the backward build the weight gradient from the compact input events
     and the reverse-filtered active entries, never from dense B·T·N tensors. ``recurrent_weight``
-    (``(N, N)``, linear layout) adds ``s[t-1] @ recurrent_weightᵀ`` to the current. ``input_active``
-    (int64 flat indices into the batch-first ``(B, T, in)`` input) limits the input gradient to
-    those entries; it is filled automatically when ``x`` is the spike output of another
-    sparse-backward layer, where only those entries of the gradient are ever read.
+    (``(N, N)``, linear layout) adds ``s[t-1] @ recurrent_weightᵀ`` to the current.
+
+    ``input_active`` limits the gradient w.r.t. ``x`` to some entries: an int64 tensor of flat
+    indices into the batch-first ``(B, T, in)`` input, ``None`` for the full gradient, or
+    ``"auto"`` (default): when ``x`` is the spike output of a sparse-backward snnopt layer, only
+    that layer's active entries — the only ones its backward reads, so parameter gradients are
+    unchanged. The gradient *at* those spikes is then zero elsewhere: if you read it yourself with
+    ``torch.autograd.grad(loss, spikes)``, pass ``input_active=None`` (a ``retain_grad()`` or
+    ``register_hook`` on the spikes is noticed and gets the full gradient automatically).
 
     Example::
 
@@ -110,9 +115,11 @@ def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recu
         if tuple(recurrent_weight.shape) != (neurons, neurons):
             raise InvalidArgumentError(
                 f"recurrent_weight: expected shape ({neurons}, {neurons}), got {tuple(recurrent_weight.shape)}")
-    if input_active is not None:
-        if not isinstance(input_active, Tensor) or input_active.dtype != torch.int64 or input_active.dim() != 1:
-            raise InvalidTypeError("input_active: expected a 1-D int64 tensor of flat indices into (B, T, in)")
+    if isinstance(input_active, Tensor):
+        _check_input_active(input_active, x)
+    elif input_active is not None and input_active != "auto":
+        raise InvalidTypeError(
+            f"input_active: expected 'auto', None or a 1-D int64 tensor of flat indices, got {input_active!r}")
     return _run(x, weight, bias, recurrent_weight, spec, beta, threshold, alpha, time_dim, initial_state,
                 return_membrane, return_state, input_active)
 
@@ -180,8 +187,9 @@ def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alph
     tensors = [t for t in (x, weight, bias, recurrent_weight, beta_n, theta_n, alpha_n, v0, syn0) if t is not None]
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     eager = not torch.compiler.is_compiling()
-    if input_active is None and weight is not None and eager and needs_backward and x.requires_grad:
-        input_active = _upstream_active(x, time_dim, batch, steps)
+    if isinstance(input_active, str):  # "auto"
+        input_active = (_upstream_active(x, time_dim, batch, steps)
+                        if weight is not None and eager and needs_backward and x.requires_grad else None)
     outs = torch.ops.snnopt.lif(
         canonical, weight, bias, recurrent_weight, beta_n, theta_n, alpha_n, v0.reshape(batch, neurons),
         None if syn0 is None else syn0.reshape(batch, neurons), input_active,
@@ -211,6 +219,21 @@ def _upstream_active(x: Tensor, time_dim: int, batch: int, steps: int) -> Option
     counts = offsets[1:] - offsets[:-1]
     batch_of_entry = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)
     return batch_of_entry * (steps * neurons) + index.to(torch.int64)
+
+
+def _check_input_active(input_active: Tensor, x: Tensor) -> None:
+    if input_active.dtype != torch.int64 or input_active.dim() != 1:
+        raise InvalidTypeError(
+            f"input_active: expected a 1-D int64 tensor of flat indices into (B, T, in), got "
+            f"{input_active.dtype} with shape {tuple(input_active.shape)}")
+    if input_active.device != x.device:
+        raise InvalidArgumentError(f"input_active: on {input_active.device} but x is on {x.device}")
+    if input_active.numel():
+        low, high = int(input_active.min()), int(input_active.max())
+        if low < 0 or high >= x.numel():
+            raise InvalidArgumentError(
+                f"input_active: indices must lie in [0, {x.numel()}) (flat positions in the batch-first x of "
+                f"shape {tuple(x.shape)}), got values from {low} to {high}")
 
 
 def _user_layout(t: Tensor, batch, steps, neuron_shape, time_dim) -> Tensor:

@@ -1,0 +1,14 @@
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+# "default" keeps the suite to a few minutes on a 2-core CPU; HYPOTHESIS_PROFILE=thorough digs deeper.
+settings.register_profile("default", max_examples=100, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# The reference loops are tiny; extra intra-op threads only add scheduling noise on small CPUs.
+torch.set_num_threads(min(torch.get_num_threads(), 2))
