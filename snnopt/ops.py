@@ -251,10 +251,11 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
         # dense input gradient is asked for, which needs dL/dI as a dense tensor anyway.
         if has_events and not (need_x and input_active is None):
             in_features = weight.shape[1]
-            entries = order = None
+            entries = sorted_index = None
             if need_x:
-                order = torch.argsort(input_active)
-                sorted_index = input_active[order].numpy()
+                sorted_index = _np(input_active)
+                if sorted_index.size > 1 and not np.all(sorted_index[1:] >= sorted_index[:-1]):
+                    sorted_index = np.sort(sorted_index)  # the sweep visits rows in order
                 rows = sorted_index // in_features
                 in_ptr = np.searchsorted(rows, np.arange(batch * steps + 1)).astype(np.int64)
                 entries = (in_ptr, np.ascontiguousarray(sorted_index % in_features))
@@ -266,9 +267,9 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
                                               torch.isnan(grad_bias_t))
             grad_b = grad_bias_t if need_bias else None
             if need_x:
-                flat = torch.zeros(batch * steps * in_features, dtype=beta.dtype)
-                flat[input_active[order]] = torch.from_numpy(grad_x_values)
-                grad_x = flat.reshape(batch, steps, in_features)
+                flat = np.zeros(batch * steps * in_features, gs.dtype)
+                flat[sorted_index] = grad_x_values
+                grad_x = torch.from_numpy(flat).reshape(batch, steps, in_features)
             grad_current = None
         else:
             grad_current, grad_v0, grad_syn0, grad_rec_t = cpu_lif.lif_backward_sparse(*args, **sweep)

@@ -89,41 +89,53 @@ def _lif_forward_kernel(current, linear_events, x_row_ptr, x_cols, x_vals, weigh
                     for j in range(neurons):
                         cur[j] += xv * w_row[j]
             else:
-                for j in range(neurons):
-                    cur[j] = current[b, t, j]
+                cur[:] = current[b, t]
             if recurrent:
                 # Event-driven: only presynaptic neurons that spiked at t-1 contribute.
                 for k in range(neurons):
                     if s_prev[k] != 0.0:
                         for j in range(neurons):
                             cur[j] += recurrent_t[k, j]
+            # One simple loop per concern (no stores under data-dependent branches) so that LLVM
+            # vectorises each of them; the arithmetic order matches the reference exactly.
+            if cuba:
+                for j in range(neurons):
+                    syn[j] = alpha[j] * syn[j] + cur[j]
+                drive = syn
+            else:
+                drive = cur
+            if reset_code == 0:
+                for j in range(neurons):
+                    v[j] = beta[j] * v[j] + drive[j] - theta[j] * s_prev[j]
+            elif reset_code == 1:
+                for j in range(neurons):
+                    v[j] = beta[j] * v[j] * (1.0 - s_prev[j]) + drive[j]
+            else:
+                for j in range(neurons):
+                    v[j] = beta[j] * v[j] + drive[j]
+            spikes_t = spikes[b, t]
+            if fire_at_threshold:
+                for j in range(neurons):
+                    s_prev[j] = 1.0 if v[j] - theta[j] >= 0.0 else 0.0
+            else:
+                for j in range(neurons):
+                    s_prev[j] = 1.0 if v[j] - theta[j] > 0.0 else 0.0
             for j in range(neurons):
-                drive = cur[j]
-                if cuba:
-                    syn[j] = alpha[j] * syn[j] + drive
-                    drive = syn[j]
-                if reset_code == 0:
-                    vj = beta[j] * v[j] + drive - theta[j] * s_prev[j]
-                elif reset_code == 1:
-                    vj = beta[j] * v[j] * (1.0 - s_prev[j]) + drive
-                else:
-                    vj = beta[j] * v[j] + drive
-                v[j] = vj
-                u = vj - theta[j]
-                s = 1.0 if _fires(u, fire_at_threshold) else 0.0
-                s_prev[j] = s
-                spikes[b, t, j] = s
-                if record_membrane:
-                    membrane[b, t, j] = vj
-                if record_syn:
-                    syn_record[b, t, j] = syn[j]
-                # A NaN membrane is kept as an entry whose surrogate is σ'(NaN)·0, as in the
-                # windowed reference, so NaN gradients propagate exactly as PyTorch would.
-                if collect_active and (abs(u) < window or u != u):
-                    sg = _surrogate(u, surrogate_code, surrogate_param)
-                    active_index[b, count] = t * neurons + j
-                    active_surr[b, count] = sg if u == u else sg * 0.0
-                    count += 1
+                spikes_t[j] = s_prev[j]
+            if record_membrane:
+                membrane[b, t] = v
+            if record_syn:
+                syn_record[b, t] = syn
+            if collect_active:
+                for j in range(neurons):
+                    u = v[j] - theta[j]
+                    # A NaN membrane is kept as an entry whose surrogate is σ'(NaN)·0, as in the
+                    # windowed reference, so NaN gradients propagate exactly as PyTorch would.
+                    if abs(u) < window or u != u:
+                        sg = _surrogate(u, surrogate_code, surrogate_param)
+                        active_index[b, count] = t * neurons + j
+                        active_surr[b, count] = sg if u == u else sg * 0.0
+                        count += 1
         for j in range(neurons):
             v_final[b, j] = v[j]
             syn_final[b, j] = syn[j]
@@ -483,41 +495,48 @@ def lif_backward_exact(grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
 # --- Sparse inputs: compact events instead of dense scans -------------------------------------------
 
 
-@njit(parallel=True, cache=True)
-def _count_nonzero_rows(x_bits, magnitude_mask, counts):
-    # Compare bit patterns without the sign bit: branch-free, vectorises, and -0.0 counts as zero.
-    for r in prange(x_bits.shape[0]):
-        n = 0
-        row = x_bits[r]
-        for i in range(row.shape[0]):
-            n += (row[i] & magnitude_mask) != 0
-        counts[r] = n
-
-
 _EVENT_BLOCK = 32
 
 
 @njit(parallel=True, cache=True)
-def _fill_csr(x2d, x_bits, magnitude_mask, row_ptr, cols, vals):
-    # Skip all-zero blocks with one OR over their bits; only blocks holding events are scanned.
+def _count_nonzero_rows(x_bits, magnitude_mask, counts, block_has_events):
+    # Compare bit patterns without the sign bit: branch-free and vectorised (-0.0 counts as zero).
+    # Fixed-size blocks keep the inner trip count constant; blocks with events are flagged so the
+    # fill pass reads only those.
+    for r in prange(x_bits.shape[0]):
+        row = x_bits[r]
+        width = row.shape[0]
+        full_blocks = width // _EVENT_BLOCK
+        n = 0
+        for blk in range(full_blocks):
+            start = blk * _EVENT_BLOCK
+            in_block = 0
+            for k in range(_EVENT_BLOCK):
+                in_block += (row[start + k] & magnitude_mask) != 0
+            block_has_events[r, blk] = in_block != 0
+            n += in_block
+        if full_blocks * _EVENT_BLOCK < width:
+            in_block = 0
+            for k in range(full_blocks * _EVENT_BLOCK, width):
+                in_block += (row[k] & magnitude_mask) != 0
+            block_has_events[r, full_blocks] = in_block != 0
+            n += in_block
+        counts[r] = n
+
+
+@njit(parallel=True, cache=True)
+def _fill_csr(x2d, block_has_events, row_ptr, cols, vals):
+    width = x2d.shape[1]
     for r in prange(x2d.shape[0]):
         p = row_ptr[r]
-        row_bits = x_bits[r]
-        width = row_bits.shape[0]
-        i = 0
-        while i < width:
-            end = min(width, i + _EVENT_BLOCK)
-            any_bits = row_bits[i] & 0
-            for k in range(i, end):
-                any_bits |= row_bits[k]
-            if (any_bits & magnitude_mask) != 0:
-                for k in range(i, end):
+        for blk in range(block_has_events.shape[1]):
+            if block_has_events[r, blk]:
+                for k in range(blk * _EVENT_BLOCK, min(width, (blk + 1) * _EVENT_BLOCK)):
                     xv = x2d[r, k]
                     if xv != 0.0:
                         cols[p] = k
                         vals[p] = xv
                         p += 1
-            i = end
 
 
 def dense_to_events(x2d, max_density):
@@ -530,7 +549,8 @@ def dense_to_events(x2d, max_density):
         np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF))
     x_bits = x2d.view(bits_dtype)
     counts = np.empty(x2d.shape[0], np.int64)
-    _count_nonzero_rows(x_bits, mask, counts)
+    block_has_events = np.empty((x2d.shape[0], -(-x2d.shape[1] // _EVENT_BLOCK)), np.bool_)
+    _count_nonzero_rows(x_bits, mask, counts, block_has_events)
     total = int(counts.sum())
     if total > max_density * x2d.size:
         return None
@@ -538,7 +558,7 @@ def dense_to_events(x2d, max_density):
     np.cumsum(counts, out=row_ptr[1:])
     cols = np.empty(total, np.int32)
     vals = np.empty(total, x2d.dtype)
-    _fill_csr(x2d, x_bits, mask, row_ptr, cols, vals)
+    _fill_csr(x2d, block_has_events, row_ptr, cols, vals)
     return row_ptr, cols, vals
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -216,9 +217,9 @@ def _upstream_active(x: Tensor, time_dim: int, batch: int, steps: int) -> Option
     if (version != x._version or producer_time_dim != time_dim or producer_steps != steps
             or neurons != x.shape[-1] or offsets.numel() != batch + 1):
         return None
-    counts = offsets[1:] - offsets[:-1]
-    batch_of_entry = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)
-    return batch_of_entry * (steps * neurons) + index.to(torch.int64)
+    offsets_np = offsets.numpy()
+    batch_of_entry = np.repeat(np.arange(batch, dtype=np.int64), np.diff(offsets_np))
+    return torch.from_numpy(batch_of_entry * (steps * neurons) + index.numpy())
 
 
 def _check_input_active(input_active: Tensor, x: Tensor) -> None:
