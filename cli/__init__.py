@@ -1,0 +1,1 @@
+"""The ``snnopt`` command line (a typer app in :mod:`cli.main`)."""
