@@ -44,12 +44,15 @@ _GRAD_INPUTS = ("x", "weight", "bias", "recurrent_weight", "beta", "threshold", 
                 "initial_syn")
 
 
-# The default numba threading layer ("workqueue", see cpu_lif) must not be entered by two Python
-# threads at once; serialising the op bodies keeps multi-threaded callers safe.
+# numba's "workqueue" threading layer (the fallback when TBB is missing, see cpu_lif) must not be
+# entered by two Python threads at once; serialising the op bodies keeps multi-threaded callers safe.
 _KERNEL_LOCK = threading.Lock()
 
 
 def _serialised(fn):
+    if cpu_lif.KERNELS_THREAD_SAFE:
+        return fn
+
     @functools.wraps(fn)
     def locked(*args, **kwargs):
         with _KERNEL_LOCK:

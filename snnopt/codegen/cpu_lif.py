@@ -23,18 +23,40 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-# numba's default "omp" layer loads a second OpenMP runtime next to PyTorch's; both spin while
-# idle and, on few cores, each slows the other several-fold (measured: sparse backward 3 ms with
-# "workqueue", 12 ms with "omp" on 2 cores). A user's NUMBA_THREADING_LAYER still wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _choose_threading_layer() -> str:
+    # numba's default "omp" layer loads a second OpenMP runtime next to PyTorch's; both spin while
+    # idle and, on few cores, each slows the other several-fold (measured on 2 cores, seed network
+    # step: sparse backward 12 ms with "omp", 3 ms alone). TBB threads yield quickly (measured:
+    # forward 19 ms with "tbb" vs 30 ms with "workqueue"); "workqueue" needs no library but must
+    # not be entered by two Python threads at once (see KERNELS_THREAD_SAFE). A user's
+    # NUMBA_THREADING_LAYER still wins.
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return numba.config.THREADING_LAYER
+    # pip's tbb wheel puts libtbb in <prefix>/lib, which the loader does not search in a virtual
+    # environment; loading it by path first lets numba's TBB pool link against it.
+    for candidate in ("libtbb.so.12", os.path.join(sys.prefix, "lib", "libtbb.so.12")):
+        try:
+            ctypes.CDLL(candidate)
+            from numba.np.ufunc import tbbpool  # noqa: F401
+            return "tbb"
+        except (OSError, ImportError):
+            continue
+    return "workqueue"
+
+
+numba.config.THREADING_LAYER = _choose_threading_layer()
+KERNELS_THREAD_SAFE = numba.config.THREADING_LAYER not in ("workqueue", "default")
 
 RESET_CODES = {"subtract": 0, "zero": 1, "none": 2}
 
@@ -231,28 +253,32 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
     chunks = grad_bias_partial.shape[0]
     per_chunk = (batch + chunks - 1) // chunks
     for c in prange(chunks):
-        gv_next = np.zeros(neurons, dtype=grad_spikes.dtype)
-        gv = np.empty(neurons, dtype=grad_spikes.dtype)
-        gsyn_next = np.zeros(neurons, dtype=grad_spikes.dtype)
-        gcur = np.empty(neurons, dtype=grad_spikes.dtype)
+        # gv holds Gv[t+1] on entering step t and Gv[t] on leaving it (likewise gsyn); gcur is
+        # Gcur[t], the same array as gv unless CuBa. Simple loops, branches hoisted: they vectorise.
+        gv = np.zeros(neurons, dtype=grad_spikes.dtype)
+        gsyn = np.zeros(neurons, dtype=grad_spikes.dtype)
         gcur_next = np.zeros(neurons, dtype=grad_spikes.dtype)
         for b in range(c * per_chunk, min(batch, (c + 1) * per_chunk)):
-            gv_next[:] = 0.0
-            gsyn_next[:] = 0.0
+            gv[:] = 0.0
+            gsyn[:] = 0.0
             gcur_next[:] = 0.0
+            gcur = gsyn if cuba else gv
             ptr = offsets[b + 1] - 1
             start = offsets[b]
             for t in range(steps - 1, -1, -1):
                 for j in range(neurons):
-                    carry = gv_next[j] * beta[j]
-                    if reset_code == 1:
-                        carry *= 1.0 - spikes_u8[b, t, j]
-                    g = carry
-                    if has_grad_membrane:
-                        g += grad_membrane[b, t, j]
-                    if t == steps - 1:
-                        g += grad_v_final[b, j]
-                    gv[j] = g
+                    gv[j] *= beta[j]
+                if reset_code == 1:
+                    spiked_t = spikes_u8[b, t]
+                    for j in range(neurons):
+                        gv[j] *= 1.0 - spiked_t[j]
+                if has_grad_membrane:
+                    grad_membrane_t = grad_membrane[b, t]
+                    for j in range(neurons):
+                        gv[j] += grad_membrane_t[j]
+                if t == steps - 1:
+                    for j in range(neurons):
+                        gv[j] += grad_v_final[b, j]
                 if dense_mode:
                     for j in range(neurons):
                         sg = surr_dense[b, t, j]
@@ -277,17 +303,12 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                         ptr -= 1
                 if cuba:
                     for j in range(neurons):
-                        gsyn = gv[j] + alpha[j] * gsyn_next[j]
-                        if t == steps - 1:
-                            gsyn += grad_syn_final[b, j]
-                        gsyn_next[j] = gsyn
-                        gcur[j] = gsyn
-                else:
-                    for j in range(neurons):
-                        gcur[j] = gv[j]
+                        gsyn[j] = gv[j] + alpha[j] * gsyn[j]
+                    if t == steps - 1:
+                        for j in range(neurons):
+                            gsyn[j] += grad_syn_final[b, j]
                 if write_grad_current:
-                    for j in range(neurons):
-                        grad_current[b, t, j] = gcur[j]
+                    grad_current[b, t] = gcur
                 if linear:
                     row = b * steps + t
                     for p in range(x_row_ptr[row], x_row_ptr[row + 1]):
@@ -295,8 +316,9 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                         acc_row = grad_weight_t_partial[c, x_cols[p]]
                         for j in range(neurons):
                             acc_row[j] += xv * gcur[j]
+                    bias_acc = grad_bias_partial[c]
                     for j in range(neurons):
-                        grad_bias_partial[c, j] += gcur[j]
+                        bias_acc[j] += gcur[j]
                     for q in range(in_ptr[row], in_ptr[row + 1]):
                         w_row = weight_t[in_features_index[q]]
                         acc = 0.0
@@ -314,14 +336,13 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                             acc_row = grad_recurrent_t_partial[c, k]
                             for j in range(neurons):
                                 acc_row[j] += gcur[j]
-                for j in range(neurons):
-                    gv_next[j] = gv[j]
-                    gcur_next[j] = gcur[j]
+                if recurrent:
+                    gcur_next[:] = gcur
             # Step -1: the initial state. s[-1] = H(v0 - θ) feeds the reset (detached here) and the
             # recurrent input of step 0 (attached, windowed surrogate).
             for j in range(neurons):
                 u0 = v0[b, j] - theta[j]
-                carry = gv_next[j] * beta[j]
+                carry = gv[j] * beta[j]
                 if reset_code == 1 and _fires(u0, fire_at_threshold):
                     carry = 0.0
                 if recurrent and abs(u0) < window:
@@ -330,7 +351,7 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                         acc += recurrent_t[j, i] * gcur_next[i]
                     carry += acc * _surrogate(u0, surrogate_code, surrogate_param)
                 grad_v0[b, j] = carry
-                grad_syn0[b, j] = alpha[j] * gsyn_next[j] if cuba else 0.0
+                grad_syn0[b, j] = alpha[j] * gsyn[j] if cuba else 0.0
 
 
 def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, active, beta, alpha, theta,
@@ -341,8 +362,8 @@ def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final
     Without ``linear``: returns ``(dL/dI, dL/dv0, dL/dsyn0)`` with dL/dI dense. With ``linear =
     (x_events, weight_t, input_active_rows)`` — the CSR events of the layer input, the weight as
     ``(in, N)`` and optionally ``(in_ptr, feature_index)`` of the entries whose input gradient is
-    wanted — returns ``(None, dL/dv0, dL/dsyn0, dWᵀ, db, dx at those entries, dVᵀ or None)``
-    computed in the sweep.
+    wanted (per row ``b*T + t``) — returns ``(None, dL/dv0, dL/dsyn0, dWᵀ, db, dx at those entries,
+    dVᵀ or None)`` computed in the sweep.
     """
     batch, steps, neurons = grad_spikes.shape
     dtype = grad_spikes.dtype
