@@ -151,6 +151,31 @@ def leaky_integrator(current: Tensor, *, beta, time_dim: int = 1, initial_state:
     return (outputs, final) if return_state else outputs
 
 
+def linear_leaky_integrator(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, beta, input_scale: float = 1.0,
+                            time_dim: int = 1, initial_state: Optional[Tensor] = None, return_state: bool = False,
+                            input_active="auto"):
+    """Readout ``out[t] = β out[t-1] + input_scale · (x[t] @ weightᵀ + bias)``, fused.
+
+    The seed paper's readout with ``input_scale = 1 - β``. Fed with spikes, the current comes
+    from their events and, as in :func:`linear_lif`, the input gradient is computed only where a
+    sparse-backward producer reads it (``input_active``). Exact gradient (the readout is linear).
+
+    Example::
+
+        >>> logits = linear_leaky_integrator(spikes, w_out, beta=0.9, input_scale=0.1).amax(1)
+    """
+    if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)):
+        raise InvalidTypeError(f"input_scale: expected a float, got {type(input_scale).__name__}")
+    if input_scale != 1.0:
+        weight = weight * input_scale
+        bias = None if bias is None else bias * input_scale
+    # A LIF layer that never fires and is not reset is exactly a leaky integrator of its current.
+    out = linear_lif(x, weight, bias, beta=beta, threshold=float("inf"), reset="none", backward="exact",
+                     time_dim=time_dim, initial_state=initial_state, return_membrane=True,
+                     return_state=return_state, input_active=input_active)
+    return (out.membrane, out.state.v) if return_state else out.membrane
+
+
 # --- shared plumbing ---------------------------------------------------------------------------------
 
 

@@ -143,3 +143,40 @@ class LeakyIntegrator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"time_dim={self.time_dim}"
+
+
+class LinearLeakyIntegrator(nn.Module):
+    """``nn.Linear`` feeding a leaky readout, fused: ``out[t] = β out[t-1] + input_scale · linear(x[t])``.
+
+    With spiking input the current is built from the spikes' events and the input gradient only
+    where a sparse upstream layer reads it (see :func:`snnopt.functional.linear_lif`).
+
+    Example::
+
+        >>> readout = LinearLeakyIntegrator(200, 10, beta=0.9, input_scale=0.1)   # the seed paper's
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, beta=0.9, input_scale: float = 1.0,
+                 time_dim: int = 1, learn_beta: bool = False, dtype=None):
+        super().__init__()
+        F._check_time_dim(time_dim)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_scale, self.time_dim = float(input_scale), time_dim
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        _neuron_param(self, "beta", beta, learn_beta, out_features)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, *, return_state: bool = False):
+        return F.linear_leaky_integrator(x, self.weight, self.bias, beta=self.beta, input_scale=self.input_scale,
+                                         time_dim=self.time_dim, initial_state=state, return_state=return_state)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_scale={self.input_scale:g}")

@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import snnopt.functional as snf
+import snnopt.nn as snn
 from snnopt.codegen.reference import reference_leaky_integrator
 from tests.lif_cases import GRAD_TOL, assert_close
 
@@ -107,3 +108,60 @@ def test_leaky_integrator_propagates_nan(dtype):
     ref, _ = reference_leaky_integrator(current, beta=0.9)
     torch.testing.assert_close(out, ref, equal_nan=True)
     assert torch.isnan(out[0, 1:, 2]).all() and torch.isfinite(out[1]).all()
+
+
+@st.composite
+def linear_integrator_cases(draw):
+    return dict(batch=draw(st.integers(1, 4)), steps=draw(st.sampled_from([1, 2, 5, 9])),
+                in_features=draw(st.sampled_from([1, 3, 8])), out_features=draw(st.sampled_from([1, 2, 5])),
+                density=draw(st.sampled_from([0.05, 0.3, 1.0])), bias=draw(st.booleans()),
+                learn_beta=draw(st.booleans()), input_scale=draw(st.sampled_from([1.0, 0.1, -2.0])),
+                time_dim=draw(st.sampled_from([0, 1])), initial_state=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@given(linear_integrator_cases())
+def test_linear_leaky_integrator_matches_linear_then_reference_integrator(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, t, i, o = case["batch"], case["steps"], case["in_features"], case["out_features"]
+    dtype = torch.float64
+    values = torch.randn(b, t, i, generator=gen, dtype=dtype)
+    x = torch.where(torch.rand(b, t, i, generator=gen, dtype=dtype) < case["density"], values, 0.0)
+    weight = torch.randn(o, i, generator=gen, dtype=dtype)
+    bias = torch.randn(o, generator=gen, dtype=dtype) if case["bias"] else None
+    beta = 0.5 + 0.45 * torch.rand(o, generator=gen, dtype=dtype)
+    state = torch.randn(b, o, generator=gen, dtype=dtype) if case["initial_state"] else None
+    up_out, up_final = torch.randn(b, t, o, generator=gen, dtype=dtype), torch.randn(b, o, generator=gen, dtype=dtype)
+
+    def leaves():
+        tensors = [x.clone().requires_grad_(), weight.clone().requires_grad_(),
+                   beta.clone().requires_grad_(case["learn_beta"])]
+        tensors.append(None if bias is None else bias.clone().requires_grad_())
+        tensors.append(None if state is None else state.clone().requires_grad_())
+        return tensors
+
+    rx, rw, rbeta, rb, rstate = leaves()
+    ref_out, ref_final = reference_leaky_integrator(case["input_scale"] * torch.nn.functional.linear(rx, rw, rb),
+                                                    beta=rbeta, initial_state=rstate)
+    ox, ow, obeta, ob, ostate = leaves()
+    layout = (lambda z: z) if case["time_dim"] == 1 else (lambda z: z.transpose(0, 1))
+    out, final = snf.linear_leaky_integrator(layout(ox), ow, ob, beta=obeta, input_scale=case["input_scale"],
+                                             time_dim=case["time_dim"], initial_state=ostate, return_state=True)
+    out = layout(out)
+    assert_close(out, ref_out, GRAD_TOL[dtype], "outputs")
+    assert_close(final, ref_final, GRAD_TOL[dtype], "final state")
+    ref_inputs = [z for z in (rx, rw, rbeta, rb, rstate) if z is not None and z.requires_grad]
+    op_inputs = [z for z in (ox, ow, obeta, ob, ostate) if z is not None and z.requires_grad]
+    ref_grads = torch.autograd.grad((ref_out * up_out).sum() + (ref_final * up_final).sum(), ref_inputs)
+    op_grads = torch.autograd.grad((out * up_out).sum() + (final * up_final).sum(), op_inputs)
+    for n, (got, want) in enumerate(zip(op_grads, ref_grads)):
+        assert_close(got, want, GRAD_TOL[dtype], f"gradient {n}")
+
+
+def test_linear_leaky_integrator_module_matches_functional():
+    torch.manual_seed(3)
+    module = snn.LinearLeakyIntegrator(6, 3, beta=0.8, input_scale=0.2)
+    x = (torch.rand(2, 7, 6) < 0.3).float()
+    expected = snf.linear_leaky_integrator(x, module.weight, module.bias, beta=0.8, input_scale=0.2)
+    torch.testing.assert_close(module(x), expected)
+    assert set(module.state_dict()) == {"weight", "bias", "beta"}
