@@ -237,6 +237,17 @@ def lif_forward(current, beta, theta, alpha, recurrent_t, v0, syn0, *, reset, cu
     return spikes, membrane, syn_record, v_final, syn_final, active
 
 
+@njit(inline="always", cache=True)
+def _spike_grad(grad_output, j, with_recurrent, recurrent_t, grad_current_next):
+    """dL/ds[t, j]: the output's gradient plus, if recurrent, (Vᵀ Gcur[t+1])[j]."""
+    if not with_recurrent:
+        return grad_output
+    acc = 0.0
+    for i in range(grad_current_next.shape[0]):
+        acc += recurrent_t[j, i] * grad_current_next[i]
+    return grad_output + acc
+
+
 @njit(parallel=True, cache=True)
 def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
                                 offsets, active_index, active_surr, dense_mode, surr_dense,
@@ -279,26 +290,16 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                 if t == steps - 1:
                     for j in range(neurons):
                         gv[j] += grad_v_final[b, j]
+                with_recurrent = recurrent and t < steps - 1
                 if dense_mode:
                     for j in range(neurons):
                         sg = surr_dense[b, t, j]
                         if sg != 0.0:
-                            gs = grad_spikes[b, t, j]
-                            if recurrent and t < steps - 1:
-                                acc = 0.0
-                                for i in range(neurons):
-                                    acc += recurrent_t[j, i] * gcur_next[i]
-                                gs += acc
-                            gv[j] += gs * sg
+                            gv[j] += _spike_grad(grad_spikes[b, t, j], j, with_recurrent, recurrent_t, gcur_next) * sg
                 else:
                     while ptr >= start and active_index[ptr] // neurons == t:
                         j = active_index[ptr] % neurons
-                        gs = grad_spikes[b, t, j]
-                        if recurrent and t < steps - 1:
-                            acc = 0.0
-                            for i in range(neurons):
-                                acc += recurrent_t[j, i] * gcur_next[i]
-                            gs += acc
+                        gs = _spike_grad(grad_spikes[b, t, j], j, with_recurrent, recurrent_t, gcur_next)
                         gv[j] += gs * active_surr[ptr]
                         ptr -= 1
                 if cuba:

@@ -34,6 +34,15 @@ def _neuron_param(module: nn.Module, name: str, value, learn: bool, size: Option
         module.register_buffer(name, tensor)
 
 
+def _init_like_linear(weight: Tensor, bias: Optional[Tensor]) -> None:
+    # Same as nn.Linear: kaiming-uniform weight, bias uniform in ±1/sqrt(fan_in).
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight.shape[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+
+
 class _LifOptions(nn.Module):
     def __init__(self, beta, threshold, reset, detach_reset, alpha, surrogate, backward, window, time_dim,
                  fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size: Optional[int]):
@@ -105,11 +114,7 @@ class LinearLIF(_LifOptions):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Same as nn.Linear: kaiming-uniform weight, bias uniform in ±1/sqrt(fan_in).
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_like_linear(self.weight, self.bias)
         if self.recurrent_weight is not None:
             nn.init.kaiming_uniform_(self.recurrent_weight, a=math.sqrt(5))
 
@@ -168,10 +173,7 @@ class LinearLeakyIntegrator(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_like_linear(self.weight, self.bias)
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, *, return_state: bool = False):
         return F.linear_leaky_integrator(x, self.weight, self.bias, beta=self.beta, input_scale=self.input_scale,
