@@ -267,7 +267,7 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
             grad_bias_t = torch.from_numpy(grad_bias)
             if need_weight:
                 grad_w = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_w_t.T)),
-                                              torch.isnan(grad_bias_t))
+                                              ~torch.isfinite(grad_bias_t))
             grad_b = grad_bias_t if need_bias else None
             if need_x:
                 flat = np.zeros(batch * steps * in_features, gs.dtype)
@@ -277,8 +277,8 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
         else:
             grad_current, grad_v0, grad_syn0, grad_rec_t = cpu_lif.lif_backward_sparse(*args, **sweep)
         if grad_rec_t is not None:
-            nan_neurons = (torch.isnan(grad_bias_t) if grad_current is None
-                           else torch.isnan(torch.from_numpy(grad_current)).reshape(-1, neurons).any(0))
+            nan_neurons = (~torch.isfinite(grad_bias_t) if grad_current is None
+                           else torch.from_numpy(~np.isfinite(grad_current.reshape(-1, neurons).sum(0))))
             grad_rec = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_rec_t.T)), nan_neurons)
     else:
         syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), gs.dtype)
@@ -315,17 +315,18 @@ def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need
         if events is not None:
             grad_w = _with_dense_nan_rows(
                 torch.from_numpy(np.ascontiguousarray(cpu_lif.events_weight_grad(events, rows.numpy(), in_features))),
-                torch.isnan(rows).any(0))
+                torch.from_numpy(~np.isfinite(rows.numpy().sum(0))))
         else:
             grad_w = rows.t().mm(x.detach().reshape(batch * steps, in_features))
     if need_bias:
         grad_b = rows.sum(0)
     if need_x:
         if input_active is not None:
-            flat = rows.new_zeros(batch * steps * in_features)
+            flat = np.zeros(batch * steps * in_features, rows.numpy().dtype)
             weight_t = np.ascontiguousarray(_np(weight).T)
-            flat[input_active] = torch.from_numpy(cpu_lif.input_grad_at(_np(input_active), rows.numpy(), weight_t))
-            grad_x = flat.reshape(batch, steps, in_features)
+            index = _np(input_active)
+            flat[index] = cpu_lif.input_grad_at(index, rows.numpy(), weight_t)
+            grad_x = torch.from_numpy(flat).reshape(batch, steps, in_features)
         else:
             grad_x = rows.mm(weight.detach()).reshape(batch, steps, in_features)
     return grad_x, grad_w, grad_b
@@ -334,8 +335,8 @@ def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need
 def _with_dense_nan_rows(grad_weight: Tensor, nan_neurons: Tensor) -> Tensor:
     """Make an event-built weight gradient NaN where a dense matmul's would be.
 
-    Events skip the zeros of the input, so NaN·0 terms that ``dIᵀ @ x`` contains are missing; a
-    neuron whose dL/dI holds a NaN anywhere gets a NaN row, as in PyTorch.
+    Events skip the zeros of the input, so NaN·0 and inf·0 terms that ``dIᵀ @ x`` contains are
+    missing; a neuron whose dL/dI holds a NaN or an infinity anywhere gets a NaN row, as in PyTorch.
     """
     if bool(nan_neurons.any()):
         grad_weight[nan_neurons] = float("nan")

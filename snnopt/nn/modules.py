@@ -24,13 +24,15 @@ from snnopt.spec import LifSpec
 
 
 def _neuron_param(module: nn.Module, name: str, value, learn: bool, size: Optional[int]) -> None:
-    tensor = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))
-    if learn and size is not None and tensor.dim() == 0:
-        tensor = tensor.expand(size).clone()  # one learnable value per neuron
-    tensor = tensor.to(torch.get_default_dtype())
     if learn:
-        module.register_parameter(name, nn.Parameter(tensor))
+        tensor = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+        if size is not None and tensor.dim() == 0:
+            tensor = tensor.expand(size).clone()  # one learnable value per neuron
+        module.register_parameter(name, nn.Parameter(tensor.to(torch.get_default_dtype())))
     else:
+        # Constants keep full precision (a Python float as float64); each call casts them to the
+        # input's dtype, exactly as a hand-written loop multiplying by the float would.
+        tensor = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
         module.register_buffer(name, tensor)
 
 
