@@ -181,13 +181,21 @@ def _lif_setup_context(ctx, inputs, output):
         row_ptr, cols, vals)
     ctx.config = (reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window)
     ctx.steps = x.shape[1]
+    ctx.input_shape = tuple(x.shape)
     # A restricted input gradient is fine for the producing layer but not for a user who inspects
     # the gradient at x; a weak reference lets the backward notice retain_grad() and hooks.
-    ctx.input_ref = weakref.ref(x) if (input_active is not None and not torch.compiler.is_compiling()) else None
+    eager_restricted = input_active is not None and not torch.compiler.is_compiling()
+    ctx.input_ref = weakref.ref(x) if eager_restricted else None
+    # The gradient of x may travel sparse only straight into the snnopt layer that produced x,
+    # which reads it at its active entries (or densifies it); anything else, a leaf's .grad
+    # above all, gets a dense tensor.
+    ctx.sparse_input_grad = eager_restricted and type(x.grad_fn).__name__.startswith(_LIF_NODE_PREFIX)
     ctx.has_bias = bias is not None
 
 
-_SAVED_INPUT_ACTIVE = 8  # position of input_active in ctx.save_for_backward above
+_LIF_NODE_PREFIX = "GeneratedBackwardFor_snnopt_lif_"  # autograd's name for this op's backward node
+_SAVED_INPUT_ACTIVE = 8  # positions in ctx.save_for_backward above
+_SAVED_ACTIVE_OFFSETS = 12
 
 
 def _lif_backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_unused):
@@ -196,12 +204,56 @@ def _lif_backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
     x = ctx.input_ref() if ctx.input_ref is not None else None
     if x is not None and (x.retains_grad or getattr(x, "_backward_hooks", None)):
         saved[_SAVED_INPUT_ACTIVE] = None
-    grads = torch.ops.snnopt.lif_backward(
-        grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *saved, ctx.steps, *ctx.config,
+    grad_at_active = None
+    if grad_spikes is not None and grad_spikes.layout == torch.sparse_coo:
+        grad_at_active = _values_at_active_entries(grad_spikes, saved, ctx)
+        grad_spikes = None if grad_at_active is not None else grad_spikes.to_dense()
+    grads = list(torch.ops.snnopt.lif_backward(
+        grad_spikes, grad_at_active, grad_membrane, grad_v_final, grad_syn_final, *saved, ctx.steps, *ctx.config,
         needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6], needs[7],
-        needs[8])
+        needs[8]))
+    input_active = saved[_SAVED_INPUT_ACTIVE]
+    if needs[0] and input_active is not None:
+        grads[0] = _input_grad_from_values(grads[0], input_active, ctx.input_shape,
+                                           as_sparse=ctx.sparse_input_grad and saved[_SAVED_INPUT_ACTIVE] is not None)
     result = [g if need else None for g, need in zip(grads, needs[:9])]
     return tuple(result) + (None,) * 10
+
+
+def _values_at_active_entries(grad_spikes: Tensor, saved, ctx) -> Optional[Tensor]:
+    """dL/ds sent back sparse by a consumer: its values, if it holds exactly this layer's active entries."""
+    offsets, index = saved[_SAVED_ACTIVE_OFFSETS], saved[_SAVED_ACTIVE_OFFSETS + 1]
+    if ctx.config[5] != "sparse" or offsets.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    grad = grad_spikes.coalesce()
+    steps, neurons = grad.shape[1], grad.shape[2]
+    coords = grad.indices().numpy()
+    flat = (coords[0] * steps + coords[1]) * neurons + coords[2]
+    offsets_np = offsets.numpy()
+    own = np.repeat(np.arange(offsets_np.size - 1, dtype=np.int64), np.diff(offsets_np)) * (steps * neurons)
+    own += index.numpy()
+    if flat.shape != own.shape or not np.array_equal(flat, own):
+        return None
+    return grad.values().contiguous()
+
+
+def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_sparse: bool) -> Tensor:
+    """The gradient of the layer input from its values at ``input_active``.
+
+    Handed to a producing snnopt layer it stays sparse (COO): that layer reads these entries and
+    nothing else, so no dense (B, T, in) tensor is written or zero-filled. A leaf input, or any
+    input while tracing, gets a dense tensor.
+    """
+    batch, steps, in_features = shape
+    if as_sparse and not torch.compiler.is_compiling():
+        flat = input_active.numpy()
+        coords = np.stack([flat // (steps * in_features), (flat // in_features) % steps, flat % in_features])
+        sorted_unique = flat.size < 2 or bool(np.all(flat[1:] > flat[:-1]))
+        return torch.sparse_coo_tensor(torch.from_numpy(coords), values, (batch, steps, in_features),
+                                       is_coalesced=sorted_unique, check_invariants=False)
+    dense = values.new_zeros(batch * steps * in_features)
+    dense.index_put_((input_active,), values, accumulate=True)
+    return dense.reshape(batch, steps, in_features)
 
 
 torch.library.register_autograd("snnopt::lif", _lif_backward, setup_context=_lif_setup_context)
@@ -209,7 +261,8 @@ torch.library.register_autograd("snnopt::lif", _lif_backward, setup_context=_lif
 
 @torch.library.custom_op("snnopt::lif_backward", mutates_args=())
 @_serialised
-def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor], grad_v_final: Optional[Tensor],
+def lif_backward_op(grad_spikes: Optional[Tensor], grad_spikes_at_active: Optional[Tensor],
+                    grad_membrane: Optional[Tensor], grad_v_final: Optional[Tensor],
                     grad_syn_final: Optional[Tensor], x: Optional[Tensor], weight: Optional[Tensor],
                     recurrent_weight: Optional[Tensor], beta: Tensor, threshold: Tensor, alpha: Optional[Tensor],
                     initial_v: Tensor, initial_syn: Optional[Tensor], input_active: Optional[Tensor],
@@ -224,14 +277,19 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
     cuba = alpha is not None
     recurrent = recurrent_weight is not None
     seq_shape = (batch, steps, neurons)
-    gs = _np(grad_spikes) if grad_spikes is not None else np.zeros(seq_shape, beta.numpy().dtype)
+    # dL/ds arrives dense, or (from a sparse consumer) as values at this layer's active entries.
+    np_dtype = _np(beta).dtype
+    gs = _np(grad_spikes) if grad_spikes is not None else None
+    if gs is None and grad_spikes_at_active is None:
+        gs = np.zeros(seq_shape, np_dtype)
+    gs_at_active = _np(grad_spikes_at_active) if grad_spikes_at_active is not None else None
     gm = _np(grad_membrane) if grad_membrane is not None and grad_membrane.numel() else None
-    state_zeros = np.zeros((batch, neurons), gs.dtype)
+    state_zeros = np.zeros((batch, neurons), np_dtype)
     gvf = _np(grad_v_final) if grad_v_final is not None else state_zeros
     gsf = _np(grad_syn_final) if (grad_syn_final is not None and grad_syn_final.numel()) else state_zeros
-    alpha_np = _np(alpha) if cuba else np.zeros(neurons, gs.dtype)
+    alpha_np = _np(alpha) if cuba else np.zeros(neurons, np_dtype)
     syn0 = _np(initial_syn) if initial_syn is not None else state_zeros
-    rec_t = np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), gs.dtype)
+    rec_t = np.ascontiguousarray(_np(recurrent_weight).T) if recurrent else np.zeros((1, 1), np_dtype)
     code = SURROGATE_CODES[surrogate]
     def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
         return _empty(beta)
@@ -248,17 +306,18 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
         u8 = _np(spikes_u8) if spikes_u8.numel() else np.zeros((1, 1, 1), np.uint8)
         sweep = dict(reset=reset, cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold, window=window,
                      surrogate_code=code, surrogate_param=surrogate_param,
-                     need_recurrent_grad=recurrent and need_recurrent)
+                     need_recurrent_grad=recurrent and need_recurrent, steps=steps, grad_at_active=gs_at_active)
         args = (gs, gm, gvf, gsf, active, _np(beta), alpha_np, _np(threshold), _np(initial_v), u8, rec_t)
         # With the input as events, all linear-layer gradients are built inside the sweep — unless a
         # dense input gradient is asked for, which needs dL/dI as a dense tensor anyway.
         if has_events and not (need_x and input_active is None):
             in_features = weight.shape[1]
-            entries = sorted_index = None
+            entries = order = None
             if need_x:
                 sorted_index = _np(input_active)
                 if sorted_index.size > 1 and not np.all(sorted_index[1:] >= sorted_index[:-1]):
-                    sorted_index = np.sort(sorted_index)  # the sweep visits rows in order
+                    order = np.argsort(sorted_index, kind="stable")  # the sweep visits rows in order
+                    sorted_index = sorted_index[order]
                 rows = sorted_index // in_features
                 in_ptr = np.searchsorted(rows, np.arange(batch * steps + 1)).astype(np.int64)
                 entries = (in_ptr, np.ascontiguousarray(sorted_index % in_features))
@@ -269,10 +328,12 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
                 grad_w = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_w_t.T)),
                                               ~torch.isfinite(grad_bias_t))
             grad_b = grad_bias_t if need_bias else None
-            if need_x:
-                flat = np.zeros(batch * steps * in_features, gs.dtype)
-                flat[sorted_index] = grad_x_values
-                grad_x = torch.from_numpy(flat).reshape(batch, steps, in_features)
+            if need_x:  # values at input_active, in its order
+                if order is not None:
+                    unsorted = np.empty_like(grad_x_values)
+                    unsorted[order] = grad_x_values
+                    grad_x_values = unsorted
+                grad_x = torch.from_numpy(grad_x_values)
             grad_current = None
         else:
             grad_current, grad_v0, grad_syn0, grad_rec_t = cpu_lif.lif_backward_sparse(*args, **sweep)
@@ -281,7 +342,7 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
                            else torch.from_numpy(~np.isfinite(grad_current.reshape(-1, neurons).sum(0))))
             grad_rec = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_rec_t.T)), nan_neurons)
     else:
-        syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), gs.dtype)
+        syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), np_dtype)
         grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = cpu_lif.lif_backward_exact(
             gs, gm, gvf, gsf, _np(membrane), syn_rec, _np(beta), alpha_np, _np(threshold), _np(initial_v), syn0,
             rec_t, reset=reset, reset_in_graph=not detach_reset, cuba=cuba, recurrent=recurrent,
@@ -304,7 +365,10 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tenso
 
 def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need_x, need_weight, need_bias,
                              seq_shape):
-    """Gradients of ``x``, ``weight``, ``bias`` from a dense dL/dI (exact mode, or a dense input)."""
+    """Gradients of ``x``, ``weight``, ``bias`` from a dense dL/dI (exact mode, or a dense input).
+
+    With ``input_active`` the gradient of ``x`` is returned as its values at those entries.
+    """
     batch, steps, neurons = seq_shape
     if weight is None:
         return (grad_current if need_x else None), None, None
@@ -321,12 +385,9 @@ def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need
     if need_bias:
         grad_b = rows.sum(0)
     if need_x:
-        if input_active is not None:
-            flat = np.zeros(batch * steps * in_features, rows.numpy().dtype)
+        if input_active is not None:  # values at input_active, in its order
             weight_t = np.ascontiguousarray(_np(weight).T)
-            index = _np(input_active)
-            flat[index] = cpu_lif.input_grad_at(index, rows.numpy(), weight_t)
-            grad_x = torch.from_numpy(flat).reshape(batch, steps, in_features)
+            grad_x = torch.from_numpy(cpu_lif.input_grad_at(_np(input_active), rows.numpy(), weight_t))
         else:
             grad_x = rows.mm(weight.detach()).reshape(batch, steps, in_features)
     return grad_x, grad_w, grad_b
@@ -358,7 +419,7 @@ def _recurrent_weight_grad(rows, membrane, initial_v, threshold, fire_at_thresho
 
 
 @lif_backward_op.register_fake
-def _lif_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, x, weight, recurrent_weight, beta,
+def _lif_backward_fake(grad_spikes, grad_spikes_at_active, grad_membrane, grad_v_final, grad_syn_final, x, weight, recurrent_weight, beta,
                        threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record, spikes_u8,
                        active_offsets, active_index, active_surrogate, active_dense, x_row_ptr, x_cols, x_vals,
                        steps, reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
@@ -370,7 +431,13 @@ def _lif_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
         return _empty(beta)
 
     in_features = neurons if weight is None else weight.shape[1]
-    return (beta.new_empty(batch, steps, in_features) if need_x else empty(),
+    if not need_x:
+        grad_x = empty()
+    elif input_active is not None:
+        grad_x = beta.new_empty(input_active.shape[0])
+    else:
+        grad_x = beta.new_empty(batch, steps, in_features)
+    return (grad_x,
             weight.new_empty(weight.shape) if (need_weight and weight is not None) else empty(),
             beta.new_empty(neurons) if need_bias else empty(),
             beta.new_empty(neurons, neurons) if (need_recurrent and recurrent_weight is not None) else empty(),

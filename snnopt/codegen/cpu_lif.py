@@ -249,18 +249,19 @@ def _spike_grad(grad_output, j, with_recurrent, recurrent_t, grad_current_next):
 
 
 @njit(parallel=True, cache=True)
-def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
+def _lif_backward_sparse_kernel(grad_spikes, use_grad_at_active, grad_at_active, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
                                 offsets, active_index, active_surr, dense_mode, surr_dense,
                                 beta, alpha, theta, v0, spikes_u8, recurrent_t,
                                 reset_code, cuba, recurrent, fire_at_threshold, window,
                                 surrogate_code, surrogate_param,
                                 write_grad_current, grad_current, grad_v0, grad_syn0,
                                 linear, x_row_ptr, x_cols, x_vals, weight_t, in_ptr, in_features_index, grad_x_values,
-                                need_recurrent_grad, grad_weight_t_partial, grad_bias_partial, grad_recurrent_t_partial):
+                                need_recurrent_grad, grad_weight_t_partial, grad_bias_partial, grad_recurrent_t_partial,
+                                grad_current_shape_steps):
     # One chunk of batch entries per thread, each with its own weight-gradient accumulators, so the
     # linear layer's gradients are built inside the sweep: dL/dI[b, t] is used while it is in
     # cache and never stored as a dense (B, T, N) tensor.
-    batch, steps, neurons = grad_spikes.shape
+    batch, steps, neurons = grad_v0.shape[0], grad_current_shape_steps, grad_v0.shape[1]
     chunks = grad_bias_partial.shape[0]
     per_chunk = (batch + chunks - 1) // chunks
     for c in prange(chunks):
@@ -299,7 +300,8 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
                 else:
                     while ptr >= start and active_index[ptr] // neurons == t:
                         j = active_index[ptr] % neurons
-                        gs = _spike_grad(grad_spikes[b, t, j], j, with_recurrent, recurrent_t, gcur_next)
+                        grad_output = grad_at_active[ptr] if use_grad_at_active else grad_spikes[b, t, j]
+                        gs = _spike_grad(grad_output, j, with_recurrent, recurrent_t, gcur_next)
                         gv[j] += gs * active_surr[ptr]
                         ptr -= 1
                 if cuba:
@@ -357,8 +359,12 @@ def _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, g
 
 def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, active, beta, alpha, theta,
                         v0, spikes_u8, recurrent_t, *, reset, cuba, recurrent, fire_at_threshold, window,
-                        surrogate_code, surrogate_param, linear=None, need_recurrent_grad=False):
+                        surrogate_code, surrogate_param, linear=None, need_recurrent_grad=False, steps=None,
+                        grad_at_active=None):
     """Reverse sweep of the windowed, reset-detached network.
+
+    ``grad_spikes`` is dL/ds as a dense ``(B, T, N)`` array, or None with ``grad_at_active``: its
+    values at the active entries only, in list order (what a sparse consumer layer sends back).
 
     Without ``linear``: returns ``(dL/dI, dL/dv0, dL/dsyn0)`` with dL/dI dense. With ``linear =
     (x_events, weight_t, input_active_rows)`` — the CSR events of the layer input, the weight as
@@ -366,8 +372,15 @@ def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final
     wanted (per row ``b*T + t``) — returns ``(None, dL/dv0, dL/dsyn0, dWᵀ, db, dx at those entries,
     dVᵀ or None)`` computed in the sweep.
     """
-    batch, steps, neurons = grad_spikes.shape
-    dtype = grad_spikes.dtype
+    batch, neurons = v0.shape
+    dtype = v0.dtype
+    if grad_spikes is not None:
+        steps = grad_spikes.shape[1]
+    use_grad_at_active = grad_at_active is not None
+    if grad_spikes is None:
+        grad_spikes = np.zeros((1, 1, 1), dtype) if use_grad_at_active else np.zeros((batch, steps, neurons), dtype)
+    if grad_at_active is None:
+        grad_at_active = np.empty(0, dtype)
     grad_v0 = np.empty((batch, neurons), dtype)
     grad_syn0 = np.empty((batch, neurons), dtype)
     has_grad_membrane = grad_membrane is not None
@@ -379,7 +392,7 @@ def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final
         (_, offsets, index, surr), dense = active, np.empty((1, 1, 1), dtype)
     chunks = max(1, min(batch, numba.get_num_threads()))
     if linear is None:
-        grad_current = np.empty_like(grad_spikes)
+        grad_current = np.empty((batch, steps, neurons), dtype)
         row_ptr, cols, vals = np.zeros(1, np.int64), np.empty(0, np.int32), np.empty(0, dtype)
         weight_t, in_ptr, in_index = np.empty((1, 1), dtype), np.zeros(1, np.int64), np.empty(0, np.int64)
         grad_weight_t, grad_bias = np.empty((chunks, 1, 1), dtype), np.zeros((chunks, neurons), dtype)
@@ -392,14 +405,14 @@ def lif_backward_sparse(grad_spikes, grad_membrane, grad_v_final, grad_syn_final
         grad_bias = np.zeros((chunks, neurons), dtype)
     grad_x_values = np.empty(in_index.shape[0], dtype)
     grad_rec_t = np.zeros((chunks, neurons, neurons) if need_recurrent_grad else (chunks, 1, 1), dtype)
-    _lif_backward_sparse_kernel(grad_spikes, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
+    _lif_backward_sparse_kernel(grad_spikes, use_grad_at_active, grad_at_active, has_grad_membrane, grad_membrane, grad_v_final, grad_syn_final,
                                 offsets, index, surr, active[0] == "dense", dense,
                                 beta, alpha, theta, v0, spikes_u8, recurrent_t,
                                 RESET_CODES[reset], cuba, recurrent, fire_at_threshold, window,
                                 surrogate_code, surrogate_param,
                                 linear is None, grad_current, grad_v0, grad_syn0,
                                 linear is not None, row_ptr, cols, vals, weight_t, in_ptr, in_index, grad_x_values,
-                                need_recurrent_grad, grad_weight_t, grad_bias, grad_rec_t)
+                                need_recurrent_grad, grad_weight_t, grad_bias, grad_rec_t, steps)
     grad_rec = grad_rec_t.sum(0) if need_recurrent_grad else None
     if linear is None:
         return grad_current, grad_v0, grad_syn0, grad_rec

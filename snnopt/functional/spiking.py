@@ -263,7 +263,9 @@ def _check_input_active(input_active: Tensor, x: Tensor) -> None:
 
 
 def _user_layout(t: Tensor, batch, steps, neuron_shape, time_dim) -> Tensor:
-    t = t.reshape((batch, steps) + tuple(neuron_shape))
+    shape = (batch, steps) + tuple(neuron_shape)
+    if tuple(t.shape) != shape:  # no view when none is needed: the next layer sees the op's own output
+        t = t.reshape(shape)
     return t.transpose(0, 1) if time_dim == 0 else t
 
 
