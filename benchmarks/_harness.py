@@ -1,0 +1,278 @@
+"""Shared helpers for the benchmark scripts: machine description, side-by-side timing, bytes saved
+for backward, JSON, a readable table and a bar chart.
+
+Timings are medians over repeats that interleave the variants round-robin, so every ratio compares
+numbers taken under the same machine conditions. Nothing here is a test: the scripts record facts,
+CI only runs them in their ``--quick`` mode to check they still work.
+
+Example::
+
+    >>> info = machine_info()
+    >>> sorted(info)[:2]
+    ['cores', 'cpu']
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on; goes into every result file."""
+    return {
+        "cpu": cpu_model(),
+        "processor": platform.processor(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def cpu_idle_fraction(seconds: float = 1.0) -> float:
+    """Share of all cores' time that was idle over the next ``seconds`` (Linux; NaN elsewhere).
+
+    Recorded next to timings: other processes on a 2-core machine distort them badly.
+    """
+    def read():
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = read()
+        time.sleep(seconds)
+        idle1, total1 = read()
+    except OSError:
+        return float("nan")
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def load_info() -> dict:
+    """System load now: 1-minute load average and the idle share of the CPUs over one second."""
+    return {"load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "cpu_idle_fraction": round(cpu_idle_fraction(), 3)}
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by *other* processes between two snapshots (Linux).
+
+    Our own CPU time (all threads, from ``os.times``) is subtracted from the busy time in
+    /proc/stat, so a timing round can be flagged as contended after the fact. Resolution is one
+    clock tick (10 ms) per CPU; NaN where /proc/stat is missing.
+    """
+
+    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def snapshot():
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:9]]
+        except OSError:
+            return None
+        own = os.times()
+        return sum(fields) - fields[3] - fields[4], sum(fields), own.user + own.system
+
+    @classmethod
+    def share(cls, start, end) -> float:
+        if start is None or end is None or end[1] <= start[1]:
+            return float("nan")
+        busy = (end[0] - start[0]) / cls._TICK
+        own = end[2] - start[2]
+        return max(0.0, busy - own) / ((end[1] - start[1]) / cls._TICK)
+
+
+def wait_for_idle(timeout: float, idle: float = 0.9) -> dict:
+    """Poll until the CPUs are ``idle`` (share) idle over a second, or ``timeout`` seconds passed."""
+    start = time.monotonic()
+    while True:
+        info = load_info()
+        info["waited_s"] = round(time.monotonic() - start, 1)
+        if info["cpu_idle_fraction"] >= idle or info["waited_s"] >= timeout:
+            return info
+        time.sleep(4.0)
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+class SavedBytes:
+    """Bytes the autograd graph keeps for the backward pass, counted after a forward.
+
+    Every tensor saved for backward passes through a ``saved_tensors_hooks`` pack hook, which
+    keeps a weak reference to it; :meth:`summary` counts the tensors still alive, so what a node
+    saved and then lost (a branch of the graph that was detached and freed) does not count. Storages
+    are counted once (keyed by the untyped storage's data pointer): a tensor saved by several nodes,
+    or several views of one buffer, count once, and a view counts its whole buffer (that is what
+    stays alive). Parameters and the given input tensors are counted like any other saved tensor
+    and also reported on their own (the caller holds them anyway; the rest is extra). Tensors that
+    an ``autograd.Function`` keeps as ``ctx`` attributes instead of ``save_for_backward`` bypass
+    the hook; :meth:`scan_graph` finds those by walking the graph.
+    """
+
+    def __init__(self, parameters=(), inputs=()):
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in parameters}
+        self._input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+        self._packed: list[weakref.ref] = []
+        self._on_ctx: list[torch.Tensor] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor):
+        self._packed.append(weakref.ref(tensor))
+        return tensor
+
+    @staticmethod
+    def _storage(tensor) -> tuple[int, int]:
+        try:
+            storage = tensor.untyped_storage()
+            return storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # sparse / nested layouts have no single storage
+            return id(tensor), tensor.nbytes
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    def scan_graph(self, output: torch.Tensor) -> None:
+        """Find tensors held as attributes of Python autograd nodes reachable from ``output``."""
+        stack, visited = [output.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in visited:
+                continue
+            visited.add(id(node))
+            for value in getattr(node, "__dict__", {}).values():
+                for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        self._on_ctx.append(tensor)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def summary(self) -> dict:
+        """Call while the graph is alive (before backward, with the output still referenced)."""
+        saved = dict(self._storage(t) for t in (ref() for ref in self._packed) if t is not None)
+        on_ctx = {ptr: n for ptr, n in map(self._storage, self._on_ctx) if ptr not in saved}
+        everything = {**saved, **on_ctx}
+        total = sum(everything.values())
+        params = sum(n for ptr, n in everything.items() if ptr in self._param_ptrs)
+        inputs = sum(n for ptr, n in everything.items() if ptr in self._input_ptrs)
+        return {
+            "total": total,
+            "parameters": params,
+            "inputs": inputs,
+            "activations": total - params - inputs,
+            "on_ctx_attributes": sum(on_ctx.values()),
+            "storages": len(everything),
+        }
+
+
+class StepTimer:
+    """Wall-clock marks within one training step; ``perf_counter`` is enough on CPU (no async)."""
+
+    def __init__(self):
+        self.marks = [time.perf_counter()]
+
+    def mark(self) -> None:
+        self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]], notes: list[str] = ()) -> None:
+    """A table on stdout: rich when it is installed, aligned plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
+        print(title)
+        for row in [columns, ["-" * w for w in widths], *rows]:
+            print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        for note in notes:
+            print(note)
+        return
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for note in notes:
+        console.print(note)
+
+
+def bar_chart(path: Path, title: str, variants: list[str], series: dict[str, list[float]], ylabel: str,
+              side_panel: tuple[str, list[float]] | None = None) -> bool:
+    """Grouped bars (one group per variant, one bar per series), log y axis; False if no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = 2 if side_panel else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 + 4 * (panels - 1), 4.5),
+                             gridspec_kw={"width_ratios": [7, 4][:panels]}, squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(variants))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(variants)), variants, rotation=25, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    if side_panel:
+        label, values = side_panel
+        ax2 = axes[0][1]
+        bars = ax2.bar(range(len(variants)), values, 0.6, color="tab:gray")
+        ax2.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7, padding=1)
+        ax2.set_xticks(range(len(variants)), variants, rotation=25, ha="right", fontsize=8)
+        ax2.set_ylabel(label)
+        ax2.set_title("saved for backward", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
