@@ -341,6 +341,13 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_spikes_at_active: Option
             nan_neurons = (~torch.isfinite(grad_bias_t) if grad_current is None
                            else torch.from_numpy(~np.isfinite(grad_current.reshape(-1, neurons).sum(0))))
             grad_rec = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_rec_t.T)), nan_neurons)
+    elif _never_fires_nor_resets(reset, cuba, recurrent, threshold) and gm is not None:
+        # A layer that cannot fire and is not reset is a leaky integrator of its current (the
+        # readout of linear_leaky_integrator); the spike path carries σ'(-inf) = 0. Its backward
+        # is the integrator's reverse filter, a much lighter kernel than the general exact sweep.
+        grad_current, grad_v0, grad_beta = cpu_lif.leaky_backward(gm, gvf, _np(beta), _np(membrane), _np(initial_v))
+        grad_syn0 = state_zeros
+        grad_theta = np.zeros(neurons, np_dtype)
     else:
         syn_rec = _np(syn_record) if syn_record.numel() else np.zeros((1, 1, 1), np_dtype)
         grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = cpu_lif.lif_backward_exact(
@@ -361,6 +368,10 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_spikes_at_active: Option
     return (grad_x, grad_w, grad_b, grad_rec, grad_beta_t, grad_theta_t, grad_alpha_t,
             torch.from_numpy(grad_v0) if need_initial_v else empty(),
             torch.from_numpy(grad_syn0) if (need_initial_syn and cuba) else empty())
+
+
+def _never_fires_nor_resets(reset: str, cuba: bool, recurrent: bool, threshold: Tensor) -> bool:
+    return reset == "none" and not cuba and not recurrent and bool(torch.all(threshold == float("inf")))
 
 
 def _linear_grads_from_dense(grad_current, x, weight, events, input_active, need_x, need_weight, need_bias,
