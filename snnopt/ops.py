@@ -2,12 +2,13 @@
 
 ``snnopt::lif`` runs a whole (linear →) LIF / CuBa-LIF layer over all time steps in one call;
 ``snnopt::lif_backward`` is its backward, itself an op so that ``torch.compile`` and
-``torch.export`` keep both whole. ``snnopt::leaky_integrator`` (+ backward) is the non-spiking
-readout. Users reach them through :mod:`snnopt.functional`; the compiler emits them directly.
+``torch.export`` keep both whole. The non-spiking readout is the same op with θ = +inf and no
+reset (a LIF that never fires is a leaky integrator of its current). Users reach them through
+:mod:`snnopt.functional`; the compiler emits them directly.
 
 Arguments are canonical: batch-first contiguous ``(B, T, features)`` tensors, per-neuron ``(N,)``
 parameters, explicit ``(B, N)`` initial state. Besides the user-facing results the forward op
-returns what its backward needs, in compact form (see ``_LIF_OUTPUTS``); ``setup_context`` saves
+returns what its backward needs, in compact form (see ``_lif_fake``); ``setup_context`` saves
 only those. Where a piece is not needed it is an empty tensor, so the op has one fixed signature.
 
 Example::
@@ -32,17 +33,6 @@ from snnopt.surrogate import SURROGATE_CODES
 
 # Above this fraction of nonzeros a BLAS matmul beats walking events (measured on 2 cores).
 MAX_EVENT_DENSITY = 0.1
-
-_LIF_OUTPUTS = (
-    "spikes", "membrane", "v_final", "syn_final",          # user-facing (membrane may be empty)
-    "syn_record", "spikes_u8",                             # exact CuBa / sparse zero-reset or recurrent
-    "active_offsets", "active_index", "active_surrogate",  # compact active entries (sparse)
-    "active_dense",                                        # same, dense, when most entries are active
-    "x_row_ptr", "x_cols", "x_vals",                       # the input as CSR events when it is sparse
-)
-_GRAD_INPUTS = ("x", "weight", "bias", "recurrent_weight", "beta", "threshold", "alpha", "initial_v",
-                "initial_syn")
-
 
 # numba's "workqueue" threading layer (the fallback when TBB is missing, see cpu_lif) must not be
 # entered by two Python threads at once; serialising the op bodies keeps multi-threaded callers safe.
@@ -220,6 +210,13 @@ def _lif_backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
     return tuple(result) + (None,) * 10
 
 
+def active_flat_index(offsets: Tensor, index: Tensor, steps: int, neurons: int) -> Tensor:
+    """A layer's compact active entries as ascending flat indices into its (B, T, N) output."""
+    offsets_np = offsets.numpy()
+    batch_of_entry = np.repeat(np.arange(offsets_np.size - 1, dtype=np.int64), np.diff(offsets_np))
+    return torch.from_numpy(batch_of_entry * (steps * neurons) + index.numpy())
+
+
 def _values_at_active_entries(grad_spikes: Tensor, saved, ctx) -> Optional[Tensor]:
     """dL/ds sent back sparse by a consumer: its values, if it holds exactly this layer's active entries."""
     offsets, index = saved[_SAVED_ACTIVE_OFFSETS], saved[_SAVED_ACTIVE_OFFSETS + 1]
@@ -229,9 +226,7 @@ def _values_at_active_entries(grad_spikes: Tensor, saved, ctx) -> Optional[Tenso
     steps, neurons = grad.shape[1], grad.shape[2]
     coords = grad.indices().numpy()
     flat = (coords[0] * steps + coords[1]) * neurons + coords[2]
-    offsets_np = offsets.numpy()
-    own = np.repeat(np.arange(offsets_np.size - 1, dtype=np.int64), np.diff(offsets_np)) * (steps * neurons)
-    own += index.numpy()
+    own = active_flat_index(offsets, index, steps, neurons).numpy()
     if flat.shape != own.shape or not np.array_equal(flat, own):
         return None
     return grad.values().contiguous()
@@ -343,7 +338,7 @@ def lif_backward_op(grad_spikes: Optional[Tensor], grad_spikes_at_active: Option
             grad_rec = _with_dense_nan_rows(torch.from_numpy(np.ascontiguousarray(grad_rec_t.T)), nan_neurons)
     elif _never_fires_nor_resets(reset, cuba, recurrent, threshold) and gm is not None:
         # A layer that cannot fire and is not reset is a leaky integrator of its current (the
-        # readout of linear_leaky_integrator); the spike path carries σ'(-inf) = 0. Its backward
+        # readouts leaky_integrator / linear_leaky_integrator); the spike path carries σ'(-inf) = 0. Its backward
         # is the integrator's reverse filter, a much lighter kernel than the general exact sweep.
         grad_current, grad_v0, grad_beta = cpu_lif.leaky_backward(gm, gvf, _np(beta), _np(membrane), _np(initial_v))
         grad_syn0 = state_zeros
@@ -457,49 +452,3 @@ def _lif_backward_fake(grad_spikes, grad_spikes_at_active, grad_membrane, grad_v
             beta.new_empty(neurons) if (need_alpha and alpha is not None and backward == "exact") else empty(),
             beta.new_empty(batch, neurons) if need_initial_v else empty(),
             beta.new_empty(batch, neurons) if (need_initial_syn and alpha is not None) else empty())
-
-
-# --- Leaky integrator --------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("snnopt::leaky_integrator", mutates_args=())
-@_serialised
-def leaky_integrator_op(current: Tensor, beta: Tensor, initial_state: Tensor) -> Tensor:
-    return torch.from_numpy(cpu_lif.leaky_forward(_np(current), _np(beta), _np(initial_state)))
-
-
-@leaky_integrator_op.register_fake
-def _leaky_fake(current, beta, initial_state):
-    return torch.empty_like(current)
-
-
-def _leaky_setup_context(ctx, inputs, output):
-    current, beta, initial_state = inputs
-    ctx.save_for_backward(beta, output, initial_state)
-
-
-def _leaky_backward(ctx, grad_out):
-    beta, outputs, initial_state = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(outputs)
-    grad_current, grad_beta, grad_state0 = torch.ops.snnopt.leaky_integrator_backward(
-        grad_out, beta, outputs, initial_state)
-    return grad_current, grad_beta, grad_state0
-
-
-torch.library.register_autograd("snnopt::leaky_integrator", _leaky_backward, setup_context=_leaky_setup_context)
-
-
-@torch.library.custom_op("snnopt::leaky_integrator_backward", mutates_args=())
-@_serialised
-def leaky_integrator_backward_op(grad_out: Tensor, beta: Tensor, outputs: Tensor,
-                                 initial_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    grad_final = np.zeros_like(_np(initial_state))
-    g_cur, g_state, g_beta = cpu_lif.leaky_backward(_np(grad_out.contiguous()), grad_final, _np(beta), _np(outputs),
-                                                    _np(initial_state))
-    return torch.from_numpy(g_cur), torch.from_numpy(g_beta), torch.from_numpy(g_state)
-
-
-@leaky_integrator_backward_op.register_fake
-def _leaky_backward_fake(grad_out, beta, outputs, initial_state):
-    return torch.empty_like(outputs), torch.empty_like(beta), torch.empty_like(initial_state)

@@ -509,7 +509,7 @@ def lif_backward_exact(grad_spikes, grad_membrane, grad_v_final, grad_syn_final,
     """Full BPTT adjoint; returns ``(dI, dv0, dsyn0, dβ, dθ, dα)`` with parameter grads per neuron."""
     batch, steps, neurons = grad_spikes.shape
     dtype = grad_spikes.dtype
-    grad_current = np.empty_like(grad_spikes)
+    grad_current = np.empty(grad_spikes.shape, grad_spikes.dtype)  # C order whatever grad's strides
     grad_v0 = np.empty((batch, neurons), dtype)
     grad_syn0 = np.empty((batch, neurons), dtype)
     # Per-batch partial sums avoid races between threads; reduced once at the end.
@@ -647,17 +647,6 @@ def input_grad_at(flat_index, grad_rows, weight_t):
 
 
 @njit(parallel=True, cache=True)
-def _leaky_forward_kernel(current, beta, state0, out):
-    batch, steps, neurons = current.shape
-    for b in prange(batch):
-        for j in range(neurons):
-            acc = state0[b, j]
-            for t in range(steps):
-                acc = beta[j] * acc + current[b, t, j]
-                out[b, t, j] = acc
-
-
-@njit(parallel=True, cache=True)
 def _leaky_backward_kernel(grad_out, grad_final, beta, outputs, state0, grad_current, grad_state0, grad_beta_b):
     batch, steps, neurons = grad_out.shape
     for b in prange(batch):
@@ -673,16 +662,10 @@ def _leaky_backward_kernel(grad_out, grad_final, beta, outputs, state0, grad_cur
             grad_beta_b[b, j] = gb
 
 
-def leaky_forward(current, beta, state0):
-    out = np.empty_like(current)
-    _leaky_forward_kernel(current, beta, state0, out)
-    return out
-
-
 def leaky_backward(grad_out, grad_final, beta, outputs, state0):
     """Returns ``(dI, d state0, dβ per neuron)`` of ``out[t] = β out[t-1] + I[t]``."""
-    grad_current = np.empty_like(grad_out)
-    grad_state0 = np.empty_like(state0)
-    grad_beta_b = np.empty_like(state0)
+    grad_current = np.empty(grad_out.shape, grad_out.dtype)  # C order whatever grad's strides
+    grad_state0 = np.empty(state0.shape, state0.dtype)
+    grad_beta_b = np.empty(state0.shape, state0.dtype)
     _leaky_backward_kernel(grad_out, grad_final, beta, outputs, state0, grad_current, grad_state0, grad_beta_b)
     return grad_current, grad_state0, grad_beta_b.sum(0)

@@ -16,10 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -135,20 +135,9 @@ def leaky_integrator(current: Tensor, *, beta, time_dim: int = 1, initial_state:
 
         >>> out = leaky_integrator(torch.rand(4, 50, 10), beta=0.95).amax(1)
     """
-    _check_tensor("current", current, min_dim=3)
-    _check_time_dim(time_dim)
-    seq = current.transpose(0, 1) if time_dim == 0 else current
-    batch, steps, neuron_shape = seq.shape[0], seq.shape[1], tuple(seq.shape[2:])
-    neurons = _numel(neuron_shape)
-    canonical = seq.reshape(batch, steps, neurons).contiguous()
-    beta_n = _per_neuron("beta", beta, neuron_shape, current, allow_grad=True)
-    state0 = _state_tensor("initial_state", initial_state, batch, neuron_shape, current)
-    outputs = torch.ops.snnopt.leaky_integrator(canonical, beta_n, state0)
-    outputs = outputs.reshape((batch, steps) + neuron_shape)
-    final = outputs[:, -1]
-    if time_dim == 0:
-        outputs = outputs.transpose(0, 1)
-    return (outputs, final) if return_state else outputs
+    out = lif(current, beta=beta, threshold=float("inf"), reset="none", backward="exact", time_dim=time_dim,
+              initial_state=initial_state, return_membrane=True, return_state=return_state)
+    return (out.membrane, out.state.v) if return_state else out.membrane
 
 
 def linear_leaky_integrator(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, beta, input_scale: float = 1.0,
@@ -169,7 +158,7 @@ def linear_leaky_integrator(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     if input_scale != 1.0:
         weight = weight * input_scale
         bias = None if bias is None else bias * input_scale
-    # A LIF layer that never fires and is not reset is exactly a leaky integrator of its current.
+    # As in leaky_integrator: a LIF layer that never fires and is not reset integrates its current.
     out = linear_lif(x, weight, bias, beta=beta, threshold=float("inf"), reset="none", backward="exact",
                      time_dim=time_dim, initial_state=initial_state, return_membrane=True,
                      return_state=return_state, input_active=input_active)
@@ -198,11 +187,11 @@ def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alph
         raise InvalidArgumentError(f"x: needs at least one batch entry and one time step, got shape {tuple(x.shape)}")
     if weight is None:
         neuron_shape = tuple(seq.shape[2:])
-        canonical = seq.reshape(batch, steps, _numel(neuron_shape)).contiguous()
+        canonical = seq.reshape(batch, steps, math.prod(neuron_shape)).contiguous()
     else:
         neuron_shape = (weight.shape[0],)
         canonical = seq.contiguous()
-    neurons = _numel(neuron_shape)
+    neurons = math.prod(neuron_shape)
     sparse = spec.sparse
     beta_n = _per_neuron("beta", beta, neuron_shape, x, allow_grad=not sparse)
     theta_n = _per_neuron("threshold", threshold, neuron_shape, x, allow_grad=not sparse)
@@ -242,9 +231,7 @@ def _upstream_active(x: Tensor, time_dim: int, batch: int, steps: int) -> Option
     if (version != x._version or producer_time_dim != time_dim or producer_steps != steps
             or neurons != x.shape[-1] or offsets.numel() != batch + 1):
         return None
-    offsets_np = offsets.numpy()
-    batch_of_entry = np.repeat(np.arange(batch, dtype=np.int64), np.diff(offsets_np))
-    return torch.from_numpy(batch_of_entry * (steps * neurons) + index.numpy())
+    return snnopt.ops.active_flat_index(offsets, index, steps, neurons)
 
 
 def _check_input_active(input_active: Tensor, x: Tensor) -> None:
@@ -267,13 +254,6 @@ def _user_layout(t: Tensor, batch, steps, neuron_shape, time_dim) -> Tensor:
     if tuple(t.shape) != shape:  # no view when none is needed: the next layer sees the op's own output
         t = t.reshape(shape)
     return t.transpose(0, 1) if time_dim == 0 else t
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _check_time_dim(time_dim) -> None:
@@ -303,7 +283,7 @@ def _check_tensor(name, t, *, min_dim=None, exact_dim=None, like=None, like_name
 
 def _per_neuron(name, value, neuron_shape, like: Tensor, allow_grad: bool) -> Tensor:
     """β/θ/α as a flat ``(N,)`` tensor in ``like``'s dtype; gradients flow back through the expand."""
-    neurons = _numel(neuron_shape)
+    neurons = math.prod(neuron_shape)
     if isinstance(value, bool):
         raise InvalidTypeError(f"{name}: expected a float or a tensor, got bool")
     if isinstance(value, numbers.Real):
@@ -330,12 +310,12 @@ def _per_neuron(name, value, neuron_shape, like: Tensor, allow_grad: bool) -> Te
 
 def _state_tensor(name, value, batch, neuron_shape, like: Tensor) -> Tensor:
     if value is None:
-        return torch.zeros((batch, _numel(neuron_shape)), dtype=like.dtype)
+        return torch.zeros((batch, math.prod(neuron_shape)), dtype=like.dtype)
     _check_tensor(name, value, like=like, like_name="the input")
     if tuple(value.shape) != (batch,) + tuple(neuron_shape):
         raise InvalidArgumentError(
             f"{name}: expected shape {(batch,) + tuple(neuron_shape)} (batch, *neurons), got {tuple(value.shape)}")
-    return value.reshape(batch, _numel(neuron_shape))
+    return value.reshape(batch, math.prod(neuron_shape))
 
 
 def _initial_state(initial_state, batch, neuron_shape, like: Tensor, cuba: bool):
