@@ -72,6 +72,10 @@ class LifCase:
     initial_state: str = "none"  # "none" | "tensor" (v only) | "tuple" (v, syn)
     input_scale: float = 1.0
     input_offset: float = 0.0  # added to every input current (to the bias for linear_lif)
+    # linear_lif only: spike-like inputs (a few percent nonzero) take the event-driven kernels, and
+    # an input without grad lets the sparse backward build every linear gradient inside its sweep.
+    sparse_input: bool = False
+    input_requires_grad: bool = True
     seed: int = 0
 
     @property
@@ -132,6 +136,8 @@ def lif_cases(draw, *, linear: bool, dtype: torch.dtype = torch.float64, backwar
         spikes_in_loss=outputs == "spikes" or draw(st.booleans()),
         initial_state=draw(st.sampled_from(["none", "tensor", "tuple"])),
         input_scale=draw(st.sampled_from([0.5, 1.0, 2.0])),
+        sparse_input=linear and draw(st.booleans()),
+        input_requires_grad=not linear or draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -162,7 +168,10 @@ def make_tensors(case: LifCase) -> dict:
         "alpha": param(case.alpha_kind, 0.3, 0.9) if case.cuba else None,
     }
     if case.linear:
-        values["x"] = uniform(0.0, 1.0, b, t, case.in_features).requires_grad_()
+        x = uniform(0.0, 1.0, b, t, case.in_features)
+        if case.sparse_input:  # about 5 % ones, the rest zeros: below snnopt's event threshold
+            x = (x < 0.05).to(x.dtype) * (1.0 / 0.05 ** 0.5)
+        values["x"] = x.requires_grad_(case.input_requires_grad)
         # Positive mean weight: a layer without bias still gets drive.
         values["weight"] = ((0.6 * normal(n[0], case.in_features) + 0.5) * (scale / math.sqrt(case.in_features))
                             ).requires_grad_()
