@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -51,12 +52,14 @@ class LifOutput(NamedTuple):
 _SPARSE_PRODUCERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)  # Triton backend only: float32 state and accumulation
+BACKENDS = ("auto", "cpu", "triton")
 
 
 def lif(current: Tensor, *, beta, threshold=1.0, reset: str = "subtract", detach_reset: bool = True, alpha=None,
         surrogate=None, backward: str = "sparse", window: float = 0.2, time_dim: int = 1,
         fire_at_threshold: bool = False, initial_state=None, return_membrane: bool = False,
-        return_state: bool = False):
+        return_state: bool = False, backend: str = "auto"):
     """LIF (or, with ``alpha``, current-based LIF) neurons driven by ``current``.
 
     ``current`` is ``(B, T, *neurons)`` (``time_dim=1``) or ``(T, B, *neurons)`` (``time_dim=0``);
@@ -65,21 +68,27 @@ def lif(current: Tensor, *, beta, threshold=1.0, reset: str = "subtract", detach
     ``return_state`` ask for more. ``backward="sparse"`` (default) is the seed paper's gradient
     (surrogate zero outside ``|v-θ| < window``, reset detached); ``"exact"`` is full BPTT.
 
+    ``backend``: ``"auto"`` (default) runs CUDA tensors on the generated Triton kernels and CPU
+    tensors on the compiled CPU op; ``"cpu"`` / ``"triton"`` force one (``"triton"`` on CPU tensors
+    needs ``TRITON_INTERPRET=1``: Triton's interpreter, for testing). float16/bfloat16 inputs need
+    the Triton backend; they are integrated in float32.
+
     Example::
 
         >>> spikes = lif(torch.rand(4, 50, 10), beta=0.9, surrogate="atan")
     """
     spec = _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold, recurrent=False)
-    _check_tensor("current", current, min_dim=3)
+    backend = resolve_backend(backend, current, "current")
+    _check_tensor("current", current, min_dim=3, backend=backend)
     return _run(current, None, None, None, spec, beta, threshold, alpha, time_dim, initial_state,
-                return_membrane, return_state, None)
+                return_membrane, return_state, None, backend)
 
 
 def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recurrent_weight: Optional[Tensor] = None,
                beta, threshold=1.0, reset: str = "subtract", detach_reset: bool = True, alpha=None, surrogate=None,
                backward: str = "sparse", window: float = 0.2, time_dim: int = 1, fire_at_threshold: bool = False,
                initial_state=None, return_membrane: bool = False, return_state: bool = False,
-               input_active="auto"):
+               input_active="auto", backend: str = "auto"):
     """``lif(torch.nn.functional.linear(x, weight, bias), ...)`` fused: the seed paper's layer.
 
     Owning the weight lets the backward build the weight gradient from the compact input events
@@ -93,6 +102,7 @@ def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recu
     unchanged. The gradient *at* those spikes is then zero elsewhere: if you read it yourself with
     ``torch.autograd.grad(loss, spikes)``, pass ``input_active=None`` (a ``retain_grad()`` or
     ``register_hook`` on the spikes is noticed and gets the full gradient automatically).
+    ``backend`` chooses the kernels as in :func:`lif`.
 
     Example::
 
@@ -100,19 +110,20 @@ def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recu
     """
     spec = _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold,
                       recurrent=recurrent_weight is not None)
-    _check_tensor("x", x, exact_dim=3)
-    _check_tensor("weight", weight, exact_dim=2, like=x, like_name="x")
+    backend = resolve_backend(backend, x, "x")
+    _check_tensor("x", x, exact_dim=3, backend=backend)
+    _check_tensor("weight", weight, exact_dim=2, like=x, like_name="x", backend=backend)
     if weight.shape[1] != x.shape[-1]:
         raise InvalidArgumentError(
             f"weight: shape {tuple(weight.shape)} does not match x's {x.shape[-1]} input features; "
             f"expected (out_features, {x.shape[-1]})")
     neurons = weight.shape[0]
     if bias is not None:
-        _check_tensor("bias", bias, exact_dim=1, like=x, like_name="x")
+        _check_tensor("bias", bias, exact_dim=1, like=x, like_name="x", backend=backend)
         if bias.shape[0] != neurons:
             raise InvalidArgumentError(f"bias: expected shape ({neurons},), got {tuple(bias.shape)}")
     if recurrent_weight is not None:
-        _check_tensor("recurrent_weight", recurrent_weight, exact_dim=2, like=x, like_name="x")
+        _check_tensor("recurrent_weight", recurrent_weight, exact_dim=2, like=x, like_name="x", backend=backend)
         if tuple(recurrent_weight.shape) != (neurons, neurons):
             raise InvalidArgumentError(
                 f"recurrent_weight: expected shape ({neurons}, {neurons}), got {tuple(recurrent_weight.shape)}")
@@ -122,11 +133,11 @@ def linear_lif(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, recu
         raise InvalidTypeError(
             f"input_active: expected 'auto', None or a 1-D int64 tensor of flat indices, got {input_active!r}")
     return _run(x, weight, bias, recurrent_weight, spec, beta, threshold, alpha, time_dim, initial_state,
-                return_membrane, return_state, input_active)
+                return_membrane, return_state, input_active, backend)
 
 
 def leaky_integrator(current: Tensor, *, beta, time_dim: int = 1, initial_state: Optional[Tensor] = None,
-                     return_state: bool = False):
+                     return_state: bool = False, backend: str = "auto"):
     """Non-spiking readout ``out[t] = β out[t-1] + current[t]``; exact gradient (it is linear).
 
     Returns the outputs shaped like ``current``, or ``(outputs, final_state)``.
@@ -136,13 +147,13 @@ def leaky_integrator(current: Tensor, *, beta, time_dim: int = 1, initial_state:
         >>> out = leaky_integrator(torch.rand(4, 50, 10), beta=0.95).amax(1)
     """
     out = lif(current, beta=beta, threshold=float("inf"), reset="none", backward="exact", time_dim=time_dim,
-              initial_state=initial_state, return_membrane=True, return_state=return_state)
+              initial_state=initial_state, return_membrane=True, return_state=return_state, backend=backend)
     return (out.membrane, out.state.v) if return_state else out.membrane
 
 
 def linear_leaky_integrator(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, beta, input_scale: float = 1.0,
                             time_dim: int = 1, initial_state: Optional[Tensor] = None, return_state: bool = False,
-                            input_active="auto"):
+                            input_active="auto", backend: str = "auto"):
     """Readout ``out[t] = β out[t-1] + input_scale · (x[t] @ weightᵀ + bias)``, fused.
 
     The seed paper's readout with ``input_scale = 1 - β``. Fed with spikes, the current comes
@@ -161,7 +172,7 @@ def linear_leaky_integrator(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     # As in leaky_integrator: a LIF layer that never fires and is not reset integrates its current.
     out = linear_lif(x, weight, bias, beta=beta, threshold=float("inf"), reset="none", backward="exact",
                      time_dim=time_dim, initial_state=initial_state, return_membrane=True,
-                     return_state=return_state, input_active=input_active)
+                     return_state=return_state, input_active=input_active, backend=backend)
     return (out.membrane, out.state.v) if return_state else out.membrane
 
 
@@ -178,8 +189,30 @@ def _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_
                    backward=backward, window=window)
 
 
+def resolve_backend(backend, x, name: str) -> str:
+    """``"cpu"`` or ``"triton"``: the kernels that run ``backend=`` on a tensor like ``x``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    device = x.device.type if isinstance(x, Tensor) else "cpu"
+    if backend == "auto":
+        return "triton" if device == "cuda" else "cpu"
+    if backend == "cpu" and device != "cpu":
+        raise InvalidArgumentError(
+            f"{name}: is on {x.device}, but backend='cpu' runs on CPU tensors only; move it with .cpu() "
+            f"or use backend='auto' or 'triton'")
+    if backend == "triton":
+        if device not in ("cpu", "cuda"):
+            raise InvalidArgumentError(f"{name}: is on {x.device}; backend='triton' runs on CUDA tensors")
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InvalidArgumentError(
+                f"{name}: is a CPU tensor, but backend='triton' runs its kernels on a CUDA GPU; move it with "
+                f".cuda(), or set TRITON_INTERPRET=1 before starting Python to run them in Triton's "
+                f"(slow) interpreter, or use backend='cpu'")
+    return backend
+
+
 def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alpha, time_dim, initial_state,
-         return_membrane, return_state, input_active):
+         return_membrane, return_state, input_active, backend):
     _check_time_dim(time_dim)
     seq = x.transpose(0, 1) if time_dim == 0 else x
     batch, steps = seq.shape[0], seq.shape[1]
@@ -198,21 +231,28 @@ def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alph
     alpha_n = None if alpha is None else _per_neuron("alpha", alpha, neuron_shape, x, allow_grad=not sparse)
     if recurrent_weight is not None and weight is None and len(neuron_shape) != 1:
         raise InvalidArgumentError("recurrent_weight: needs a single neuron dimension")
-    v0, syn0 = _initial_state(initial_state, batch, neuron_shape, x, spec.cuba)
+    v0, syn0 = _initial_state(initial_state, batch, neuron_shape, x, spec.cuba, backend)
     tensors = [t for t in (x, weight, bias, recurrent_weight, beta_n, theta_n, alpha_n, v0, syn0) if t is not None]
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     eager = not torch.compiler.is_compiling()
     if isinstance(input_active, str):  # "auto"
         input_active = (_upstream_active(x, time_dim, batch, steps)
                         if weight is not None and eager and needs_backward and x.requires_grad else None)
-    outs = torch.ops.snnopt.lif(
+    if backend == "triton":
+        from snnopt import triton_ops  # imported only here: `import snnopt` needs neither triton nor a GPU
+        op = triton_ops.lif_triton_op
+    else:
+        op = torch.ops.snnopt.lif
+    outs = op(
         canonical, weight, bias, recurrent_weight, beta_n, theta_n, alpha_n, v0.reshape(batch, neurons),
         None if syn0 is None else syn0.reshape(batch, neurons), input_active,
         spec.reset, spec.detach_reset, spec.surrogate.name, spec.surrogate.param, spec.fire_at_threshold,
         spec.backward, spec.window, bool(return_membrane), needs_backward)
     spikes = _user_layout(outs[0], batch, steps, neuron_shape, time_dim)
-    if sparse and needs_backward and eager and outs[6].numel():
-        _SPARSE_PRODUCERS[spikes] = (outs[6], outs[7], steps, neurons, time_dim, spikes._version)
+    if sparse and needs_backward and eager:
+        active = _active_flat_index_fn(outs, backend, steps, neurons)
+        if active is not None:
+            _SPARSE_PRODUCERS[spikes] = (active, steps, neurons, time_dim, spikes._version, batch)
     if not (return_membrane or return_state):
         return spikes
     membrane = _user_layout(outs[1], batch, steps, neuron_shape, time_dim) if return_membrane else None
@@ -223,15 +263,26 @@ def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alph
     return LifOutput(spikes, membrane, state)
 
 
+def _active_flat_index_fn(outs, backend: str, steps: int, neurons: int):
+    """A thunk giving the layer's active entries as flat indices into (B, T, N), or None if none are listed."""
+    if backend == "triton":
+        flat = outs[7]  # the Triton op lists them flat already
+        return lambda: flat
+    offsets, index = outs[6], outs[7]
+    if not offsets.numel():
+        return None
+    return lambda: snnopt.ops.active_flat_index(offsets, index, steps, neurons)
+
+
 def _upstream_active(x: Tensor, time_dim: int, batch: int, steps: int) -> Optional[Tensor]:
     entry = _SPARSE_PRODUCERS.get(x)
     if entry is None:
         return None
-    offsets, index, producer_steps, neurons, producer_time_dim, version = entry
+    active, producer_steps, neurons, producer_time_dim, version, producer_batch = entry
     if (version != x._version or producer_time_dim != time_dim or producer_steps != steps
-            or neurons != x.shape[-1] or offsets.numel() != batch + 1):
+            or neurons != x.shape[-1] or producer_batch != batch):
         return None
-    return snnopt.ops.active_flat_index(offsets, index, steps, neurons)
+    return active()
 
 
 def _check_input_active(input_active: Tensor, x: Tensor) -> None:
@@ -261,19 +312,25 @@ def _check_time_dim(time_dim) -> None:
         raise InvalidArgumentError(f"time_dim: expected 0 (time-first) or 1 (batch-first), got {time_dim!r}")
 
 
-def _check_tensor(name, t, *, min_dim=None, exact_dim=None, like=None, like_name=None) -> None:
+def _check_tensor(name, t, *, min_dim=None, exact_dim=None, like=None, like_name=None, backend="cpu") -> None:
     if not isinstance(t, Tensor):
         raise InvalidTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise InvalidTypeError(f"{name}: expected dtype float32 or float64, got {t.dtype}")
+    if t.dtype in _HALF_DTYPES and backend != "triton":
+        raise InvalidTypeError(
+            f"{name}: dtype {t.dtype} runs only on the Triton backend (CUDA tensors, or backend='triton'); "
+            f"cast it to float32 for the CPU backend")
+    if t.dtype not in _FLOAT_DTYPES + _HALF_DTYPES:
+        raise InvalidTypeError(f"{name}: expected dtype float32 or float64 (or float16/bfloat16 on the Triton "
+                               f"backend), got {t.dtype}")
     if exact_dim is not None and t.dim() != exact_dim:
         raise InvalidArgumentError(f"{name}: expected {exact_dim} dimensions, got shape {tuple(t.shape)}")
     if min_dim is not None and t.dim() < min_dim:
         raise InvalidArgumentError(
             f"{name}: expected at least {min_dim} dimensions (batch, time, neurons...), got shape {tuple(t.shape)}")
-    if t.device.type != "cpu":
+    if t.device.type != "cpu" and backend != "triton":
         raise InvalidArgumentError(
-            f"{name}: is on {t.device}, but this build of snnopt runs on CPU tensors only; move it with .cpu()")
+            f"{name}: is on {t.device}, but the CPU backend runs on CPU tensors only; move it with .cpu() "
+            f"or use backend='triton'")
     if like is not None:
         if t.dtype != like.dtype:
             raise InvalidTypeError(f"{name}: dtype {t.dtype} differs from {like_name}'s {like.dtype}; cast one of them")
@@ -281,13 +338,19 @@ def _check_tensor(name, t, *, min_dim=None, exact_dim=None, like=None, like_name
             raise InvalidArgumentError(f"{name}: on {t.device} but {like_name} is on {like.device}")
 
 
+def _param_dtype(like: Tensor) -> torch.dtype:
+    # β, θ, α stay float32 for half-precision inputs: the state is integrated in float32 anyway.
+    return torch.float32 if like.dtype in _HALF_DTYPES else like.dtype
+
+
 def _per_neuron(name, value, neuron_shape, like: Tensor, allow_grad: bool) -> Tensor:
     """β/θ/α as a flat ``(N,)`` tensor in ``like``'s dtype; gradients flow back through the expand."""
     neurons = math.prod(neuron_shape)
     if isinstance(value, bool):
         raise InvalidTypeError(f"{name}: expected a float or a tensor, got bool")
+    dtype = _param_dtype(like)
     if isinstance(value, numbers.Real):
-        return torch.full((neurons,), float(value), dtype=like.dtype)
+        return torch.full((neurons,), float(value), dtype=dtype, device=like.device)
     if not isinstance(value, Tensor):
         raise InvalidTypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -299,7 +362,7 @@ def _per_neuron(name, value, neuron_shape, like: Tensor, allow_grad: bool) -> Te
             f"{name}: requires grad, but backward='sparse' treats it as a constant; "
             f"use backward='exact' to learn it, or pass {name}.detach()")
     try:
-        expanded = value.to(like.dtype).expand(neuron_shape) if value.dim() <= len(neuron_shape) else None
+        expanded = value.to(dtype).expand(neuron_shape) if value.dim() <= len(neuron_shape) else None
     except RuntimeError:
         expanded = None
     if expanded is None:
@@ -308,17 +371,17 @@ def _per_neuron(name, value, neuron_shape, like: Tensor, allow_grad: bool) -> Te
     return expanded.reshape(neurons)
 
 
-def _state_tensor(name, value, batch, neuron_shape, like: Tensor) -> Tensor:
+def _state_tensor(name, value, batch, neuron_shape, like: Tensor, backend: str) -> Tensor:
     if value is None:
-        return torch.zeros((batch, math.prod(neuron_shape)), dtype=like.dtype)
-    _check_tensor(name, value, like=like, like_name="the input")
+        return torch.zeros((batch, math.prod(neuron_shape)), dtype=like.dtype, device=like.device)
+    _check_tensor(name, value, like=like, like_name="the input", backend=backend)
     if tuple(value.shape) != (batch,) + tuple(neuron_shape):
         raise InvalidArgumentError(
             f"{name}: expected shape {(batch,) + tuple(neuron_shape)} (batch, *neurons), got {tuple(value.shape)}")
     return value.reshape(batch, math.prod(neuron_shape))
 
 
-def _initial_state(initial_state, batch, neuron_shape, like: Tensor, cuba: bool):
+def _initial_state(initial_state, batch, neuron_shape, like: Tensor, cuba: bool, backend: str):
     if initial_state is None:
         v, syn = None, None
     elif isinstance(initial_state, Tensor):
@@ -329,6 +392,6 @@ def _initial_state(initial_state, batch, neuron_shape, like: Tensor, cuba: bool)
         raise InvalidTypeError("initial_state: expected None, a tensor v, or a LifState / (v, syn) tuple")
     if syn is not None and not cuba:
         raise InvalidArgumentError("initial_state: a synaptic current was given but the layer has no alpha (not CuBa)")
-    v0 = _state_tensor("initial_state.v", v, batch, neuron_shape, like)
-    syn0 = _state_tensor("initial_state.syn", syn, batch, neuron_shape, like) if cuba else None
+    v0 = _state_tensor("initial_state.v", v, batch, neuron_shape, like, backend)
+    syn0 = _state_tensor("initial_state.syn", syn, batch, neuron_shape, like, backend) if cuba else None
     return v0, syn0

@@ -2,7 +2,8 @@
 
 Each module processes a whole sequence per call (batch-first by default). Neuron parameters are
 buffers, or ``nn.Parameter`` when ``learn_beta`` / ``learn_threshold`` / ``learn_alpha`` is set
-(learning them needs ``backward="exact"``).
+(learning them needs ``backward="exact"``). ``backend`` ("auto", "cpu", "triton") chooses the kernels
+as in :func:`snnopt.functional.lif`.
 
 Example::
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from snnopt import surrogate as surrogate_lib
+from snnopt.errors import InvalidArgumentError
 from snnopt.functional import spiking as F
 from snnopt.spec import LifSpec
 
@@ -36,6 +38,13 @@ def _neuron_param(module: nn.Module, name: str, value, learn: bool, size: Option
         module.register_buffer(name, tensor)
 
 
+def _check_backend(backend) -> str:
+    # Which kernels run is decided per call from the input's device; only the name is checked here.
+    if not isinstance(backend, str) or backend not in F.BACKENDS:
+        raise InvalidArgumentError(f"backend: expected one of {F.BACKENDS}, got {backend!r}")
+    return backend
+
+
 def _init_like_linear(weight: Tensor, bias: Optional[Tensor]) -> None:
     # Same as nn.Linear: kaiming-uniform weight, bias uniform in ±1/sqrt(fan_in).
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
@@ -47,8 +56,9 @@ def _init_like_linear(weight: Tensor, bias: Optional[Tensor]) -> None:
 
 class _LifOptions(nn.Module):
     def __init__(self, beta, threshold, reset, detach_reset, alpha, surrogate, backward, window, time_dim,
-                 fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size: Optional[int]):
+                 fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size: Optional[int], backend="auto"):
         super().__init__()
+        self.backend = _check_backend(backend)
         # Validate once at construction so mistakes surface where the model is defined.
         self.spec = LifSpec(reset=reset, detach_reset=detach_reset, surrogate=surrogate_lib.get(surrogate),
                             cuba=alpha is not None, backward=backward, window=window,
@@ -66,7 +76,8 @@ class _LifOptions(nn.Module):
         spec = self.spec
         return dict(beta=self.beta, threshold=self.threshold, alpha=self.alpha, reset=spec.reset,
                     detach_reset=spec.detach_reset, surrogate=spec.surrogate, backward=spec.backward,
-                    window=spec.window, time_dim=self.time_dim, fire_at_threshold=spec.fire_at_threshold)
+                    window=spec.window, time_dim=self.time_dim, fire_at_threshold=spec.fire_at_threshold,
+                    backend=self.backend)
 
     def extra_repr(self) -> str:
         return self.spec.describe()
@@ -83,9 +94,9 @@ class LIF(_LifOptions):
 
     def __init__(self, beta=0.9, threshold=1.0, *, reset="subtract", detach_reset=True, alpha=None,
                  surrogate=None, backward="sparse", window=0.2, time_dim=1, fire_at_threshold=False,
-                 learn_beta=False, learn_threshold=False, learn_alpha=False):
+                 learn_beta=False, learn_threshold=False, learn_alpha=False, backend="auto"):
         super().__init__(beta, threshold, reset, detach_reset, alpha, surrogate, backward, window, time_dim,
-                         fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size=None)
+                         fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size=None, backend=backend)
 
     def forward(self, current: Tensor, state=None, *, return_state: bool = False):
         out = F.lif(current, initial_state=state, return_state=return_state, **self._kwargs())
@@ -105,9 +116,10 @@ class LinearLIF(_LifOptions):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recurrent: bool = False,
                  beta=0.9, threshold=1.0, reset="subtract", detach_reset=True, alpha=None, surrogate=None,
                  backward="sparse", window=0.2, time_dim=1, fire_at_threshold=False, learn_beta=False,
-                 learn_threshold=False, learn_alpha=False, dtype=None):
+                 learn_threshold=False, learn_alpha=False, dtype=None, backend="auto"):
         super().__init__(beta, threshold, reset, detach_reset, alpha, surrogate, backward, window, time_dim,
-                         fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size=out_features)
+                         fire_at_threshold, learn_beta, learn_threshold, learn_alpha, size=out_features,
+                         backend=backend)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
@@ -138,15 +150,17 @@ class LeakyIntegrator(nn.Module):
         >>> logits = LeakyIntegrator(beta=0.95)(torch.rand(8, 100, 10)).amax(1)
     """
 
-    def __init__(self, beta=0.9, *, time_dim: int = 1, learn_beta: bool = False, size: Optional[int] = None):
+    def __init__(self, beta=0.9, *, time_dim: int = 1, learn_beta: bool = False, size: Optional[int] = None,
+                 backend: str = "auto"):
         super().__init__()
         F._check_time_dim(time_dim)
+        self.backend = _check_backend(backend)
         self.time_dim = time_dim
         _neuron_param(self, "beta", beta, learn_beta, size)
 
     def forward(self, current: Tensor, state: Optional[Tensor] = None, *, return_state: bool = False):
         return F.leaky_integrator(current, beta=self.beta, time_dim=self.time_dim, initial_state=state,
-                                  return_state=return_state)
+                                  return_state=return_state, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"time_dim={self.time_dim}"
@@ -164,9 +178,10 @@ class LinearLeakyIntegrator(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, beta=0.9, input_scale: float = 1.0,
-                 time_dim: int = 1, learn_beta: bool = False, dtype=None):
+                 time_dim: int = 1, learn_beta: bool = False, dtype=None, backend: str = "auto"):
         super().__init__()
         F._check_time_dim(time_dim)
+        self.backend = _check_backend(backend)
         self.in_features, self.out_features = in_features, out_features
         self.input_scale, self.time_dim = float(input_scale), time_dim
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
@@ -179,7 +194,8 @@ class LinearLeakyIntegrator(nn.Module):
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, *, return_state: bool = False):
         return F.linear_leaky_integrator(x, self.weight, self.bias, beta=self.beta, input_scale=self.input_scale,
-                                         time_dim=self.time_dim, initial_state=state, return_state=return_state)
+                                         time_dim=self.time_dim, initial_state=state, return_state=return_state,
+                                         backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
