@@ -1,7 +1,223 @@
-"""The fused LIF layer on generated Triton kernels (work in progress: not yet available)."""
+"""The fused LIF layer on generated Triton kernels, as ``torch.library`` custom ops.
 
-from snnopt.errors import InvalidArgumentError
+``snnopt::lif_triton`` and ``snnopt::lif_triton_backward`` take the same arguments as the CPU ops
+``snnopt::lif`` / ``snnopt::lif_backward`` (:mod:`snnopt.ops`) and run the kernels of
+:mod:`snnopt.codegen.triton_lif`. Separate ops, so the numba op never depends on Triton and this
+module is imported only when the Triton backend is chosen (``import snnopt`` needs neither triton
+nor a GPU). Both have fake implementations and a fixed output signature, so ``torch.compile`` and
+``torch.export`` keep them whole.
+
+What the forward keeps for the backward: exact mode the membrane (and synaptic current, CuBa) in
+the accumulation dtype; sparse mode one uint8 flag per entry (spiked, active) and the active
+entries as a flat int64 index list with their surrogate values.
+
+Example::
+
+    >>> outs = torch.ops.snnopt.lif_triton(x, w, None, None, beta, theta, None, v0, None, None,
+    ...                                    "subtract", True, "superspike", 100.0, False, "sparse", 0.2, False, True)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from snnopt.codegen import triton_lif
+from snnopt.spec import LifSpec
+from snnopt.surrogate import Surrogate
 
 
-def lif_triton_op(*args, **kwargs):
-    raise InvalidArgumentError("backend: 'triton' is not available yet in this build; use backend='cpu'")
+def _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba,
+          recurrent) -> LifSpec:
+    return LifSpec(reset=reset, detach_reset=detach_reset, surrogate=Surrogate(surrogate, surrogate_param),
+                   cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold, backward=backward,
+                   window=window)
+
+
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return torch.empty(0, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+@torch.library.custom_op("snnopt::lif_triton", mutates_args=())
+def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
+                  beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
+                  initial_syn: Optional[Tensor], input_active: Optional[Tensor],
+                  reset: str, detach_reset: bool, surrogate: str, surrogate_param: float, fire_at_threshold: bool,
+                  backward: str, window: float, record_membrane: bool, needs_backward: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cuba, recurrent = alpha is not None, recurrent_weight is not None
+    spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
+    acc = triton_lif.accumulation_dtype(x.dtype)
+    if weight is None:
+        current = x.to(acc, copy=True) if recurrent else x
+    else:
+        # One GEMM for all steps (in the input dtype, as nn.Linear would); the kernels read it in `acc`.
+        current = torch.nn.functional.linear(x, weight, bias)
+        if recurrent:
+            current = current.to(acc)
+    exact_saves = needs_backward and not spec.sparse
+    spikes, membrane, syn_record, v_state, syn_state, flags, surr = triton_lif.lif_forward(
+        current.contiguous(), beta, threshold, alpha, recurrent_weight, initial_v, initial_syn, spec,
+        out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
+        collect_active=needs_backward and spec.sparse)
+    out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
+    saved_membrane = membrane if exact_saves else _empty(x, acc)
+    if flags is not None:
+        active_index = torch.nonzero(flags.reshape(-1) & triton_lif.FLAG_ACTIVE).squeeze(1)
+        active_surr = surr.reshape(-1)[active_index]
+    else:
+        flags, active_index, active_surr = _empty(x, torch.uint8), _empty(x, torch.int64), _empty(x, acc)
+    return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
+            saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
+            active_surr)
+
+
+@lif_triton_op.register_fake
+def _lif_triton_fake(x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active,
+                     reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+                     record_membrane, needs_backward):
+    batch, steps = x.shape[0], x.shape[1]
+    neurons = x.shape[2] if weight is None else weight.shape[0]
+    acc = triton_lif.accumulation_dtype(x.dtype)
+    exact_saves = needs_backward and backward == "exact"
+    collect = needs_backward and backward == "sparse"
+    seq = (batch, steps, neurons)
+    n_active = torch.library.get_ctx().new_dynamic_size() if collect else 0
+    return (x.new_empty(seq), x.new_empty(seq) if record_membrane else _empty(x), x.new_empty(batch, neurons),
+            x.new_empty(batch, neurons) if alpha is not None else _empty(x),
+            x.new_empty(seq, dtype=acc) if exact_saves else _empty(x, acc),
+            x.new_empty(seq, dtype=acc) if (exact_saves and alpha is not None) else _empty(x, acc),
+            x.new_empty(seq, dtype=torch.uint8) if collect else _empty(x, torch.uint8),
+            x.new_empty(n_active, dtype=torch.int64), x.new_empty(n_active, dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active,
+     reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+     record_membrane, needs_backward) = inputs
+    _, _, _, _, membrane, syn_record, flags, active_index, active_surr = output
+    ctx.save_for_backward(x if weight is not None else None, weight, recurrent_weight, beta, threshold, alpha,
+                          initial_v, initial_syn, input_active, membrane, syn_record, flags, active_index,
+                          active_surr)
+    ctx.config = (reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window)
+    ctx.steps = x.shape[1]
+    ctx.has_bias = bias is not None
+
+
+def _dense(grad: Optional[Tensor]) -> Optional[Tensor]:
+    # A sparse consumer may send dL/ds as a COO tensor; these kernels read it dense.
+    return grad.to_dense() if grad is not None and grad.layout == torch.sparse_coo else grad
+
+
+def _backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_unused):
+    needs = ctx.needs_input_grad
+    grads = torch.ops.snnopt.lif_triton_backward(
+        _dense(grad_spikes), _dense(grad_membrane), grad_v_final, grad_syn_final, *ctx.saved_tensors, ctx.steps,
+        *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6],
+        needs[7], needs[8])
+    return tuple(g if need else None for g, need in zip(grads, needs[:9])) + (None,) * 10
+
+
+torch.library.register_autograd("snnopt::lif_triton", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("snnopt::lif_triton_backward", mutates_args=())
+def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
+                           grad_v_final: Optional[Tensor], grad_syn_final: Optional[Tensor], x: Optional[Tensor],
+                           weight: Optional[Tensor], recurrent_weight: Optional[Tensor], beta: Tensor,
+                           threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
+                           initial_syn: Optional[Tensor], input_active: Optional[Tensor], membrane: Tensor,
+                           syn_record: Tensor, flags: Tensor, active_index: Tensor, active_surr: Tensor, steps: int,
+                           reset: str, detach_reset: bool, surrogate: str, surrogate_param: float,
+                           fire_at_threshold: bool, backward: str, window: float, need_x: bool, need_weight: bool,
+                           need_bias: bool, need_recurrent: bool, need_beta: bool, need_threshold: bool,
+                           need_alpha: bool, need_initial_v: bool, need_initial_syn: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    batch, neurons = initial_v.shape
+    cuba, recurrent = alpha is not None, recurrent_weight is not None
+    spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
+    in_dtype = initial_v.dtype
+    acc = triton_lif.accumulation_dtype(in_dtype)
+    seq_shape = (batch, steps, neurons)
+    surr = None
+    if spec.sparse:
+        surr = torch.zeros(batch * steps * neurons, dtype=acc, device=initial_v.device)
+        surr[active_index] = active_surr
+        surr = surr.reshape(seq_shape)
+    gsf = grad_syn_final if (grad_syn_final is not None and grad_syn_final.numel()) else None
+    gm = grad_membrane if (grad_membrane is not None and grad_membrane.numel()) else None
+    grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = triton_lif.lif_backward(
+        grad_spikes, gm, grad_v_final, gsf, membrane if membrane.numel() else None,
+        syn_record if syn_record.numel() else None, flags if flags.numel() else None, surr, beta, threshold, alpha,
+        recurrent_weight, initial_v, initial_syn, steps, spec, in_dtype)
+
+    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
+        return _empty(beta)
+
+    rows = grad_current.reshape(batch * steps, neurons)
+    grad_x = grad_w = grad_b = grad_rec = None
+    if weight is None:
+        grad_x = grad_current.to(in_dtype) if need_x else None
+    else:
+        in_features = weight.shape[1]
+        weight_acc = weight.to(acc)
+        if need_weight:
+            grad_w = rows.t().mm(x.reshape(batch * steps, in_features).to(acc)).to(weight.dtype)
+        if need_bias:
+            grad_b = rows.sum(0).to(weight.dtype)
+        if need_x and input_active is not None:
+            # Only where the producing layer reads it: one dot product per listed entry.
+            values = (rows[input_active // in_features] * weight_acc.t()[input_active % in_features]).sum(1)
+            grad_x = torch.zeros(batch * steps * in_features, dtype=acc, device=rows.device)
+            grad_x.index_put_((input_active,), values, accumulate=True)
+            grad_x = grad_x.reshape(batch, steps, in_features).to(in_dtype)
+        elif need_x:
+            grad_x = rows.mm(weight_acc).reshape(batch, steps, in_features).to(in_dtype)
+    if recurrent and need_recurrent:
+        # dV = Σ_t Gcur[t]ᵀ s[t-1]; s[-1] from the initial membrane.
+        theta_acc = threshold.to(acc)
+        if spec.sparse:
+            spikes = (flags & triton_lif.FLAG_SPIKE).to(acc)
+        else:
+            spikes = triton_lif._fires(membrane - theta_acc, fire_at_threshold).to(acc)
+        s_init = triton_lif._fires(initial_v.to(acc) - theta_acc, fire_at_threshold).to(acc)
+        shifted = torch.cat([s_init.unsqueeze(1), spikes[:, :-1]], 1).reshape(batch * steps, neurons)
+        grad_rec = rows.t().mm(shifted).to(recurrent_weight.dtype)
+    exact = not spec.sparse
+    return (empty() if grad_x is None else grad_x,
+            empty() if grad_w is None else grad_w,
+            empty() if grad_b is None else grad_b,
+            empty() if grad_rec is None else grad_rec,
+            grad_beta.to(beta.dtype) if (need_beta and exact) else empty(),
+            grad_theta.to(beta.dtype) if (need_threshold and exact) else empty(),
+            grad_alpha.to(beta.dtype) if (need_alpha and exact and cuba) else empty(),
+            grad_v0.to(in_dtype) if need_initial_v else empty(),
+            grad_syn0.to(in_dtype) if (need_initial_syn and cuba) else empty())
+
+
+@lif_triton_backward_op.register_fake
+def _lif_triton_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, x, weight, recurrent_weight,
+                              beta, threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record,
+                              flags, active_index, active_surr, steps, reset, detach_reset, surrogate,
+                              surrogate_param, fire_at_threshold, backward, window, need_x, need_weight, need_bias,
+                              need_recurrent, need_beta, need_threshold, need_alpha, need_initial_v,
+                              need_initial_syn):
+    batch, neurons = initial_v.shape
+    exact = backward == "exact"
+
+    def empty():
+        return _empty(beta)
+
+    in_features = neurons if weight is None else weight.shape[1]
+    return (initial_v.new_empty(batch, steps, in_features) if need_x else empty(),
+            weight.new_empty(weight.shape) if (need_weight and weight is not None) else empty(),
+            weight.new_empty(neurons) if (need_bias and weight is not None) else empty(),
+            recurrent_weight.new_empty(neurons, neurons) if (need_recurrent and recurrent_weight is not None)
+            else empty(),
+            beta.new_empty(neurons) if (need_beta and exact) else empty(),
+            beta.new_empty(neurons) if (need_threshold and exact) else empty(),
+            beta.new_empty(neurons) if (need_alpha and alpha is not None and exact) else empty(),
+            initial_v.new_empty(batch, neurons) if need_initial_v else empty(),
+            initial_v.new_empty(batch, neurons) if (need_initial_syn and alpha is not None) else empty())

@@ -1,0 +1,466 @@
+"""Generated Triton kernels for the fused LIF layer (CUDA; Triton's interpreter on CPU for tests).
+
+From a :class:`snnopt.spec.LifSpec` and the accumulation dtype this module writes Triton source
+with the spec folded in as constants (reset rule, attached reset, CuBa, firing rule, surrogate
+derivative as an expression, window), stores it in the kernel cache (:mod:`kernel_cache`) and
+imports it. One kernel set per (spec, accumulation dtype), memoised per process and shared
+between processes through the cache folder. :func:`emit_kernels` saves the source for reading.
+
+Kernel design (three kernels per spec; every one parallel over batch × blocks of neurons, the
+time loop inside, state in registers):
+
+* ``_lif_fwd_kernel``: the recurrence of :mod:`snnopt.spec` over steps ``[t_start, t_stop)`` from
+  a precomputed input current (one cuBLAS matmul ``x @ Wᵀ + b`` for all steps, done by torch).
+  State goes in and out through ``(B, N)`` buffers, so a recurrent layer runs one launch per step
+  after torch adds ``s[t-1] @ Vᵀ`` to that step's current (a per-step GEMM: simple and correct,
+  slower than the feedforward path; an in-kernel dot would need one program per batch row).
+  It writes spikes in the input dtype and, for the backward, either the membrane (exact mode) or a
+  uint8 flag per entry (bit 0 spiked, bit 1 active: ``|v − θ| < window``) plus the surrogate value
+  at active entries (sparse mode), compacted by torch into an index list.
+* ``_lif_bwd_kernel``: the reverse sweep (adjoint equations in :mod:`snnopt.codegen.cpu_lif`).
+  Exact mode recomputes spikes and σ′ from the saved membrane and accumulates per-batch partial
+  dβ, dθ, dα; sparse mode reads σ′ only where the active flag is set (windowed surrogate,
+  detached reset), so the sweep is the seed paper's reverse filter. Recurrent layers again run one
+  launch per step, torch adding ``Gcur[t+1] @ V`` to dL/ds[t] in between.
+* ``_lif_bwd_init_kernel``: the step −1 terms (gradient of the initial state, the spike of the
+  initial membrane).
+
+Linear-layer gradients are dense cuBLAS GEMMs of dL/dI: ``dW = dIᵀ x``, ``dV = dIᵀ s[t-1]``.
+On a GPU a tensor-core GEMM over the mostly-zero dL/dI costs less than gathering the few percent
+of active entries and scattering their outer products (atomics on W), for the layer sizes of the
+seed paper and the Open Neuromorphic benchmark; the sparse saving on GPU is in what the forward
+keeps (one byte per entry plus the active list, instead of the membrane) and in the sweep. The
+input gradient restricted to ``input_active`` is gathered at those rows only.
+
+float64 kernels accumulate in float64; float32, float16 and bfloat16 inputs in float32.
+
+Example::
+
+    >>> from snnopt.spec import LifSpec
+    >>> paths = emit_kernels(LifSpec(cuba=True), "kernels/")    # [PosixPath('kernels/lif_kernels_….py')]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from snnopt.codegen import kernel_cache
+from snnopt.spec import LifSpec
+
+FLAG_SPIKE = 1
+FLAG_ACTIVE = 2
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """What the generated source depends on: the spec, normalised, and the accumulation dtype."""
+
+    reset: str
+    reset_in_graph: bool
+    surrogate: str
+    surrogate_param: float
+    cuba: bool
+    recurrent: bool
+    fire_at_threshold: bool
+    sparse: bool
+    window: float
+    acc: str  # "float32" or "float64"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_key(spec: LifSpec, dtype: torch.dtype) -> KernelKey:
+    return KernelKey(reset=spec.reset, reset_in_graph=spec.reset_in_graph, surrogate=spec.surrogate.name,
+                     surrogate_param=spec.surrogate.param, cuba=spec.cuba, recurrent=spec.recurrent,
+                     fire_at_threshold=spec.fire_at_threshold, sparse=spec.sparse,
+                     window=spec.window if spec.sparse else 0.0,
+                     acc=str(accumulation_dtype(dtype)).replace("torch.", ""))
+
+
+# --- source generation -------------------------------------------------------------------------
+
+
+def _const(value: float) -> str:
+    # tl.full keeps a float64 constant exact; a bare literal would be rounded to float32 first.
+    return f"tl.full([], {float(value)!r}, ACC)"
+
+
+def _surrogate_lines(key: KernelKey) -> list[str]:
+    """Body of ``_surrogate(u)``: σ′(u) of :mod:`snnopt.surrogate`, the parameter folded in."""
+    k = key.surrogate_param
+    if key.surrogate == "superspike":
+        return [f"a = {_const(k)} * tl.abs(u) + 1.0", "return 1.0 / (a * a)"]
+    if key.surrogate == "sigmoid":
+        return [f"sg = 1.0 / (1.0 + tl.exp(-{_const(k)} * u))", f"return {_const(k)} * sg * (1.0 - sg)"]
+    if key.surrogate == "atan":
+        return [f"z = {_const(math.pi / 2.0 * k)} * u", f"return {_const(k / 2.0)} / (1.0 + z * z)"]
+    if key.surrogate == "triangle":
+        return [f"return tl.maximum(1.0 - tl.abs(u) / {_const(k)}, 0.0) / {_const(k)}"]
+    return [f"return tl.where(tl.abs(u) < {_const(k / 2.0)}, 1.0 / {_const(k)}, 0.0 * u)"]
+
+
+def _fire(u: str, key: KernelKey) -> str:
+    op = ">=" if key.fire_at_threshold else ">"
+    return f"tl.where({u} {op} 0.0, 1.0, 0.0).to(ACC)"
+
+
+def _membrane_update(key: KernelKey) -> str:
+    # The reference's operation order, so float32 spikes match it bit for bit.
+    if key.reset == "subtract":
+        return "v = beta * v + drive - theta * s_prev"
+    if key.reset == "zero":
+        return "v = beta * v * (1.0 - s_prev) + drive"
+    return "v = beta * v + drive"
+
+
+def _indent(lines: list[str], spaces: int) -> str:
+    return "\n".join(" " * spaces + line if line else "" for line in lines)
+
+
+def kernel_source(spec: LifSpec, dtype: torch.dtype = torch.float32) -> str:
+    """The Triton source of the kernel set for ``spec`` with inputs of ``dtype``."""
+    key = kernel_key(spec, dtype)
+    cuba = key.cuba
+    fwd_state = ["syn = tl.load(syn_ptr + state, mask=mask, other=0.0).to(ACC)",
+                 "alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC)"] if cuba else []
+    fwd_drive = ["syn = alpha * syn + cur", "drive = syn"] if cuba else ["drive = cur"]
+    fwd_store_state = ["tl.store(syn_ptr + state, syn, mask=mask)"] if cuba else []
+    fwd_record_syn = (["if RECORD_SYN:", "    tl.store(syn_rec_ptr + row, syn, mask=mask)"] if cuba else [])
+
+    if key.sparse:
+        bwd_step = ["flags = tl.load(flags_ptr + row, mask=mask, other=0)",
+                    "gv = gv * beta"]
+        if key.reset == "zero":
+            bwd_step.append(f"gv = gv * (1.0 - (flags & {FLAG_SPIKE}).to(ACC))")
+        bwd_step += ["if HAS_GRAD_MEMBRANE:",
+                     "    gv += tl.load(gm_ptr + row, mask=mask, other=0.0).to(ACC)",
+                     "if t == steps - 1:",
+                     "    gv += tl.load(gvf_ptr + state, mask=mask, other=0.0).to(ACC)",
+                     "gs = tl.load(gs_ptr + row, mask=mask, other=0.0).to(ACC)",
+                     "sg = tl.load(surr_ptr + row, mask=mask, other=0.0).to(ACC)",
+                     f"gv += tl.where((flags & {FLAG_ACTIVE}) != 0, gs * sg, 0.0)"]
+        bwd_params_load, bwd_params_store = [], []
+    else:
+        reset_grad = []
+        if key.reset_in_graph and key.reset == "subtract":
+            reset_grad = ["gs -= theta * gv"]
+        elif key.reset_in_graph and key.reset == "zero":
+            reset_grad = ["gs -= beta * vt * gv"]
+        bwd_step = ["vt = tl.load(mem_ptr + row, mask=mask, other=0.0).to(ACC)",
+                    "u = vt - theta",
+                    f"s_t = {_fire('u', key)}",
+                    "gs = tl.load(gs_ptr + row, mask=mask, other=0.0).to(ACC)",
+                    *reset_grad,
+                    "sg = _surrogate(u)",
+                    "carry = gv * beta"]
+        if key.reset == "zero":
+            bwd_step.append("carry = carry * (1.0 - s_t)")
+        bwd_step += ["gv = gs * sg + carry",
+                     "if HAS_GRAD_MEMBRANE:",
+                     "    gv += tl.load(gm_ptr + row, mask=mask, other=0.0).to(ACC)",
+                     "if t == steps - 1:",
+                     "    gv += tl.load(gvf_ptr + state, mask=mask, other=0.0).to(ACC)",
+                     "if t > 0:",
+                     "    v_prev = tl.load(mem_ptr + row - neurons, mask=mask, other=0.0).to(ACC)",
+                     "else:",
+                     "    v_prev = tl.load(v0_ptr + state, mask=mask, other=0.0).to(ACC)",
+                     f"s_prev = {_fire('v_prev - theta', key)}",
+                     "g_theta -= gs * sg"]
+        if key.reset == "subtract":
+            bwd_step += ["g_theta -= gv * s_prev", "g_beta += gv * v_prev"]
+        elif key.reset == "zero":
+            bwd_step += ["g_beta += gv * v_prev * (1.0 - s_prev)"]
+        else:
+            bwd_step += ["g_beta += gv * v_prev"]
+        bwd_params_load = ["g_beta = tl.load(gbeta_ptr + state, mask=mask, other=0.0)",
+                           "g_theta = tl.load(gtheta_ptr + state, mask=mask, other=0.0)"]
+        bwd_params_store = ["tl.store(gbeta_ptr + state, g_beta, mask=mask)",
+                            "tl.store(gtheta_ptr + state, g_theta, mask=mask)"]
+        if cuba:
+            bwd_params_load.append("g_alpha = tl.load(galpha_ptr + state, mask=mask, other=0.0)")
+            bwd_params_store.append("tl.store(galpha_ptr + state, g_alpha, mask=mask)")
+    if cuba:
+        bwd_step += ["gsyn = gv + alpha * gsyn",
+                     "if t == steps - 1:",
+                     "    gsyn += tl.load(gsf_ptr + state, mask=mask, other=0.0).to(ACC)"]
+        if not key.sparse:
+            bwd_step += ["if t > 0:",
+                         "    syn_prev = tl.load(syn_rec_ptr + row - neurons, mask=mask, other=0.0).to(ACC)",
+                         "else:",
+                         "    syn_prev = tl.load(syn0_ptr + state, mask=mask, other=0.0).to(ACC)",
+                         "g_alpha += gsyn * syn_prev"]
+        bwd_step.append("tl.store(gcur_ptr + row, gsyn, mask=mask)")
+    else:
+        bwd_step.append("tl.store(gcur_ptr + row, gv, mask=mask)")
+    bwd_state_load = ["gv = tl.load(gv_ptr + state, mask=mask, other=0.0)"]
+    bwd_state_store = ["tl.store(gv_ptr + state, gv, mask=mask)"]
+    if cuba:
+        bwd_state_load.append("gsyn = tl.load(gsyn_ptr + state, mask=mask, other=0.0)")
+        bwd_state_store.append("tl.store(gsyn_ptr + state, gsyn, mask=mask)")
+
+    # Step -1: the spike of the initial membrane feeds the reset (and, recurrent, the current) of step 0.
+    init = ["v0 = tl.load(v0_ptr + state, mask=mask, other=0.0).to(ACC)",
+            "u0 = v0 - theta",
+            f"s0 = {_fire('u0', key)}",
+            "gv = tl.load(gv_ptr + state, mask=mask, other=0.0)",
+            "carry = gv * beta"]
+    if key.reset == "zero":
+        init.append("carry = carry * (1.0 - s0)")
+    if key.sparse:
+        if key.recurrent:
+            init += ["gs0 = tl.load(gs0_ptr + state, mask=mask, other=0.0).to(ACC)",
+                     f"carry += tl.where(tl.abs(u0) < {_const(key.window)}, gs0 * _surrogate(u0), 0.0)"]
+    else:
+        init.append("gs0 = tl.load(gs0_ptr + state, mask=mask, other=0.0).to(ACC)" if key.recurrent
+                    else "gs0 = tl.zeros([BLOCK_N], ACC)")
+        if key.reset_in_graph and key.reset == "subtract":
+            init.append("gs0 -= theta * gv")
+        elif key.reset_in_graph and key.reset == "zero":
+            init.append("gs0 -= beta * v0 * gv")
+        init += ["sg0 = _surrogate(u0)",
+                 "carry += gs0 * sg0",
+                 "g_theta = tl.load(gtheta_ptr + state, mask=mask, other=0.0)",
+                 "tl.store(gtheta_ptr + state, g_theta - gs0 * sg0, mask=mask)"]
+    init.append("tl.store(gv0_ptr + state, carry, mask=mask)")
+    if cuba:
+        init += ["alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC)",
+                 "gsyn = tl.load(gsyn_ptr + state, mask=mask, other=0.0)",
+                 "tl.store(gsyn0_ptr + state, alpha * gsyn, mask=mask)"]
+
+    if key.sparse:
+        collect = ["if COLLECT_ACTIVE:",
+                   f"    active = (tl.abs(u) < {_const(key.window)}) | (u != u)",
+                   "    sg = _surrogate(u)",
+                   "    # A NaN membrane is an active entry whose surrogate is σ'(NaN)·0, as in the windowed reference.",
+                   "    sg = tl.where(u == u, sg, sg * 0.0)",
+                   f"    flags = tl.where(s > 0.0, {FLAG_SPIKE}, 0) + tl.where(active, {FLAG_ACTIVE}, 0)",
+                   "    tl.store(flags_ptr + row, flags.to(tl.uint8), mask=mask)",
+                   "    tl.store(surr_ptr + row, tl.where(active, sg, 0.0), mask=mask)"]
+    else:
+        collect = []
+
+    return f'''"""Generated by snnopt.codegen.triton_lif; do not edit. Spec: {spec.describe()}, accumulation {key.acc}.
+
+{key!r}
+"""
+
+import triton
+import triton.language as tl
+
+ACC = tl.constexpr(tl.{key.acc})
+
+
+@triton.jit
+def _surrogate(u):
+{_indent(_surrogate_lines(key), 4)}
+
+
+@triton.jit
+def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
+                    spikes_ptr, mem_ptr, syn_rec_ptr, flags_ptr, surr_ptr,
+                    t_start, t_stop, steps, neurons,
+                    RECORD_MEMBRANE: tl.constexpr, RECORD_SYN: tl.constexpr, COLLECT_ACTIVE: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < neurons
+    state = b * neurons + offs
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
+    theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
+    v = tl.load(v_ptr + state, mask=mask, other=0.0).to(ACC)
+{_indent(fwd_state, 4)}
+    s_prev = {_fire("v - theta", key)}
+    for t in range(t_start, t_stop):
+        row = (b * steps + t) * neurons + offs
+        cur = tl.load(cur_ptr + row, mask=mask, other=0.0).to(ACC)
+{_indent(fwd_drive, 8)}
+        {_membrane_update(key)}
+        u = v - theta
+        s = {_fire("u", key)}
+        tl.store(spikes_ptr + row, s.to(spikes_ptr.dtype.element_ty), mask=mask)
+        if RECORD_MEMBRANE:
+            tl.store(mem_ptr + row, v, mask=mask)
+{_indent(fwd_record_syn, 8)}
+{_indent(collect, 8)}
+        s_prev = s
+    tl.store(v_ptr + state, v, mask=mask)
+{_indent(fwd_store_state, 4)}
+
+
+@triton.jit
+def _lif_bwd_kernel(gs_ptr, gm_ptr, gvf_ptr, gsf_ptr, mem_ptr, syn_rec_ptr, flags_ptr, surr_ptr,
+                    beta_ptr, theta_ptr, alpha_ptr, v0_ptr, syn0_ptr,
+                    gv_ptr, gsyn_ptr, gcur_ptr, gbeta_ptr, gtheta_ptr, galpha_ptr,
+                    t_start, t_stop, steps, neurons,
+                    HAS_GRAD_MEMBRANE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Reverse sweep over steps t_stop-1 … t_start. gv holds Gv[t+1] entering step t, Gv[t] leaving it.
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < neurons
+    state = b * neurons + offs
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
+    theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
+    alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC)
+{_indent(bwd_state_load + bwd_params_load, 4)}
+    for i in range(t_start, t_stop):
+        t = t_stop - 1 - (i - t_start)
+        row = (b * steps + t) * neurons + offs
+{_indent(bwd_step, 8)}
+{_indent(bwd_state_store + bwd_params_store, 4)}
+
+
+@triton.jit
+def _lif_bwd_init_kernel(gs0_ptr, beta_ptr, theta_ptr, alpha_ptr, v0_ptr, gv_ptr, gsyn_ptr, gtheta_ptr,
+                         gv0_ptr, gsyn0_ptr, neurons, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < neurons
+    state = b * neurons + offs
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
+    theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
+{_indent(init, 4)}
+'''
+
+
+def kernels(spec: LifSpec, dtype: torch.dtype = torch.float32) -> ModuleType:
+    """The imported kernel module for ``spec`` and inputs of ``dtype`` (generated on first use)."""
+    return kernel_cache.load_module("lif_kernels", kernel_source(spec, dtype))
+
+
+def emit_kernels(spec: LifSpec, directory, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """Save the generated Triton source for ``spec`` in ``directory``; returns the files written.
+
+    Example::
+
+        >>> emit_kernels(LifSpec(reset="zero"), "kernels", dtype=torch.bfloat16)
+    """
+    source = kernel_source(spec, dtype)
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [kernel_cache.write_atomically(folder / f"{kernel_cache.source_name('lif_kernels', source)}.py", source)]
+
+
+# --- launchers -------------------------------------------------------------------------------------
+
+
+def _block(neurons: int) -> int:
+    # Enough programs to fill a GPU even at small batch; at least 16 lanes for a tidy layout.
+    return max(16, min(256, 1 << max(0, (int(neurons) - 1).bit_length())))
+
+
+def _fires(u: Tensor, fire_at_threshold: bool) -> Tensor:
+    return (u >= 0) if fire_at_threshold else (u > 0)
+
+
+def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Tensor], recurrent_weight: Optional[Tensor],
+                v0: Tensor, syn0: Optional[Tensor], spec: LifSpec, *, out_dtype: torch.dtype,
+                record_membrane: bool, record_syn: bool, collect_active: bool):
+    """Run the recurrence; ``current`` is the ``(B, T, N)`` input current (a fresh tensor: recurrent layers add to it).
+
+    Returns ``(spikes, membrane, syn_record, v_final, syn_final, flags, surrogate)``: membrane and
+    syn_record in the accumulation dtype (or None), flags (uint8) and the dense surrogate at active
+    entries (zero elsewhere) when ``collect_active``.
+    """
+    batch, steps, neurons = current.shape
+    acc = accumulation_dtype(out_dtype)
+    module = kernels(spec, out_dtype)
+    device = current.device
+    spikes = torch.empty((batch, steps, neurons), dtype=out_dtype, device=device)
+    seq = lambda dtype: torch.empty((batch, steps, neurons), dtype=dtype, device=device)  # noqa: E731
+    nothing = torch.empty(1, dtype=acc, device=device)
+    membrane = seq(acc) if record_membrane else None
+    syn_record = seq(acc) if record_syn else None
+    flags = seq(torch.uint8) if collect_active else None
+    surr = seq(acc) if collect_active else None
+    v_state = v0.to(acc, copy=True).contiguous()
+    syn_state = syn0.to(acc, copy=True).contiguous() if syn0 is not None else nothing
+    block = _block(neurons)
+    grid = (batch, -(-neurons // block))
+    args = (beta.to(acc).contiguous(), theta.to(acc).contiguous(),
+            alpha.to(acc).contiguous() if alpha is not None else nothing, v_state, syn_state, spikes,
+            membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
+            flags if flags is not None else nothing.to(torch.uint8), surr if surr is not None else nothing)
+    consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
+                  BLOCK_N=block)
+    if recurrent_weight is None:
+        module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, **consts)
+    else:
+        rec_t = recurrent_weight.to(acc).t()
+        s_prev = _fires(v0.to(acc) - args[1], spec.fire_at_threshold).to(acc)
+        for t in range(steps):
+            # The recurrent input of step t needs the spikes of step t-1 from every neuron of the row.
+            current[:, t].addmm_(s_prev, rec_t)
+            module._lif_fwd_kernel[grid](current, *args, t, t + 1, steps, neurons, **consts)
+            s_prev = spikes[:, t].to(acc)
+    return spikes, membrane, syn_record, v_state, (syn_state if syn0 is not None else None), flags, surr
+
+
+def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor], grad_v_final: Optional[Tensor],
+                 grad_syn_final: Optional[Tensor], membrane: Optional[Tensor], syn_record: Optional[Tensor],
+                 flags: Optional[Tensor], surr: Optional[Tensor], beta: Tensor, theta: Tensor, alpha: Optional[Tensor],
+                 recurrent_weight: Optional[Tensor], v0: Tensor, syn0: Optional[Tensor], steps: int, spec: LifSpec,
+                 in_dtype: torch.dtype):
+    """The reverse sweep; returns ``(dI, dv0, dsyn0, dβ, dθ, dα)`` in the accumulation dtype.
+
+    Exact mode needs ``membrane`` (and ``syn_record`` for CuBa); sparse mode ``flags`` and the dense
+    ``surr`` (zero outside the active set). dβ, dθ, dα are None in sparse mode.
+    """
+    batch, neurons = v0.shape
+    acc = accumulation_dtype(in_dtype)
+    module = kernels(spec, in_dtype)
+    device = v0.device
+    nothing = torch.empty(1, dtype=acc, device=device)
+    seq_shape = (batch, steps, neurons)
+    if grad_spikes is None:
+        gs = torch.zeros(seq_shape, dtype=acc, device=device)
+    elif recurrent_weight is not None:
+        gs = grad_spikes.to(acc, copy=True).contiguous()  # the sweep adds the recurrent term into it
+    else:
+        gs = grad_spikes.contiguous()
+    state_zeros = lambda: torch.zeros((batch, neurons), dtype=acc, device=device)  # noqa: E731
+    gvf = grad_v_final.contiguous() if grad_v_final is not None else state_zeros()
+    gsf = grad_syn_final.contiguous() if (grad_syn_final is not None and spec.cuba) else state_zeros()
+    gm = grad_membrane.contiguous() if grad_membrane is not None else None
+    gv, gsyn = state_zeros(), state_zeros()
+    gcur = torch.empty(seq_shape, dtype=acc, device=device)
+    gbeta, gtheta, galpha = state_zeros(), state_zeros(), state_zeros()
+    beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
+    alpha_a = alpha.to(acc).contiguous() if alpha is not None else state_zeros()[0]
+    syn0_a = syn0.contiguous() if syn0 is not None else state_zeros()
+    block = _block(neurons)
+    grid = (batch, -(-neurons // block))
+
+    def sweep(t_start, t_stop):
+        module._lif_bwd_kernel[grid](
+            gs, gm if gm is not None else nothing, gvf, gsf,
+            membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
+            flags if flags is not None else nothing.to(torch.uint8), surr if surr is not None else nothing,
+            beta_a, theta_a, alpha_a, v0.contiguous(), syn0_a, gv, gsyn, gcur, gbeta, gtheta, galpha,
+            t_start, t_stop, steps, neurons, HAS_GRAD_MEMBRANE=gm is not None, BLOCK_N=block)
+
+    gs0 = nothing
+    if recurrent_weight is None:
+        sweep(0, steps)
+    else:
+        rec = recurrent_weight.to(acc)
+        for t in range(steps - 1, -1, -1):
+            if t < steps - 1:
+                gs[:, t].addmm_(gcur[:, t + 1], rec)  # dL/ds[t] += Gcur[t+1] V
+            sweep(t, t + 1)
+        gs0 = gcur[:, 0].mm(rec)
+    gv0, gsyn0 = torch.empty_like(gv), torch.empty_like(gv)
+    module._lif_bwd_init_kernel[grid](gs0, beta_a, theta_a, alpha_a, v0.contiguous(), gv, gsyn, gtheta, gv0, gsyn0,
+                                      neurons, BLOCK_N=block)
+    if spec.sparse:
+        return gcur, gv0, gsyn0, None, None, None
+    return gcur, gv0, gsyn0, gbeta.sum(0), gtheta.sum(0), galpha.sum(0)
+
