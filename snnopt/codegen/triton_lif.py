@@ -32,7 +32,8 @@ seed paper and the Open Neuromorphic benchmark; the sparse saving on GPU is in w
 keeps (one byte per entry plus the active list, instead of the membrane) and in the sweep. The
 input gradient restricted to ``input_active`` is gathered at those rows only.
 
-float64 kernels accumulate in float64; float32, float16 and bfloat16 inputs in float32.
+float64 kernels accumulate in float64; float32, float16 and bfloat16 inputs in float32. This module
+needs no triton itself (the generated modules import it), so :func:`emit_kernels` works anywhere.
 
 Example::
 
@@ -56,6 +57,9 @@ from snnopt.spec import LifSpec
 
 FLAG_SPIKE = 1
 FLAG_ACTIVE = 2
+# No fused multiply-adds: each step then rounds exactly as the eager reference (and a user's loop)
+# does, so spikes near the threshold come out the same. The kernels are memory-bound; FMA buys nothing.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @dataclass(frozen=True)
@@ -390,7 +394,7 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
             flags if flags is not None else nothing.to(torch.uint8), surr if surr is not None else nothing)
     consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
-                  BLOCK_N=block)
+                  BLOCK_N=block, **LAUNCH_OPTIONS)
     if recurrent_weight is None:
         module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, **consts)
     else:
@@ -445,7 +449,7 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
             flags if flags is not None else nothing.to(torch.uint8), surr if surr is not None else nothing,
             beta_a, theta_a, alpha_a, v0.contiguous(), syn0_a, gv, gsyn, gcur, gbeta, gtheta, galpha,
-            t_start, t_stop, steps, neurons, HAS_GRAD_MEMBRANE=gm is not None, BLOCK_N=block)
+            t_start, t_stop, steps, neurons, HAS_GRAD_MEMBRANE=gm is not None, BLOCK_N=block, **LAUNCH_OPTIONS)
 
     gs0 = nothing
     if recurrent_weight is None:
@@ -459,7 +463,7 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
         gs0 = gcur[:, 0].mm(rec)
     gv0, gsyn0 = torch.empty_like(gv), torch.empty_like(gv)
     module._lif_bwd_init_kernel[grid](gs0, beta_a, theta_a, alpha_a, v0.contiguous(), gv, gsyn, gtheta, gv0, gsyn0,
-                                      neurons, BLOCK_N=block)
+                                      neurons, BLOCK_N=block, **LAUNCH_OPTIONS)
     if spec.sparse:
         return gcur, gv0, gsyn0, None, None, None
     return gcur, gv0, gsyn0, gbeta.sum(0), gtheta.sum(0), galpha.sum(0)
