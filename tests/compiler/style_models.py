@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 WINDOW = 0.2
 
@@ -684,6 +685,26 @@ class SnntorchInitHidden(nn.Module):
         for step in range(x.shape[1]):
             spk_rec.append(self.lif(self.fc(x[:, step])))
         return torch.stack(spk_rec, dim=1).sum(dim=1)
+
+
+# ------------------------------------------------------------------------------ running a case
+
+
+def run(model, inputs, seed: int = 1234):
+    """Outputs of one forward pass as a flat list of tensors (dropout draws seeded)."""
+    torch.manual_seed(seed)
+    return pytree.tree_leaves(model(*inputs))
+
+
+def weighted_loss(outputs, seed: int = 99):
+    gen = torch.Generator().manual_seed(seed)
+    return sum((out * torch.randn(out.shape, generator=gen)).sum() for out in outputs if out.requires_grad)
+
+
+def gradients(model, inputs):
+    model.zero_grad(set_to_none=True)
+    weighted_loss(run(model, inputs)).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
 
 
 # ------------------------------------------------------------------------------ cases

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 from snnopt import surrogate as surrogate_lib
 from tests.compiler import style_models as zoo
+from tests.compiler.style_models import gradients, run
 
 # Spikes flip where v - θ crosses 0; the windowed gradient jumps at |v - θ| = window and the
 # boxcar's at |v - θ| = 0.5. Two correct float32 implementations may round across such an edge
@@ -22,23 +22,6 @@ MIN_NEAR_THRESHOLD = 0.01  # fraction of entries with |v - θ| < window
 
 def _ids(cases):
     return [case.name for case in cases]
-
-
-def run(model, inputs, seed: int = 1234):
-    """Outputs of one forward pass as a flat list of tensors (dropout draws seeded)."""
-    torch.manual_seed(seed)
-    return pytree.tree_leaves(model(*inputs))
-
-
-def weighted_loss(outputs, seed: int = 99):
-    gen = torch.Generator().manual_seed(seed)
-    return sum((out * torch.randn(out.shape, generator=gen)).sum() for out in outputs if out.requires_grad)
-
-
-def gradients(model, inputs):
-    model.zero_grad(set_to_none=True)
-    weighted_loss(run(model, inputs)).backward()
-    return {name: p.grad for name, p in model.named_parameters()}
 
 
 @contextlib.contextmanager
