@@ -14,11 +14,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import time
 import weakref
 from pathlib import Path
@@ -196,16 +200,113 @@ class SavedBytes:
 
 
 class StepTimer:
-    """Wall-clock marks within one training step; ``perf_counter`` is enough on CPU (no async)."""
+    """Marks within one training step. On CPU ``perf_counter`` is enough (no async); while
+    :func:`timing_device` names a CUDA device, the marks are CUDA events on the current stream
+    (GPU kernels run asynchronously, so host clocks would time the launches), read after one
+    synchronisation in :meth:`intervals`."""
+
+    device: torch.device | None = None  # set by timing_device(); None or a CPU device: host clock
 
     def __init__(self):
-        self.marks = [time.perf_counter()]
+        self._cuda = self.device is not None and self.device.type == "cuda"
+        self.marks = []
+        self.mark()
 
     def mark(self) -> None:
-        self.marks.append(time.perf_counter())
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
 
     def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self._cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+@contextlib.contextmanager
+def timing_device(device):
+    """Make every :class:`StepTimer` created inside the block time work on ``device``.
+
+    Example::
+
+        >>> with timing_device("cpu"):
+        ...     timer = StepTimer()
+    """
+    previous, StepTimer.device = StepTimer.device, torch.device(device)
+    try:
+        yield
+    finally:
+        StepTimer.device = previous
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def git_commit(default: str | None = None) -> str | None:
+    """The repository's HEAD commit (``-dirty`` when tracked files changed), else ``$SNNOPT_COMMIT``
+    or ``default``: result files must say which code they measured, also on copies without .git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("SNNOPT_COMMIT", default)
+
+
+def source_digest(folder: str = "snnopt") -> str:
+    """SHA-256 of the ``*.py`` files under ``folder`` (sorted paths and contents): names the code
+    measured even where no git metadata travelled with it."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted((root / folder).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def slug(text: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (for file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_info(device) -> dict:
+    """The accelerator (or CPU) the numbers were measured on, and the library versions that matter there."""
+    device = torch.device(device)
+    info = {"device": str(device), "torch": torch.__version__, "cuda_runtime": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_bytes=props.total_memory, multiprocessors=props.multi_processor_count,
+                    cudnn=torch.backends.cudnn.version(), driver=_nvidia_driver(),
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        info.update(name=cpu_model())
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one script to run on a rented GPU machine, from the repository root, with $OUT a folder to
+# write into (everything that should come back lands there). Needs no network: snnTorch,
+# SpikingJelly and their pure-Python dependency loguru travel as wheels in .whl/ (prepared with
+# `pip download --no-deps`, see benchmarks/README.md), and snnopt runs from the source tree.
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh          # about 7 minutes at most
+#
+# Steps: install the wheels into /tmp/site; print nvidia-smi and versions; the GPU tests
+# (pytest -m gpu, at most 130 s); the GPU suite (at most 330 s; it stops starting new sizes
+# after 290 s). Logs: $OUT/env.log, $OUT/gpu_tests.log, $OUT/gpu_suite.log; results:
+# $OUT/gpu_suite_<device>.json and .png. A failing step does not stop the next one.
+set -u
+OUT=${OUT:?set OUT to the folder that receives logs and results}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+{
+  echo "== $(date -u +%FT%TZ) gpu_check.sh in $PWD"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      || python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in sys.argv[1:]]" .whl/*.whl
+    echo "installed into /tmp/site: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    echo "no .whl/ folder: snnTorch and SpikingJelly will be reported as not installed"
+  fi
+} 2>&1 | tee "$OUT/env.log"
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+
+{
+  nvidia-smi || echo "nvidia-smi failed"
+  python3 - <<'PY'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+for name in ("triton", "numpy", "numba", "matplotlib", "snntorch", "spikingjelly", "loguru", "snnopt"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"), getattr(module, "__file__", ""))
+    except Exception as error:
+        print(name, "NOT IMPORTABLE:", type(error).__name__, error)
+PY
+} 2>&1 | tee -a "$OUT/env.log"
+
+echo "== GPU tests (pytest -m gpu, limit 130 s)" | tee "$OUT/gpu_tests.log"
+timeout 130 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
+echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out)" | tee -a "$OUT/gpu_tests.log"
+
+echo "== GPU suite (limit 330 s)" | tee "$OUT/gpu_suite.log"
+timeout 330 python3 benchmarks/gpu_suite.py --device cuda --out "$OUT" --budget 290 2>&1 | tee -a "$OUT/gpu_suite.log"
+echo "gpu_suite exit status ${PIPESTATUS[0]} (1: a correctness check failed; 124: timed out, partial JSON kept)" \
+  | tee -a "$OUT/gpu_suite.log"
+ls -l "$OUT"

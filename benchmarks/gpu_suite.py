@@ -1,0 +1,929 @@
+"""GPU benchmark suite: the seed paper's network (its Fig. 2) and the Open Neuromorphic layer benchmark.
+
+Two sections, run in this order, each written to the JSON as soon as one of its sizes is done (so
+a run cut short still leaves every finished size):
+
+1. **Seed network** (Perez-Nieves & Goodman 2021, see ../shared/SEED.md): 784-H-H-10, T=100,
+   B=256, latency-coded synthetic Fashion-MNIST-like images from ``seed_network.py`` (real data
+   does not travel to rented GPUs; the generator reproduces its input activity), for
+   H = 200, 400, 600, 800, 1000 (the paper's Fig. 2). Per layer (784→H and H→H, each run alone
+   from recorded inputs and the gradient the network sends it): backward time, bytes saved for
+   backward and the peak memory while the backward runs, for the dense eager loop as the paper
+   writes it, the same loop with ``unbind``, snnopt exact and snnopt sparse. Then the whole
+   training step (forward, backward, Adam) of the network built each way (``seed_network.py``'s
+   variants, snnTorch included when installed), after checking that every variant computes the
+   dense loop's loss, spikes and gradients (the sparse one: the windowed dense loop's).
+2. **Open Neuromorphic configuration** (one ``Linear(n, n, bias=False)`` + LIF layer, B=16, T=500,
+   n = 4096, 8192, 16384; forward + ``sum`` loss + backward; peak memory): dense eager (the unbind
+   loop), ``torch.compile`` of that dense layer (compile time reported on its own), SpikingJelly's
+   multi-step ``LIFNode`` (it picks its fastest CUDA implementation itself), snnTorch ``Leaky``,
+   snnopt exact and snnopt sparse. Input: Bernoulli spikes, 5 % by default (``--on-input-rate``).
+   The JSON gives, per n, snnopt sparse's step time divided by the fastest peer's.
+
+All variants share one neuron: β = exp(-1/10), θ = 1, reset by subtraction (detached), SuperSpike
+surrogate 1/(100|u|+1)² (SpikingJelly: its SoftSign(α=100), the same curve ×50), sparse window
+|v-θ| < 0.2, float32, PyTorch's default matmul precision (TF32 off; ``--tf32`` turns it on).
+
+Timing: CUDA events around forward and backward, warm-ups first, medians over ``--repeat`` rounds
+that run every variant once, rotating which goes first. Memory: ``torch.cuda.max_memory_allocated``
+after ``reset_peak_memory_stats``, above what was allocated before the forward; and the bytes
+autograd saved for backward (``_harness.SavedBytes``). A variant that fails (out of memory, library
+missing, snnopt without a CUDA backend yet) is recorded with its error; the rest carry on.
+
+Run from the repository root::
+
+    python benchmarks/gpu_suite.py                       # full run on cuda:0 (about 4-5 minutes on an H100)
+    python benchmarks/gpu_suite.py --quick               # fewer sizes and repeats (about 2 minutes)
+    python benchmarks/gpu_suite.py --device cpu --smoke  # tiny sizes: every code path, no GPU needed
+    python benchmarks/gpu_suite.py --out DIR             # write gpu_suite_<device>.json/.png into DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from benchmarks import _harness
+    from benchmarks import seed_network as seed
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import _harness
+    import seed_network as seed
+
+
+@dataclass(frozen=True)
+class SuiteSizes:
+    hidden: tuple[int, ...] = (200, 400, 600, 800, 1000)
+    seed_batch: int = 256
+    seed_steps: int = 100
+    on_neurons: tuple[int, ...] = (4096, 8192, 16384)
+    on_batch: int = 16
+    on_steps: int = 500
+    repeat: int = 15
+    warmup: int = 3
+
+
+MODES = {
+    "full": SuiteSizes(),
+    "quick": SuiteSizes(hidden=(200, 600, 1000), on_neurons=(4096, 16384), repeat=7, warmup=2),
+    "smoke": SuiteSizes(hidden=(16, 24), seed_batch=4, seed_steps=12, on_neurons=(24, 40), on_batch=2, on_steps=16,
+                        repeat=2, warmup=1),
+}
+
+ON_PEERS = ("dense_eager", "dense_compiled", "spikingjelly", "snntorch_leaky")
+
+
+def describe(error: BaseException) -> str:
+    """One line for the JSON: the exception type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- cases
+
+
+class Case:
+    """One way of computing something to differentiate: ``forward()`` returns what ``backward``
+    takes; ``leaves`` get their ``.grad`` cleared before every run so each run does the same work."""
+
+    def __init__(self, key: str, label: str, forward: Callable, backward: Callable, leaves, inputs=(),
+                 count_saved: bool = True):
+        self.key, self.label = key, label
+        self.forward, self.backward = forward, backward
+        self.leaves, self.inputs, self.count_saved = list(leaves), list(inputs), count_saved
+
+    def _clear(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def timed(self) -> list[float]:
+        """Seconds of forward and backward (device time on CUDA)."""
+        self._clear()
+        timer = _harness.StepTimer()
+        out = self.forward()
+        timer.mark()
+        self.backward(out)
+        timer.mark()
+        del out
+        return timer.intervals()
+
+    def memory(self, device: torch.device) -> dict:
+        """Bytes saved for backward and, on CUDA, peaks above the allocation before the forward."""
+        self._clear()
+        free_memory(device)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        saved = None
+        if self.count_saved:
+            params = [leaf for leaf in self.leaves if not any(leaf is inp for inp in self.inputs)]
+            counter = _harness.SavedBytes(params, inputs=self.inputs)
+            with counter:
+                out = self.forward()
+            counter.scan_graph(out if isinstance(out, torch.Tensor) else out[0])
+            saved = counter.summary()
+        else:
+            out = self.forward()
+        result = {"saved_for_backward_bytes": saved}
+        if cuda:
+            torch.cuda.synchronize(device)
+            result["forward_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+            result["retained_after_forward_bytes"] = torch.cuda.memory_allocated(device) - base
+            torch.cuda.reset_peak_memory_stats(device)
+        self.backward(out)
+        del out
+        if cuda:
+            torch.cuda.synchronize(device)
+            # What the backward needs at its worst, counting the forward's retained tensors it consumes.
+            result["backward_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        self._clear()
+        return result
+
+
+class Attempts:
+    """Runs callables per variant key; a key whose call raises (out of memory, library missing, no
+    CUDA backend, compile failure) is recorded in ``errors`` and dropped, and the others carry on."""
+
+    def __init__(self, keys, errors: dict, device: torch.device):
+        self.live, self.errors, self.device = list(keys), errors, device
+
+    def __call__(self, key, fn):
+        try:
+            return fn()
+        except Exception as error:
+            self.errors[key] = describe(error)
+            self.live.remove(key)
+            free_memory(self.device)
+            return None
+
+
+def measure_memory(cases: dict[str, Case], errors: dict, device: torch.device) -> dict:
+    """Each case's memory facts; a failing case is left out and its error recorded."""
+    attempt = Attempts(cases, errors, device)
+    memory = {key: attempt(key, lambda: cases[key].memory(device)) for key in cases}
+    return {key: m for key, m in memory.items() if m is not None}
+
+
+def time_side_by_side(runs: dict[str, Callable[[], list[float]]], repeat: int, warmup: int, errors: dict,
+                      device: torch.device) -> dict[str, list[list[float]]]:
+    """Warm-ups, then ``repeat`` rounds calling every run once, rotating which goes first.
+
+    ``runs`` return the seconds of their phases; a run that raises is dropped (see :class:`Attempts`).
+    """
+    attempt = Attempts([key for key in runs if key not in errors], errors, device)
+    for _ in range(warmup):
+        for key in list(attempt.live):
+            attempt(key, runs[key])
+    samples = {key: [] for key in attempt.live}
+    for r in range(repeat):
+        order = list(attempt.live)
+        for k in range(len(order)):
+            key = order[(r + k) % len(order)]
+            if key in attempt.live:
+                result = attempt(key, runs[key])
+                if result is not None:
+                    samples[key].append(result)
+    return {key: s for key, s in samples.items() if key in attempt.live and s}
+
+
+def summarise(samples: list[list[float]]) -> dict:
+    fwd, bwd = (np.array(col) * 1e3 for col in zip(*samples))
+    step = fwd + bwd
+    return {"forward_ms": _harness.median(fwd), "backward_ms": _harness.median(bwd), "step_ms": _harness.median(step),
+            "step_ms_min": float(step.min()), "repeats": len(step),
+            "samples_ms": {"forward": fwd.round(4).tolist(), "backward": bwd.round(4).tolist()}}
+
+
+# ------------------------------------------------------------------------- section 1: seed network
+
+
+def snnopt_layer(cfg: seed.SeedConfig, backward: str):
+    """``(x, weight, input_active) -> spikes``: one seed-network layer through snnopt's functional API."""
+    import snnopt.functional as SF
+    from snnopt.surrogate import superspike
+
+    def layer(x, weight, input_active):
+        return SF.linear_lif(x, weight, beta=cfg.beta, threshold=cfg.threshold, reset="subtract", detach_reset=True,
+                             surrogate=superspike(cfg.slope), backward=backward, window=cfg.window,
+                             input_active=input_active)
+    return layer
+
+
+def dense_layer(cfg: seed.SeedConfig, unbind: bool):
+    """``(x, weight, input_active) -> spikes``: the seed benchmark's dense loop for one layer."""
+    loop = seed.DenseEagerSNN(cfg, unbind=unbind)
+    return lambda x, weight, input_active: loop._lif(x, weight, None)
+
+
+LAYER_VARIANTS = {
+    "dense_eager": ("dense eager (paper loop)", lambda cfg: dense_layer(cfg, unbind=False)),
+    "dense_eager_unbind": ("dense eager (unbind loop)", lambda cfg: dense_layer(cfg, unbind=True)),
+    "snnopt_exact": ("snnopt exact", lambda cfg: snnopt_layer(cfg, "exact")),
+    "snnopt_sparse": ("snnopt sparse", lambda cfg: snnopt_layer(cfg, "sparse")),
+}
+
+
+def layer_cases(cfg, x, weight, grad_out, upstream_active, needs_input_grad: bool, errors: dict) -> dict[str, Case]:
+    """The four ways of running one layer, each on its own copy of the weight (and input)."""
+    cases = {}
+    for key, (label, factory) in LAYER_VARIANTS.items():
+        try:
+            layer = factory(cfg)
+        except ImportError as error:
+            errors[key] = describe(error)
+            continue
+        w = weight.clone().requires_grad_()
+        inp = x.clone().requires_grad_(needs_input_grad)
+        # Only the sparse layer may restrict its input gradient: the sparse upstream layer reads it
+        # at its own active entries and nowhere else (README, "How the sparse backward works").
+        active = upstream_active if key == "snnopt_sparse" and needs_input_grad else None
+        cases[key] = Case(key, label, lambda layer=layer, inp=inp, w=w, active=active: layer(inp, w, active),
+                          lambda out: torch.autograd.backward(out, grad_out),
+                          [w, inp] if needs_input_grad else [w], inputs=[inp])
+    return cases
+
+
+def layer_results(cases, samples, memory, errors) -> dict:
+    results = {}
+    for key, case in cases.items():
+        res = {"label": case.label}
+        if key in samples:
+            res.update(summarise(samples[key]))
+        res["memory"] = memory.get(key)
+        if key in errors:
+            res["error"] = errors[key]
+        results[key] = res
+    base, unbind = results.get("dense_eager", {}), results.get("dense_eager_unbind", {})
+    for res in results.values():
+        for name, ref in (("speedup_vs_dense", base), ("speedup_vs_dense_unbind", unbind)):
+            if "backward_ms" in res and "backward_ms" in ref:
+                res[name] = {p: ref[f"{p}_ms"] / res[f"{p}_ms"] for p in ("forward", "backward", "step")}
+        res["memory_ratio_vs_dense"] = _memory_ratios(res.get("memory"), base.get("memory"))
+    return results
+
+
+def _memory_ratios(mem, ref) -> dict | None:
+    if not mem or not ref:
+        return None
+    ratios = {}
+    if mem.get("saved_for_backward_bytes") and ref.get("saved_for_backward_bytes"):
+        ratios["saved_activations"] = (mem["saved_for_backward_bytes"]["activations"]
+                                       / max(ref["saved_for_backward_bytes"]["activations"], 1))
+    if mem.get("backward_peak_bytes") and ref.get("backward_peak_bytes"):
+        ratios["backward_peak"] = mem["backward_peak_bytes"] / ref["backward_peak_bytes"]
+    return ratios
+
+
+def seed_size(hidden: int, sizes: SuiteSizes, device: torch.device, errors: dict) -> dict:
+    """Activity, correctness checks, per-layer backward and whole step for one hidden size."""
+    cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
+    images = seed.synthetic_fashion_images(cfg.batch, seed=cfg.seed)
+    x = seed.latency_code(images, cfg).to(device)
+    labels = torch.from_numpy(np.random.default_rng(cfg.seed + 1).integers(0, cfg.outputs, cfg.batch)).to(device)
+    weights = [w.to(device) for w in seed.initial_weights(cfg)]
+    out = {"config": {**asdict(cfg), "beta": cfg.beta, "beta_readout": cfg.beta_readout}}
+    with torch.device(device):
+        out["activity_at_init"] = seed.activity(x, cfg, weights)
+        # The dense network's full-surrogate backward: the gradient each layer receives, and the
+        # first layer's active set (where the second layer's sparse input gradient is needed).
+        dense = seed.DenseEagerSNN(cfg, unbind=True)
+    with torch.no_grad():
+        for param, weight in zip(dense.weights(), weights):
+            param.copy_(weight)
+    membranes = []
+    logits, (s1, s2) = dense(x, membranes)
+    s1.retain_grad()
+    s2.retain_grad()
+    F.cross_entropy(logits, labels).backward()
+    grad_s1, grad_s2 = s1.grad.detach(), s2.grad.detach()
+    s1 = s1.detach()
+    active1 = ((membranes[0] - cfg.threshold).abs() < cfg.window).flatten().nonzero().squeeze(1)
+    del dense, membranes, logits, s2
+
+    out["checks"] = seed_checks(cfg, x, labels, weights, device, errors)
+
+    out["layers"] = {}
+    for name, inp, weight, grad_out, needs_input_grad in (("layer1_784_to_H", x, weights[0], grad_s1, False),
+                                                          ("layer2_H_to_H", s1, weights[1], grad_s2, True)):
+        layer_errors = {}
+        cases = layer_cases(cfg, inp, weight, grad_out, active1, needs_input_grad, layer_errors)
+        memory = measure_memory(cases, layer_errors, device)
+        samples = time_side_by_side({k: c.timed for k, c in cases.items()}, sizes.repeat, sizes.warmup,
+                                    layer_errors, device)
+        out["layers"][name] = layer_results(cases, samples, memory, layer_errors)
+        errors.update({f"{name}.{k}": v for k, v in layer_errors.items()})
+        del cases
+        free_memory(device)
+
+    out["step"] = seed_step(cfg, x, labels, weights, sizes, device, errors)
+    return out
+
+
+def _device_variants(cfg, weights, device, errors) -> dict[str, seed.Variant]:
+    variants = {}
+    for key, (label, factory) in seed.VARIANTS.items():
+        try:
+            with torch.device(device):
+                variants[key] = seed.Variant(key, label, factory(cfg), weights, cfg)
+        except ImportError as error:
+            errors[key] = f"not installed ({describe(error)})"
+    return variants
+
+
+def seed_checks(cfg, x, labels, weights, device, errors) -> dict:
+    """Each variant's loss, spikes and gradients against the dense loop (sparse: its windowed version)."""
+    with torch.device(device):
+        windowed = seed.Variant("dense_windowed", "", seed.DenseEagerSNN(cfg, window=cfg.window), weights, cfg)
+    check_errors = {}
+    variants = _device_variants(cfg, weights, device, check_errors)
+    checks = {}
+    try:
+        dense = variants.pop("dense_eager").gradients(x, labels)
+        reference = {"full": dense, "windowed": windowed.gradients(x, labels)}
+    except Exception as error:
+        errors["checks"] = describe(error)
+        return {"error": describe(error)}
+    for key, variant in variants.items():
+        ref = "windowed" if key == "snnopt_sparse" else "full"
+        try:
+            checks[key] = seed.compare(variant.gradients(x, labels), reference[ref], grad_tolerance=1e-4)
+            checks[key]["reference"] = "dense eager, windowed surrogate" if ref == "windowed" else "dense eager"
+        except Exception as error:
+            check_errors[key] = describe(error)
+    for key, message in check_errors.items():
+        checks[key] = {"error": message}
+    errors.update({f"checks.{k}": v for k, v in check_errors.items()})
+    checks["all_passed"] = all(c.get("passed", True) for c in checks.values() if isinstance(c, dict))
+    return checks
+
+
+def seed_step(cfg, x, labels, weights, sizes, device, errors) -> dict:
+    """One training step (forward to the loss, backward, Adam) of the whole network, every variant."""
+    step_errors = {}
+    variants = _device_variants(cfg, weights, device, step_errors)
+    cases = {key: Case(key, v.label, lambda v=v: v.loss(x, labels)[0], lambda loss: loss.backward(), v.params,
+                       inputs=[x]) for key, v in variants.items()}
+    memory = measure_memory(cases, step_errors, device)
+    for v in variants.values():
+        v.restore()
+    # The Variant's own timed step: forward, backward, Adam, then back to the initial weights.
+    samples = time_side_by_side({key: (lambda v=v: v.timed_step(x, labels)) for key, v in variants.items()},
+                                sizes.repeat, sizes.warmup, step_errors, device)
+    results = {}
+    for key, v in variants.items():
+        res = {"label": v.label, "memory": memory.get(key)}
+        if key in samples:
+            fwd, bwd, opt = (np.array(col) * 1e3 for col in zip(*samples[key]))
+            res.update(forward_ms=_harness.median(fwd), backward_ms=_harness.median(bwd),
+                       optimizer_ms=_harness.median(opt), step_ms=_harness.median(fwd + bwd + opt),
+                       repeats=len(fwd))
+        if key in step_errors:
+            res["error"] = step_errors[key]
+        results[key] = res
+    base, unbind = results.get("dense_eager", {}), results.get("dense_eager_unbind", {})
+    for res in results.values():
+        for name, ref in (("speedup_vs_dense", base), ("speedup_vs_dense_unbind", unbind)):
+            if "step_ms" in res and "step_ms" in ref:
+                res[name] = {p: ref[f"{p}_ms"] / res[f"{p}_ms"] for p in ("forward", "backward", "step")}
+        res["memory_ratio_vs_dense"] = _memory_ratios(res.get("memory"), base.get("memory"))
+    errors.update({f"step.{k}": v for k, v in step_errors.items()})
+    del variants, cases
+    free_memory(device)
+    return results
+
+
+# ------------------------------------------------------------- section 2: Open Neuromorphic layer
+
+
+class DenseLoopLayer(nn.Module):
+    """``Linear(n, n, bias=False)`` + LIF as a per-step PyTorch loop: ``seed_network``'s dense loop
+    (``unbind`` form, SuperSpike ``autograd.Function``) applied to one layer."""
+
+    def __init__(self, cfg: seed.SeedConfig, weight: torch.Tensor):
+        super().__init__()
+        with torch.device("meta"):  # only its loop is used; no memory for the network's other weights
+            self.loop = seed.DenseEagerSNN(cfg, unbind=True)
+        self.weight = nn.Parameter(weight.clone())
+
+    def forward(self, x, membranes=None):
+        return self.loop._lif(x, self.weight, membranes)
+
+
+class SnntorchLayer(nn.Module):
+    """``Linear`` over all steps at once, then ``snntorch.Leaky`` stepped in Python (fast_sigmoid = SuperSpike)."""
+
+    def __init__(self, cfg: seed.SeedConfig, weight: torch.Tensor):
+        super().__init__()
+        import snntorch
+        from snntorch import surrogate
+
+        self.weight = nn.Parameter(weight.clone())
+        self.lif = snntorch.Leaky(beta=cfg.beta, threshold=cfg.threshold,
+                                  spike_grad=surrogate.fast_sigmoid(slope=cfg.slope))
+
+    def forward(self, x):
+        mem = self.lif.reset_mem()
+        spikes = []
+        for current in (x @ self.weight.t()).unbind(1):
+            spike, mem = self.lif(current, mem)
+            spikes.append(spike)
+        return torch.stack(spikes, 1)
+
+
+class SpikingJellyLayer(nn.Module):
+    """``Linear`` + SpikingJelly's multi-step ``LIFNode`` on time-first input.
+
+    ``decay_input=False`` and ``v_reset=None`` give v[t] = (1 - 1/τ) v[t-1] + I[t], minus θ after a
+    spike: our LIF with β = 1 - 1/τ. SpikingJelly picks its CUDA implementation (native, else
+    Triton, else torch) on its own; ``implementation()`` says which one ran.
+    """
+
+    def __init__(self, cfg: seed.SeedConfig, weight: torch.Tensor):
+        super().__init__()
+        from spikingjelly.activation_based import neuron, surrogate
+
+        self.weight = nn.Parameter(weight.clone())
+        self.lif = neuron.LIFNode(tau=1.0 / (1.0 - cfg.beta), decay_input=False, v_threshold=cfg.threshold,
+                                  v_reset=None, detach_reset=True, step_mode="m",
+                                  surrogate_function=surrogate.SoftSign(alpha=cfg.slope))
+
+    def forward(self, x_time_first):
+        self.lif.reset()
+        return self.lif(x_time_first @ self.weight.t())
+
+    @staticmethod
+    def implementation(device: torch.device) -> str | None:
+        try:
+            from spikingjelly._ops.lif import _selection
+
+            chosen = [getattr(sel, "name", None) for sel in getattr(_selection, "_selections", {}).values()]
+            return ", ".join(str(c) for c in chosen) or None
+        except Exception:  # private API: the JSON simply lacks the detail
+            return None
+
+
+class SnnoptLayer(nn.Module):
+    def __init__(self, cfg: seed.SeedConfig, weight: torch.Tensor, backward: str):
+        super().__init__()
+        from snnopt.nn import LinearLIF
+        from snnopt.surrogate import superspike
+
+        self.layer = LinearLIF(weight.shape[1], weight.shape[0], bias=False, beta=cfg.beta, threshold=cfg.threshold,
+                               reset="subtract", detach_reset=True, surrogate=superspike(cfg.slope), backward=backward,
+                               window=cfg.window)
+        with torch.no_grad():
+            self.layer.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def library_version(name: str) -> str | None:
+    try:
+        module = __import__(name)
+    except Exception as error:  # ImportError, or a library failing at import on this machine
+        return f"not installed ({describe(error)})"
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(module, "__version__", "unknown")
+
+
+def on_activity(layer: DenseLoopLayer, x: torch.Tensor, cfg: seed.SeedConfig) -> dict:
+    with torch.no_grad():
+        membranes = []
+        spikes = layer(x, membranes)
+        v = torch.stack(membranes, 1)
+    return {"input_spike_rate": x.mean().item(), "output_spike_rate": spikes.mean().item(),
+            "silent_neuron_fraction": (spikes.sum((0, 1)) == 0).float().mean().item(),
+            "active_fraction": ((v - cfg.threshold).abs() < cfg.window).float().mean().item()}
+
+
+def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict, compile_log: dict) -> dict:
+    """Every library's forward + backward of one Linear(n, n) + LIF layer, side by side.
+
+    ``compile_log`` carries the last ``torch.compile`` time between sizes: the dense loop unrolls
+    into a graph of T steps, and when compiling it took over ``--compile-limit`` seconds the larger
+    sizes skip it (and say so) rather than spend the run's time budget on compiling.
+    """
+    cfg = replace(seed.SeedConfig(), batch=sizes.on_batch, steps=sizes.on_steps, inputs=n, hidden=n, outputs=1)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    x = (torch.rand(cfg.batch, cfg.steps, n, device=device, generator=gen) < args.on_input_rate).float()
+    bound = args.on_weight_gain / math.sqrt(n)  # nn.Linear's default init, U(±1/√fan_in), times the gain
+    weight = torch.empty(n, n, device=device).uniform_(-bound, bound, generator=gen)
+    out = {"config": {"batch": cfg.batch, "steps": cfg.steps, "neurons": n, "beta": cfg.beta,
+                      "threshold": cfg.threshold, "window": cfg.window, "input": f"Bernoulli({args.on_input_rate})",
+                      "weight": f"U(±{args.on_weight_gain:g}/sqrt(n)), nn.Linear's default init x gain"}}
+    size_errors = {}
+    builders = {
+        "dense_eager": ("dense eager (unbind loop)", lambda: DenseLoopLayer(cfg, weight)),
+        "dense_compiled": ("torch.compile(dense)", lambda: DenseLoopLayer(cfg, weight)),
+        "spikingjelly": ("SpikingJelly LIFNode", lambda: SpikingJellyLayer(cfg, weight)),
+        "snntorch_leaky": ("snnTorch Leaky", lambda: SnntorchLayer(cfg, weight)),
+        "snnopt_exact": ("snnopt exact", lambda: SnnoptLayer(cfg, weight, "exact")),
+        "snnopt_sparse": ("snnopt sparse", lambda: SnnoptLayer(cfg, weight, "sparse")),
+    }
+    modules, cases = {}, {}
+    for key, (label, build) in builders.items():
+        if key in args.skip:
+            size_errors[key] = "skipped (--skip)"
+            continue
+        if key == "dense_compiled" and compile_log.get("seconds", 0.0) > args.compile_limit:
+            size_errors[key] = (f"skipped: compiling took {compile_log['seconds']:.0f} s at n={compile_log['n']} "
+                                f"(over --compile-limit {args.compile_limit:g} s)")
+            continue
+        try:
+            with torch.device(device):
+                modules[key] = build()
+        except ImportError as error:
+            size_errors[key] = f"not installed ({describe(error)})"
+            continue
+        except Exception as error:
+            size_errors[key] = describe(error)
+            free_memory(device)
+            continue
+        module = modules[key]
+        forward = module
+        if key == "dense_compiled":
+            # Static shapes: with dynamic=True, dynamo fails on this autograd.Function (torch 2.13).
+            forward = torch.compile(module, dynamic=False)
+        inp = x.transpose(0, 1).contiguous() if key == "spikingjelly" else x  # its layout; made once, untimed
+        cases[key] = Case(key, label, lambda f=forward, inp=inp: f(inp).sum(), lambda loss: loss.backward(),
+                          list(module.parameters()), inputs=[inp], count_saved=key != "dense_compiled")
+
+    if "dense_eager" in modules:
+        try:
+            out["activity"] = on_activity(modules["dense_eager"], x, cfg)
+        except Exception as error:
+            size_errors["activity"] = describe(error)
+    if "dense_compiled" in cases:  # compile outside the timed rounds, and time it
+        try:
+            _harness.synchronize(device)
+            start = time.perf_counter()
+            cases["dense_compiled"].timed()
+            _harness.synchronize(device)
+            out["compile_first_call_s"] = time.perf_counter() - start
+            compile_log.update(seconds=out["compile_first_call_s"], n=n)
+        except Exception as error:
+            size_errors["dense_compiled"] = f"torch.compile failed: {describe(error)}"
+            del cases["dense_compiled"]
+            free_memory(device)
+
+    memory = measure_memory(cases, size_errors, device)
+    samples = time_side_by_side({k: c.timed for k, c in cases.items()}, sizes.repeat, sizes.warmup, size_errors,
+                                device)
+    results = {}
+    for key, (label, _) in builders.items():
+        res = {"label": label}
+        if key in samples:
+            res.update(summarise(samples[key]))
+        if key in memory:
+            res["memory"] = memory[key]
+        if key in size_errors:
+            res["error"] = size_errors[key]
+        results[key] = res
+    if "compile_first_call_s" in out and "step_ms" in results["dense_compiled"]:
+        results["dense_compiled"]["compile_s"] = out["compile_first_call_s"] - results["dense_compiled"]["step_ms"] / 1e3
+    if "spikingjelly" in results and "step_ms" in results["spikingjelly"]:
+        results["spikingjelly"]["implementation"] = SpikingJellyLayer.implementation(device)
+    peers = {k: results[k]["step_ms"] for k in ON_PEERS if "step_ms" in results.get(k, {})}
+    if peers:
+        fastest = min(peers, key=peers.get)
+        out["fastest_peer"] = fastest
+        for key in ("snnopt_exact", "snnopt_sparse"):
+            if "step_ms" in results[key]:
+                results[key]["step_ratio_vs_fastest_peer"] = results[key]["step_ms"] / peers[fastest]
+        out["snnopt_sparse_step_ratio_vs_fastest_peer"] = results["snnopt_sparse"].get("step_ratio_vs_fastest_peer")
+    out["variants"] = results
+    errors.update({f"{n}.{k}": v for k, v in size_errors.items()})
+    del modules, cases
+    free_memory(device)
+    return out
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+LAYER_SHORT = {"layer1_784_to_H": "L1", "layer2_H_to_H": "L2"}
+
+
+def print_seed(payload: dict) -> None:
+    section = payload["seed_network"]["sizes"]
+    for hidden, res in section.items():
+        act = res.get("activity_at_init", {})
+        notes = [f"activity at init: input spikes {act.get('input_spike_rate', float('nan')):.4%}, hidden spikes "
+                 f"{act.get('hidden_spike_rate', float('nan')):.4%}, active (|v-1|<0.2) "
+                 f"{act.get('hidden_active_fraction', float('nan')):.4%} of B*T*N"]
+        checks = res.get("checks", {})
+        notes.append("checks vs dense loop: " + ", ".join(
+            f"{k} {'PASS' if c.get('passed') else ('ERROR' if 'error' in c else 'FAIL')}"
+            for k, c in checks.items() if isinstance(c, dict)))
+        notes.append("L1 = layer 784->H, L2 = layer H->H, each run alone; step = whole network, forward to the "
+                     "loss, backward, Adam; x = dense ms / variant ms; mem / dense = backward peak (CPU: saved bytes)")
+        rows = []
+        for layer, variants in res.get("layers", {}).items():
+            for key, v in variants.items():
+                rows.append([f"{LAYER_SHORT[layer]} {v['label']}", *_time_cells(v), *_memory_cells(v)])
+        for key, v in res.get("step", {}).items():
+            rows.append([f"step {v['label']}", *_time_cells(v), *_memory_cells(v)])
+        _harness.print_table(f"seed network 784-{hidden}-{hidden}-10, B={res['config']['batch']} "
+                             f"T={res['config']['steps']}, {payload['device']['name']}",
+                             ["what", "fwd ms", "bwd ms", "bwd x dense", "bwd x unbind", "saved MiB", "bwd peak MiB",
+                              "mem / dense"], rows, notes)
+
+
+def _time_cells(v: dict) -> list[str]:
+    if "backward_ms" not in v:
+        return [v.get("error", "-")[:60], "", "", ""]
+    up = v.get("speedup_vs_dense", {}).get("backward")
+    up2 = v.get("speedup_vs_dense_unbind", {}).get("backward")
+    return [f"{v['forward_ms']:.2f}", f"{v['backward_ms']:.2f}", f"{up:.1f}x" if up else "-",
+            f"{up2:.1f}x" if up2 else "-"]
+
+
+def _memory_cells(v: dict) -> list[str]:
+    mem = v.get("memory") or {}
+    saved = (mem.get("saved_for_backward_bytes") or {}).get("activations")
+    peak = mem.get("backward_peak_bytes")
+    ratio = v.get("memory_ratio_vs_dense") or {}
+    shown = ratio.get("backward_peak", ratio.get("saved_activations"))
+    return [f"{saved / 2**20:.1f}" if saved is not None else "-", f"{peak / 2**20:.1f}" if peak is not None else "-",
+            f"{shown:.3f}" if shown is not None else "-"]
+
+
+def print_on(payload: dict) -> None:
+    for n, res in payload["open_neuromorphic"]["sizes"].items():
+        act = res.get("activity", {})
+        notes = [f"input spikes {act.get('input_spike_rate', float('nan')):.3%}, output spikes "
+                 f"{act.get('output_spike_rate', float('nan')):.3%}, active (|v-1|<0.2) "
+                 f"{act.get('active_fraction', float('nan')):.3%} of B*T*n"]
+        if res.get("snnopt_sparse_step_ratio_vs_fastest_peer") is not None:
+            notes.append(f"snnopt sparse step / fastest peer ({res['fastest_peer']}): "
+                         f"{res['snnopt_sparse_step_ratio_vs_fastest_peer']:.3f}")
+        if "compile_s" in res["variants"].get("dense_compiled", {}):
+            notes.append(f"torch.compile: {res['variants']['dense_compiled']['compile_s']:.1f} s to compile")
+        rows = []
+        for key, v in res["variants"].items():
+            if "step_ms" not in v:
+                rows.append([v["label"], v.get("error", "-")[:70], "", "", "", ""])
+                continue
+            peak = (v.get("memory") or {}).get("backward_peak_bytes")
+            ratio = v.get("step_ratio_vs_fastest_peer")
+            rows.append([v["label"], f"{v['forward_ms']:.2f}", f"{v['backward_ms']:.2f}", f"{v['step_ms']:.2f}",
+                         f"{peak / 2**20:.0f}" if peak is not None else "-", f"{ratio:.3f}" if ratio else ""])
+        cfg = res["config"]
+        _harness.print_table(f"Open Neuromorphic layer, n={n} B={cfg['batch']} T={cfg['steps']}, "
+                             f"{payload['device']['name']}",
+                             ["variant", "fwd ms", "bwd ms", "step ms", "peak MiB", "step / fastest peer"], rows, notes)
+
+
+def plot(path: Path, payload: dict) -> bool:
+    """Fig. 2 style: per-layer backward speedup and memory ratio vs hidden size; ON step times."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    seed_sizes = payload["seed_network"]["sizes"]
+    hidden = [int(h) for h in seed_sizes]
+    ax_speed, ax_mem, ax_on = axes
+
+    def series(layer, key, getter):
+        return [getter(seed_sizes[str(h)].get("layers", {}).get(layer, {}).get(key, {})) for h in hidden]
+
+    for layer, marker in (("layer1_784_to_H", "o"), ("layer2_H_to_H", "s")):
+        short = layer.split("_")[0]
+        for key, style in (("snnopt_sparse", "-"), ("snnopt_exact", ":")):
+            for ref, colour in (("speedup_vs_dense", "tab:blue"), ("speedup_vs_dense_unbind", "tab:orange")):
+                ys = series(layer, key, lambda v: (v.get(ref) or {}).get("backward", np.nan))
+                if not np.all(np.isnan(ys)):
+                    base = "paper loop" if ref == "speedup_vs_dense" else "unbind loop"
+                    ax_speed.plot(hidden, ys, style, marker=marker, color=colour,
+                                  label=f"{short} {key.split('_')[1]} vs {base}")
+            for metric, colour in (("backward_peak", "tab:red"), ("saved_activations", "tab:green")):
+                if key != "snnopt_sparse":
+                    continue
+                ys = series(layer, key, lambda v: (v.get("memory_ratio_vs_dense") or {}).get(metric, np.nan))
+                if not np.all(np.isnan(ys)):
+                    ax_mem.plot(hidden, ys, "-", marker=marker, color=colour, label=f"{short} sparse {metric}")
+    ax_speed.set_yscale("log")
+    ax_speed.set_xlabel("hidden neurons H")
+    ax_speed.set_ylabel("backward speedup (dense ms / snnopt ms)")
+    ax_speed.set_title("seed network, per-layer backward", fontsize=9)
+    ax_mem.set_xlabel("hidden neurons H")
+    ax_mem.set_ylabel("snnopt sparse / dense paper loop")
+    ax_mem.set_title("seed network, per-layer backward memory", fontsize=9)
+    for ax in (ax_speed, ax_mem):
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+
+    on_sizes = payload["open_neuromorphic"]["sizes"]
+    keys = list(next(iter(on_sizes.values()))["variants"]) if on_sizes else []
+    width = 0.8 / max(len(keys), 1)
+    for k, key in enumerate(keys):
+        values = [on_sizes[n]["variants"].get(key, {}).get("step_ms", np.nan) for n in on_sizes]
+        xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(on_sizes))]
+        label = next(iter(on_sizes.values()))["variants"][key]["label"]
+        bars = ax_on.bar(xs, values, width, label=label)
+        ax_on.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.3g}" for v in values], fontsize=6, padding=1)
+    ax_on.set_xticks(range(len(on_sizes)), [f"n={n}" for n in on_sizes])
+    ax_on.set_yscale("log")
+    ax_on.set_ylabel("forward + backward, median ms")
+    ax_on.set_title("Open Neuromorphic layer (missing bar: failed or not installed)", fontsize=9)
+    if keys:
+        ax_on.legend(fontsize=7)
+    fig.suptitle(f"gpu_suite on {payload['device']['name']}, torch {payload['device']['torch']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="H in (200, 600, 1000), n in (4096, 16384), 7 repeats")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats: checks every code path (use with "
+                                                           "--device cpu where there is no GPU); no files unless --out")
+    parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="folder for gpu_suite_<device>.json/.png (default benchmarks/results/)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15; --quick 7)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3)")
+    parser.add_argument("--sections", default="seed,on", help="comma-separated: seed, on (default both)")
+    parser.add_argument("--skip", default="", help="comma-separated variant keys to leave out, e.g. dense_compiled")
+    parser.add_argument("--on-input-rate", type=float, default=0.05, help="Bernoulli input spike rate (default 0.05)")
+    parser.add_argument("--on-weight-gain", type=float, default=1.0,
+                        help="scale of nn.Linear's default weight init in the ON layer (default 1)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: PyTorch's default, off)")
+    parser.add_argument("--budget", type=float, default=300.0, metavar="SECONDS",
+                        help="start no new size after this many seconds (default 300); skipped sizes are listed")
+    parser.add_argument("--compile-limit", type=float, default=60.0, metavar="SECONDS",
+                        help="skip torch.compile at the larger ON sizes once compiling took longer (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the ON layer's input and weights")
+    args = parser.parse_args(argv)
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if not args.sections <= {"seed", "on"}:
+        parser.error(f"--sections: expected seed and/or on, got {sorted(args.sections)}")
+    for name in ("repeat", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.error(f"--{name}: expected a positive number, got {value}")
+    if not 0.0 < args.on_input_rate <= 1.0:
+        parser.error(f"--on-input-rate: expected a rate in (0, 1], got {args.on_input_rate}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; run with --device cpu --smoke to check the code paths")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = MODES[mode]
+    sizes = replace(sizes, repeat=args.repeat or sizes.repeat,
+                    warmup=sizes.warmup if args.warmup is None else args.warmup)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    info = _harness.device_info(device)
+    suffix = {"full": "", "quick": "_quick", "smoke": "_smoke"}[mode]
+    out_dir = args.out or (None if args.smoke else _harness.RESULTS_DIR)
+    output = None if out_dir is None else out_dir / f"gpu_suite_{_harness.slug(info['name'])}{suffix}.json"
+
+    try:
+        import snnopt
+
+        snnopt_version = snnopt.__version__
+    except Exception as error:
+        snnopt_version = f"import failed ({describe(error)})"
+    errors: dict[str, str] = {}
+    payload = {
+        "benchmark": "gpu_suite",
+        "status": "running",
+        "device": info,
+        "machine": _harness.machine_info(),
+        "code": {"git_commit": _harness.git_commit(), "snnopt_source_sha256": _harness.source_digest(),
+                 "snnopt": snnopt_version},
+        "libraries": {"snntorch": library_version("snntorch"), "spikingjelly": library_version("spikingjelly")},
+        "config": {"mode": mode, **asdict(sizes), "tf32": args.tf32, "budget_s": args.budget,
+                   "sections": sorted(args.sections), "skip": sorted(args.skip)},
+        "seed_network": {"what": "784-H-H-10 seed network: per-layer forward/backward of each hidden layer run alone "
+                                 "from recorded inputs and incoming gradients, and the whole training step",
+                         "sizes": {}, "skipped": []},
+        "open_neuromorphic": {"what": "Linear(n, n, bias=False) + LIF, forward + sum loss + backward, input without "
+                                      "grad; peak memory above the allocation before the forward",
+                              "sizes": {}, "skipped": []},
+        "errors": errors,
+        "notes": [
+            "Times: medians of interleaved rounds (CUDA events on GPU); speedups: dense ms / variant ms of the same run.",
+            "memory.saved_for_backward_bytes: storages autograd keeps after the forward (activations = total minus "
+            "parameters and inputs); backward_peak_bytes: max_memory_allocated during the backward minus the "
+            "allocation before the forward (includes what the forward retained).",
+            "Per-layer runs: layer 2's input gradient is computed in full by the dense and exact variants; the sparse "
+            "one computes it only at layer 1's active entries (input_active), which is all a sparse layer 1 reads.",
+            "SpikingJelly uses SoftSign(alpha=100) = 50 x SuperSpike(100): same shape, same work.",
+        ],
+    }
+
+    def save():
+        payload["elapsed_s"] = round(time.monotonic() - started, 1)
+        if output is not None:
+            _harness.write_json(output, payload)
+
+    def over_budget(section: str, size) -> bool:
+        if time.monotonic() - started <= args.budget:
+            return False
+        payload[section]["skipped"].append({"size": size, "reason": f"time budget of {args.budget:g} s spent"})
+        print(f"{section} {size}: skipped, time budget spent", file=sys.stderr)
+        return True
+
+    save()
+    with _harness.timing_device(device):
+        if "seed" in args.sections:
+            for hidden in sizes.hidden:
+                if over_budget("seed_network", hidden):
+                    continue
+                t0 = time.monotonic()
+                try:
+                    result = seed_size(hidden, sizes, device, errors)
+                except Exception as error:  # a size that cannot even be set up: record and go on
+                    result = {"error": describe(error)}
+                    errors[f"seed_network.{hidden}"] = describe(error)
+                result["wall_s"] = round(time.monotonic() - t0, 1)
+                payload["seed_network"]["sizes"][str(hidden)] = result
+                print(f"seed network H={hidden}: {result['wall_s']} s", file=sys.stderr)
+                save()
+                free_memory(device)
+        if "on" in args.sections:
+            compile_log: dict = {}
+            for n in sizes.on_neurons:
+                if over_budget("open_neuromorphic", n):
+                    continue
+                t0 = time.monotonic()
+                try:
+                    result = on_size(n, sizes, args, device, errors, compile_log)
+                except Exception as error:
+                    result = {"error": describe(error), "variants": {}}
+                    errors[f"open_neuromorphic.{n}"] = describe(error)
+                result["wall_s"] = round(time.monotonic() - t0, 1)
+                payload["open_neuromorphic"]["sizes"][str(n)] = result
+                print(f"Open Neuromorphic n={n}: {result['wall_s']} s", file=sys.stderr)
+                save()
+                free_memory(device)
+
+    payload["status"] = "complete"
+    save()
+    if payload["seed_network"]["sizes"]:
+        print_seed(payload)
+    if payload["open_neuromorphic"]["sizes"]:
+        print_on(payload)
+    for key, message in errors.items():
+        print(f"error {key}: {message}")
+    if output is not None:
+        print(f"wrote {output}")
+        png = output.with_suffix(".png")
+        print(f"wrote {png}" if plot(png, payload) else "matplotlib not installed: no plot")
+    failed = [h for h, r in payload["seed_network"]["sizes"].items()
+              if isinstance(r.get("checks"), dict) and r["checks"].get("all_passed") is False]
+    if failed:
+        print(f"CORRECTNESS CHECK FAILED at H = {', '.join(failed)}: see checks in the JSON", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
