@@ -697,11 +697,14 @@ def run(model, inputs, seed: int = 1234):
 
 
 def weighted_loss(outputs, seed: int = 99):
+    """A fixed random-weighted sum of all outputs; output k always gets the same weights."""
     gen = torch.Generator().manual_seed(seed)
-    return sum((out * torch.randn(out.shape, generator=gen)).sum() for out in outputs if out.requires_grad)
+    weights = [torch.randn(out.shape, generator=gen) for out in outputs]
+    return sum((out * w).sum() for out, w in zip(outputs, weights) if out.requires_grad)
 
 
 def gradients(model, inputs):
+    """``{name: grad}`` of every parameter after backward of :func:`weighted_loss`."""
     model.zero_grad(set_to_none=True)
     weighted_loss(run(model, inputs)).backward()
     return {name: p.grad for name, p in model.named_parameters()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ from tests.compiler.style_models import gradients, run
 EDGE_MARGIN = 2e-5
 MIN_FIRING_RATE, MAX_FIRING_RATE = 0.02, 0.5
 MIN_NEAR_THRESHOLD = 0.01  # fraction of entries with |v - θ| < window
+TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 def _ids(cases):
@@ -36,7 +38,7 @@ def record_spike_calls():
             if bool(((out == 0) | (out == 1)).all()):
                 frames, frame = [], sys._getframe(1)
                 while frame is not None and len(frames) < 3:
-                    if "torch" not in frame.f_code.co_filename.split("site-packages")[-1][:8]:
+                    if not frame.f_code.co_filename.startswith(TORCH_DIR):
                         frames.append((frame.f_code.co_filename, frame.f_lineno))
                     frame = frame.f_back
                 calls.append((tuple(frames), args[0].detach(), out.detach()))
