@@ -1,0 +1,90 @@
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import snnopt.functional as SF  # noqa: E402
+import snnopt.nn as snn  # noqa: E402
+from snnopt import InvalidArgumentError, InvalidTypeError  # noqa: E402
+from snnopt.codegen import kernel_cache, triton_lif  # noqa: E402
+from snnopt.spec import LifSpec  # noqa: E402
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(InvalidArgumentError, match="backend"):
+        SF.lif(torch.rand(2, 3, 4), beta=0.9, backend="cuda")
+    with pytest.raises(InvalidArgumentError, match="backend"):
+        snn.LinearLIF(3, 2, backend="gpu")
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InvalidArgumentError, match="TRITON_INTERPRET=1"):
+        SF.lif(torch.rand(2, 3, 4), beta=0.9, backend="triton")
+
+
+def test_half_precision_needs_the_triton_backend():
+    with pytest.raises(InvalidTypeError, match="Triton backend"):
+        SF.lif(torch.rand(2, 3, 4, dtype=torch.bfloat16), beta=0.9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_backend_refuses_cuda_tensors():
+    with pytest.raises(InvalidArgumentError, match="backend='cpu'"):
+        SF.lif(torch.rand(2, 3, 4, device="cuda"), beta=0.9, backend="cpu")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors on Triton need the interpreter")
+def test_modules_take_the_backend_option():
+    torch.manual_seed(0)
+    layers = [snn.LinearLIF(5, 4, recurrent=True, backend=b, dtype=torch.float64) for b in ("cpu", "triton")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = (torch.rand(2, 6, 5) < 0.5).double()
+    outs = [layer(x) for layer in layers]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad(o.sum() + 0 * o.sum(), list(layer.parameters()), allow_unused=True)
+             for o, layer in zip(outs, layers)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_emit_kernels_writes_readable_source(tmp_path):
+    spec = LifSpec(reset="zero", cuba=True, surrogate=LifSpec().surrogate)
+    paths = triton_lif.emit_kernels(spec, tmp_path / "kernels", dtype=torch.bfloat16)
+    assert len(paths) == 1 and paths[0].exists()
+    text = paths[0].read_text()
+    assert "def _lif_fwd_kernel" in text and "def _lif_bwd_kernel" in text and "tl.float32" in text
+    assert "beta * v * (1.0 - s_prev) + drive" in text  # reset folded in
+    assert "tl.full([], 100.0, ACC)" in text  # surrogate parameter folded in
+    assert triton_lif.emit_kernels(spec, tmp_path / "kernels", dtype=torch.bfloat16) == paths  # same name
+
+
+def test_kernels_are_cached_per_spec_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("SNNOPT_CACHE_DIR", str(tmp_path))
+    spec = LifSpec(surrogate=LifSpec().surrogate, window=0.3)
+    first = triton_lif.kernels(spec, torch.float32)
+    assert triton_lif.kernels(spec, torch.float32) is first
+    files = list(tmp_path.glob("lif_kernels_*.py"))
+    assert len(files) == 1 and files[0].read_text() == triton_lif.kernel_source(spec, torch.float32)
+    assert not list(tmp_path.glob("*.tmp"))
+    other = triton_lif.kernels(LifSpec(window=0.25), torch.float32)
+    assert other is not first and len(list(tmp_path.glob("lif_kernels_*.py"))) == 2
+
+
+def test_unwritable_cache_folder_falls_back_to_a_temp_dir(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("SNNOPT_CACHE_DIR", str(blocked / "sub"))
+    folder = kernel_cache.cache_dir()
+    assert folder != blocked / "sub" and os.access(folder, os.W_OK)
+
+
+def test_import_snnopt_needs_no_triton():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None; import snnopt, snnopt.functional as SF, torch; "
+            "print(SF.lif(torch.rand(1, 2, 3), beta=0.9).shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
