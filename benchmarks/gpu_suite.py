@@ -787,8 +787,8 @@ def parse_args(argv):
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: PyTorch's default, off)")
     parser.add_argument("--budget", type=float, default=300.0, metavar="SECONDS",
                         help="start no new size after this many seconds (default 300); skipped sizes are listed")
-    parser.add_argument("--compile-limit", type=float, default=60.0, metavar="SECONDS",
-                        help="skip torch.compile at the larger ON sizes once compiling took longer (default 60)")
+    parser.add_argument("--compile-limit", type=float, default=40.0, metavar="SECONDS",
+                        help="skip torch.compile at the larger ON sizes once compiling took longer (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the ON layer's input and weights")
     args = parser.parse_args(argv)
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
