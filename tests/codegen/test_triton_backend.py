@@ -88,3 +88,25 @@ def test_import_snnopt_needs_no_triton():
             "print(SF.lif(torch.rand(1, 2, 3), beta=0.9).shape)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backward", ["exact", "sparse"])
+def test_custom_op_contract_and_torch_compile(backward, device):
+    from snnopt import triton_ops  # noqa: F401  (registers the ops)
+    x = torch.rand(2, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    beta, theta = torch.full((5,), 0.9, dtype=torch.float64, device=device), torch.ones(5, dtype=torch.float64,
+                                                                                         device=device)
+    args = (x, w, None, None, beta, theta, None, torch.zeros(2, 5, dtype=torch.float64, device=device), None, None,
+            "subtract", True, "superspike", 100.0, False, backward, 0.5, True, True)
+    result = torch.library.opcheck(torch.ops.snnopt.lif_triton.default, args,
+                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}
+
+    def layer(x, w):
+        return SF.linear_lif(x, w, beta=0.9, backward=backward, window=0.5, backend="triton", input_active=None)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    grads = [torch.autograd.grad(fn(x, w).sum(), [x, w]) for fn in (layer, compiled)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
