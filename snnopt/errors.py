@@ -16,3 +16,11 @@ class InvalidArgumentError(SnnoptError, ValueError):
 
 class InvalidTypeError(SnnoptError, TypeError):
     """An argument has the wrong type or dtype."""
+
+
+class UnsupportedModelError(SnnoptError):
+    """``optimize(..., strict=True)`` had to leave part of the model as it was; the message says why."""
+
+
+class ModelTraceError(SnnoptError):
+    """The model could not be run or traced on the example inputs (the message carries the cause)."""

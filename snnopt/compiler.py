@@ -1,0 +1,342 @@
+"""``snnopt.optimize`` and ``snnopt.explain``: from a user's dense SNN to an optimized module.
+
+``optimize`` traces the model on its example inputs (:mod:`snnopt.passes.trace`), runs the pass
+pipeline (:mod:`snnopt.passes.pipeline`), and keeps the rewrite only after *translation
+validation*: the rewritten module, with every fused layer in exact mode, must reproduce the
+original's outputs and all parameter gradients on the example inputs and on a second probe. A
+layer whose rewrite disagrees is put back as written (``explain`` says so). Only then are the
+fused layers switched to the requested backward mode.
+
+Example::
+
+    >>> opt = snnopt.optimize(model, (x,))                  # sparse backward, window 0.2
+    >>> loss = opt(x).sum(); loss.backward()                # gradients land in model's parameters
+    >>> print(snnopt.explain(opt))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from snnopt.errors import InvalidArgumentError, InvalidTypeError, ModelTraceError, UnsupportedModelError
+from snnopt.functional.fused import fused_layer
+from snnopt.passes.pipeline import PassContext, run_passes
+from snnopt.passes.trace import DataDependentControlFlow, trace_model
+from snnopt.report import FusedLayer, Report, SkippedRegion
+from snnopt.spec import BACKWARD_MODES
+
+_BACKENDS = ("auto", "cpu", "triton")
+
+
+def optimize(model: torch.nn.Module, example_inputs, *, backward: str = "sparse", window: float = 0.2,
+             backend: str = "auto", strict: bool = False) -> fx.GraphModule:
+    """Return ``model`` with its LIF recurrences fused; shares ``model``'s parameters.
+
+    ``example_inputs`` (a tensor or a tuple) fix the shapes the model is traced with.
+    ``backward="sparse"`` (default) gives fused layers the seed paper's sparse gradient (surrogate
+    zero outside ``|v-θ| < window``, reset detached); ``"exact"`` keeps the original gradients.
+    ``strict=True`` raises :class:`snnopt.UnsupportedModelError` instead of leaving regions as
+    written. See :func:`explain` for what was done.
+
+    Example::
+
+        >>> opt = optimize(model, torch.rand(8, 100, 784))
+    """
+    started = time.perf_counter()
+    _check_arguments(model, backward, window, backend)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise InvalidTypeError("example_inputs: expected a tensor or a tuple of tensors")
+    context, gm = None, None
+    excluded: dict = {}
+    try:
+        gm, context = _compile(model, inputs, backward, window, backend, excluded)
+    except DataDependentControlFlow as record:
+        reason = str(record)
+        if strict:
+            raise UnsupportedModelError(f"the model was left as written: {reason}") from None
+        return _unchanged(model, inputs, backward, window, backend, reason, record.where, started)
+    # Translation validation, layer by layer when the whole does not agree.
+    mismatch = _validate(model, gm, inputs)
+    if mismatch:
+        for number in range(len(context.fused)):
+            excluded[number] = f"the fused layer did not reproduce the original ({mismatch})"
+        trial_excluded: dict = {}
+        for number in range(len(context.fused)):
+            others = {k: v for k, v in excluded.items() if k != number}
+            trial, _ = _compile(model, inputs, backward, window, backend, others)
+            reason = _validate(model, trial, inputs)
+            if reason:
+                trial_excluded[number] = f"the fused layer did not reproduce the original ({reason})"
+        gm, context = _compile(model, inputs, backward, window, backend, trial_excluded)
+        if _validate(model, gm, inputs):  # layers that pass alone but not together: keep none
+            gm, context = _compile(model, inputs, backward, window, backend,
+                                   {n: excluded[n] for n in excluded})
+    _set_backward(gm, backward)
+    any_shape = _accepts_any_shape(model, gm, inputs)
+    if not any_shape:
+        _insert_shape_checks(gm, inputs)
+    report = _report(context, backward, window, backend, any_shape, inputs, started)
+    gm.snnopt_report = report
+    if strict and report.skipped:
+        first = report.skipped[0]
+        raise UnsupportedModelError(f"{len(report.skipped)} region(s) left as written; first: {first.region}"
+                                    + (f" at {first.source}" if first.source else "") + f": {first.reason}")
+    return gm
+
+
+def explain(optimized) -> Report:
+    """The :class:`snnopt.report.Report` of a module returned by :func:`optimize`."""
+    report = getattr(optimized, "snnopt_report", None)
+    if report is None:
+        raise InvalidArgumentError("explain: expected a module returned by snnopt.optimize(); this one has no report")
+    return report
+
+
+# --- steps of optimize -------------------------------------------------------------------------------
+
+
+def _check_arguments(model, backward, window, backend) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if backward not in BACKWARD_MODES:
+        raise InvalidArgumentError(f"backward: expected one of {BACKWARD_MODES}, got {backward!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not (window >= 0 and math.isfinite(window)):
+        raise InvalidArgumentError(f"window: expected a finite number >= 0, got {window!r}")
+    if backend not in _BACKENDS:
+        raise InvalidArgumentError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+
+
+def _compile(model, inputs, backward, window, backend, excluded: dict):
+    try:
+        gm, leaves, records = trace_model(model, inputs)
+    except DataDependentControlFlow:
+        raise
+    except Exception as error:
+        raise ModelTraceError(f"the model failed on the example inputs while tracing: {type(error).__name__}: "
+                              f"{error}") from error
+    # Fused layers are validated with exact gradients; the requested mode is set afterwards.
+    context = PassContext(backward="exact", window=float(window), backend=backend,
+                          excluded_layers=frozenset(excluded), excluded_layers_reason=dict(excluded))
+    for record in records:
+        context.skipped.append(SkippedRegion(f"module {record.module_path}", str(record), record.where))
+    run_passes(gm, context)
+    context.backward = backward
+    return gm, context
+
+
+def _set_backward(gm: fx.GraphModule, backward: str) -> None:
+    for node in gm.graph.nodes:
+        if node.target is fused_layer and node.kwargs.get("spiking", True):
+            node.kwargs = {**node.kwargs, "backward": backward}
+    gm.recompile()
+
+
+def _flat_tensors(value) -> list:
+    leaves, _ = tree_flatten(value)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _probe_inputs(inputs) -> list:
+    generator = torch.Generator().manual_seed(7)
+    probes = [inputs]
+    second = []
+    for x in inputs:
+        if x.is_floating_point() and x.numel():
+            values = x.detach()
+            if bool(((values == 0) | (values == 1)).all()):
+                rate = float(values.mean().clamp(0.01, 0.9))
+                second.append((torch.rand(x.shape, generator=generator) < rate).to(x.dtype).to(x.device))
+            else:
+                second.append((torch.randn(x.shape, generator=generator, dtype=x.dtype) * values.std()
+                               + values.mean()).to(x.device))
+        else:
+            second.append(x)
+    probes.append(tuple(second))
+    return probes
+
+
+def _run_with_gradients(module, inputs, params, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        outputs = _flat_tensors(module(*inputs))
+    float_outputs = [o for o in outputs if o.is_floating_point()]
+    weights_gen = torch.Generator().manual_seed(seed + 1)
+    loss = sum((o * torch.rand(o.shape, generator=weights_gen, dtype=o.dtype).to(o.device)).sum()
+               for o in float_outputs if o.requires_grad)
+    grads = [None] * len(params)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [o.detach() for o in outputs], grads
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not (torch.isfinite(a64).all() and torch.isfinite(b64).all()):
+        return 0.0 if torch.equal(torch.nan_to_num(a64), torch.nan_to_num(b64)) else math.inf
+    return float((a64 - b64).norm() / (b64.norm() + 1e-6 * max(1.0, b64.numel() ** 0.5)))
+
+
+def _validate(model, gm, inputs) -> str:
+    """'' when ``gm`` reproduces ``model`` (outputs, parameter gradients) on the probes, else why not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = copy.deepcopy({k: v for k, v in model.state_dict().items()})
+    try:
+        for number, probe in enumerate(_probe_inputs(inputs)):
+            expected_out, expected_grads = _run_with_gradients(model, probe, params, 100 + number)
+            model.load_state_dict(state)
+            got_out, got_grads = _run_with_gradients(gm, probe, params, 100 + number)
+            model.load_state_dict(state)
+            if len(expected_out) != len(got_out):
+                return "a different number of outputs"
+            for i, (e, g) in enumerate(zip(expected_out, got_out)):
+                if _relative_error(g, e) > 1e-5:
+                    return f"output {i} differs (relative error {_relative_error(g, e):.2e})"
+            for p_name, e, g in zip([n for n, p in model.named_parameters() if p.requires_grad],
+                                    expected_grads, got_grads):
+                if (e is None) != (g is None):
+                    return f"the gradient of {p_name} is missing on one side"
+                if e is not None and _relative_error(g, e) > 1e-4:
+                    return f"the gradient of {p_name} differs (relative error {_relative_error(g, e):.2e})"
+    except Exception as error:  # the rewritten module failing is a mismatch like any other
+        model.load_state_dict(state)
+        return f"the rewritten module raised {type(error).__name__}: {error}"
+    return ""
+
+
+def _accepts_any_shape(model, gm, inputs) -> bool:
+    """Whether ``gm`` also agrees with ``model`` at another batch size and number of steps."""
+    if not any(node.target is fused_layer for node in gm.graph.nodes):
+        return False
+    changed = []
+    for x in inputs:
+        if x.dim() < 2:
+            return False
+        repeats = [2, 2] + [1] * (x.dim() - 2)
+        changed.append(x.repeat(*repeats)[: x.shape[0] + 1, : x.shape[1] + 3].contiguous())
+    state = copy.deepcopy(model.state_dict())
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            expected = _flat_tensors(model(*changed))
+            model.load_state_dict(state)
+            torch.manual_seed(3)
+            got = _flat_tensors(gm(*changed))
+    except Exception:
+        model.load_state_dict(state)
+        return False
+    model.load_state_dict(state)
+    return len(expected) == len(got) and all(_relative_error(g, e) <= 1e-5 for e, g in zip(expected, got))
+
+
+def check_input_shape(x: torch.Tensor, expected: tuple, name: str) -> torch.Tensor:
+    """Raise a clear error when a fixed-shape optimized module gets another input shape."""
+    if tuple(x.shape) != expected:
+        raise InvalidArgumentError(
+            f"{name}: this optimized module was traced with shape {expected} and part of its time loop could not "
+            f"be fused, so it only accepts that shape (got {tuple(x.shape)}); call snnopt.optimize again with "
+            f"example inputs of the new shape (snnopt.explain lists what was not fused)")
+    return x
+
+
+def _insert_shape_checks(gm: fx.GraphModule, inputs) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, x in zip(placeholders, inputs):
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            checked = gm.graph.call_function(check_input_shape, (node, tuple(x.shape), node.name))
+        for user in users:
+            user.replace_input_with(node, checked)
+    gm.recompile()
+
+
+def _describe_value(value) -> str:
+    if isinstance(value, fx.Node):
+        held = value.meta.get("value")
+        learnable = isinstance(held, torch.nn.Parameter) and held.requires_grad
+        return (f"learnable ({value.target})" if learnable else f"{value.target}") if value.op == "get_attr" \
+            else value.name
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    tensor = torch.as_tensor(value).reshape(-1)
+    if tensor.numel() and bool(torch.all(tensor == tensor[0])):
+        return f"{float(tensor[0]):g}"
+    return f"per-neuron [{float(tensor.min()):g}, {float(tensor.max()):g}]"
+
+
+def _report(context: PassContext, backward, window, backend, any_shape, inputs, started) -> Report:
+    layers = []
+    for number, match in enumerate(context.fused):
+        spiking = match.kind != "leaky_integrator"
+        layer_input = getattr(match, "input", None)
+        if layer_input is None:
+            how = "current stacked per step"
+        elif layer_input.weight is None:
+            how = "precomputed current"
+        else:
+            how = "linear of input (events when sparse)"
+        producer = getattr(match, "input_from", None)
+        gradient = "dense"
+        if producer is not None:
+            gradient = f"only at layer {context.fused.index(producer)}'s active entries"
+        beta = match.beta if isinstance(match.beta, fx.Node) else match.beta_value
+        layers.append(FusedLayer(
+            index=number, kind=match.kind, recurrent=match.recurrent_weight is not None, neurons=match.neurons,
+            steps=len(match.states), beta=_describe_value(beta),
+            threshold=_describe_value(match.threshold) if spiking else None,
+            reset=(match.reset + ("" if match.reset == "none" else (" detached" if match.detach_reset or
+                                                                    backward == "sparse" else " attached")))
+            if spiking else None,
+            surrogate=str(match.surrogate) if spiking else None,
+            backward=backward if spiking else "exact", window=float(window) if spiking and backward == "sparse" else None,
+            input=how, input_gradient=gradient, source=match.source))
+    return Report(layers=layers, skipped=list(context.skipped), passes=list(context.log_lines), backward=backward,
+                  window=float(window), backend=backend, any_shape=any_shape,
+                  traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def _unchanged(model, inputs, backward, window, backend, reason, where, started) -> fx.GraphModule:
+    """A GraphModule that runs ``model`` as it is (its whole forward could not be traced)."""
+    holder = _Holder(model)
+    graph = fx.Graph()
+    placeholders = [graph.placeholder(f"input_{i}") for i in range(len(inputs))]
+    graph.output(graph.call_module("model", tuple(placeholders)))
+    gm = fx.GraphModule(holder, graph, class_name=type(model).__name__ + "Unchanged")
+    # The user's state_dict keys, without the holder's "model." prefix.
+    gm._register_state_dict_hook(_strip_prefix)
+    gm._register_load_state_dict_pre_hook(_add_prefix)
+    gm.snnopt_report = Report(skipped=[SkippedRegion("the whole model", reason, where)], backward=backward,
+                              window=float(window), backend=backend, any_shape=True,
+                              traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started,
+                              passes=["trace: the forward decides control flow from tensor values; nothing fused"])
+    return gm
+
+
+def _strip_prefix(module, state_dict, prefix, local_metadata):
+    for key in list(state_dict):
+        if key.startswith(prefix + "model."):
+            state_dict[prefix + key[len(prefix) + len("model."):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for key in list(state_dict):
+        if key.startswith(prefix) and not key.startswith(prefix + "model."):
+            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+__all__ = ["optimize", "explain"]

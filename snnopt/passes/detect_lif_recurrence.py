@@ -1,0 +1,445 @@
+"""Find the LIF recurrences across the unrolled time steps and read their constants.
+
+Matches: chains of membrane nodes ``v[0] → v[1] → …`` where each ``v[t]`` feeds a recognised spike
+function (``spike(v - θ)`` or ``spike(v)`` with the threshold inside the function) and ``v[t]``
+depends on ``v[t-1]`` along a path that crosses no spike function (networkx on the data-dependence
+graph with the spike nodes removed: an upstream layer reaches ``v[t]`` only through its spikes).
+
+For each step ``t ≥ 1`` the *step region* between the state ``(v[t-1], s[t-1])`` and ``v[t]`` is
+cut out; its one input that depends on the model's inputs is the step's current ``I[t]``. The
+region is then evaluated on probe values to read, whatever the spelling: β (per neuron), the
+reset rule (``v - θ s``, ``v (1 - s)``, ``where``, or none), whether the reset carries gradient
+(autograd through the region), a recurrent weight (``s[t-1] @ V``), and that nothing else is
+going on: the fitted LIF equation must reproduce the region on random probes. Step 0, which the
+tracer constant-folds against the zero initial state, is matched to ``I[0]`` and checked on the
+traced values.
+
+Produces ``context.matches``: one :class:`LayerMatch` per layer. Refuses (a reason in
+``context.skipped``) on: an unknown spike function, several or no input currents, an in-place op
+in the region, a state value used outside the layer, a reset that does not subtract the threshold,
+learnable β/θ in sparse mode, or any probe mismatch.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from snnopt.passes import regions as R
+from snnopt.passes.trace import source_of
+
+_PROBE_SEED = 1234
+
+
+@dataclass
+class LayerMatch:
+    """One recognised layer: per-step nodes and the constants of its equation."""
+
+    kind: str                                   # "lif", "cuba_lif" or "leaky_integrator"
+    currents: list                              # I[t] nodes
+    states: list                                # v[t] nodes
+    spikes: list                                # s[t] nodes ([] for a leaky integrator)
+    beta: Any                                   # a node, or a float / tensor value
+    threshold: Any = float("inf")
+    reset: str = "none"
+    detach_reset: bool = True
+    surrogate: Any = None
+    fire_at_threshold: bool = False
+    recurrent_weight: Optional[fx.Node] = None  # node holding V with V @ s (linear layout) …
+    recurrent_transposed: bool = False          # … or Vᵀ (s @ W style)
+    input_scale: float = 1.0
+    bias: Optional[fx.Node] = None              # a constant added to the current inside the recurrence
+    nodes: set = field(default_factory=set)     # every node of the layer (to check outside uses)
+    source: Optional[str] = None
+    neurons: int = 0
+    beta_value: Any = None
+    threshold_value: Any = None
+    notes: list = field(default_factory=list)
+
+
+def _graph(gm: fx.GraphModule, exclude: set) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        if node in exclude:
+            continue
+        graph.add_node(node)
+        for arg in node.all_input_nodes:
+            if arg not in exclude:
+                graph.add_edge(arg, node)
+    return graph
+
+
+def _per_neuron(ratio: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (N,) vector when every batch row of ``ratio`` agrees, else None."""
+    flat = ratio.reshape(ratio.shape[0], -1) if ratio.dim() > 1 else ratio.reshape(1, -1)
+    first = flat[0]
+    if not torch.allclose(flat, first.expand_as(flat), rtol=1e-5, atol=1e-6):
+        return None
+    return first
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    scale = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0, 1.0)
+    return a.shape == b.shape and float((a - b).abs().max()) <= rtol * scale if a.numel() else a.shape == b.shape
+
+
+class _Refusal(Exception):
+    pass
+
+
+def _depends_on_trainable(node: Any, gm: fx.GraphModule) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            value = current.meta.get("value")
+            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+                return True
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+class StepFit:
+    """Evaluates one step region as ``F(v_prev, s_prev, I) -> v`` on probe tensors."""
+
+    def __init__(self, gm, region, v_prev, s_prev, current, target):
+        self.gm, self.region, self.v_prev, self.s_prev = gm, region, v_prev, s_prev
+        self.current, self.target = current, target
+
+    def __call__(self, v, s, current):
+        env = {self.v_prev: v, self.current: current}
+        if self.s_prev is not None:
+            env[self.s_prev] = s
+        return R.evaluate(self.gm, self.region, env)[self.target]
+
+
+def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optional[torch.Tensor],
+             recurrent: Optional[torch.Tensor]) -> dict:
+    """Read β, input scale and the reset rule off a step region by probing it (see module docstring)."""
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    shape, dtype = like.shape, like.dtype
+    zeros = torch.zeros(shape, dtype=dtype)
+
+    def rand():
+        return torch.rand(shape, generator=generator, dtype=dtype) + 0.5
+
+    with torch.no_grad():
+        offset = _per_neuron(fit(zeros, zeros, zeros))
+        if offset is None:
+            raise _Refusal("the state update adds a term that differs between batch entries")
+        offset_b = offset.reshape(shape[1:]) if len(shape) > 1 else offset
+        probe = rand()
+        scale = _per_neuron((fit(zeros, zeros, probe) - offset_b) / probe)
+        if scale is None or not torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5):
+            raise _Refusal("the input current is not added with one scale for all neurons")
+        input_scale = float(scale[0])
+        v = rand()
+        beta = _per_neuron((fit(v, zeros, zeros) - offset_b) / v)
+        if beta is None:
+            raise _Refusal("the leak β differs between batch entries")
+        bias = None if bool((offset == 0).all()) else offset
+        if bias is not None and input_scale != 1.0:
+            raise _Refusal("the state update adds both a scaled current and a constant term")
+        result = {"beta": beta, "input_scale": input_scale, "reset": "none", "detach_reset": True, "bias": bias}
+        if not spiking:
+            return result
+        spikes = (torch.rand(shape, generator=generator, dtype=dtype) < 0.5).to(dtype)
+        beta_b = beta.reshape(shape[1:]) if len(shape) > 1 else beta
+        theta_b = threshold.reshape(shape[1:]) if len(shape) > 1 else threshold
+        recurrent_in = torch.zeros(shape, dtype=dtype) if recurrent is None else _recurrent_current(spikes, recurrent)
+        delta = fit(v, spikes, zeros) - offset_b - beta_b * v - recurrent_in
+        forms = {"subtract": -theta_b * spikes, "zero": -beta_b * v * spikes, "none": torch.zeros_like(v)}
+        reset = next((name for name, expected in forms.items() if _close(delta, expected)), None)
+        if reset is None:
+            raise _Refusal("the reset is none of: subtract the threshold (v - θ·s), to zero (v·(1-s)), none")
+        result["reset"] = reset
+    # Whether the reset carries gradient: d v[t] / d s[t-1] through the region.
+    spikes_grad = spikes.clone().requires_grad_(True)
+    weights = torch.rand(shape, generator=generator, dtype=dtype)
+    with torch.enable_grad():
+        out = fit(v, spikes_grad, zeros)
+        grad = None
+        if out.requires_grad:
+            (grad,) = torch.autograd.grad((out * weights).sum(), spikes_grad, allow_unused=True)
+    grad = torch.zeros_like(v) if grad is None else grad
+    recurrent_grad = torch.zeros_like(v) if recurrent is None else _recurrent_current(weights, recurrent.T)
+    attached = {"subtract": -theta_b * weights, "zero": -beta_b * v * weights, "none": torch.zeros_like(v)}[reset]
+    if _close(grad, recurrent_grad):
+        result["detach_reset"] = True
+    elif _close(grad, recurrent_grad + attached):
+        result["detach_reset"] = False
+    else:
+        raise _Refusal("the gradient through the reset or the recurrent input is neither the attached nor the "
+                       "detached form (a partly detached recurrent input?)")
+    if reset == "none":
+        result["detach_reset"] = True
+    return result
+
+
+def _recurrent_current(spikes: torch.Tensor, linear_layout_weight: torch.Tensor) -> torch.Tensor:
+    return spikes @ linear_layout_weight.T
+
+
+_MATMULS = (operator.matmul, torch.matmul, torch.mm, "matmul", "mm", torch.nn.functional.linear)
+
+
+def _find_recurrent_weight(region: list, s_prev: fx.Node, dependent: set):
+    """The ``s[t-1] @ W`` / ``linear(s[t-1], V)`` node's weight in the region, or (None, False)."""
+    for node in region:
+        if node.op == "call_function" and node.target is torch.nn.functional.linear and node.args[0] is s_prev:
+            if len(node.args) > 2 and node.args[2] is not None:
+                return None, False
+            return node.args[1], False
+        if R.is_call(node, *[m for m in _MATMULS if m is not torch.nn.functional.linear]) and node.args[0] is s_prev:
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight not in dependent:
+                return weight, True
+    return None, False
+
+
+def _threshold_of(spike_node: fx.Node, dependent: set):
+    """(membrane node, threshold node-or-float or None) from ``spike(v - θ)`` / ``spike(v)``."""
+    argument = spike_node.args[0]
+    if R.is_call(argument, *R.SUBTRACT) and isinstance(argument.args[0], fx.Node):
+        theta = argument.args[1]
+        if not isinstance(theta, fx.Node) or theta not in dependent:
+            return argument.args[0], theta, argument
+    return argument, None, None
+
+
+class DetectLifRecurrence:
+    """Pass: fill ``context.matches`` with the LIF layers found (see module docstring)."""
+
+    name = "detect_lif_recurrence"
+
+    def __call__(self, gm: fx.GraphModule, context) -> bool:
+        dependent = R.placeholder_dependent(gm)
+        index = R.node_index(gm)
+        spike_nodes = [n for n in gm.graph.nodes if "spike" in n.meta]
+        for node in gm.graph.nodes:
+            if "spike_refusal" in node.meta:
+                context.skip(node, node.meta["spike_refusal"])
+        membrane_of = {}
+        for spike in spike_nodes:
+            membrane, theta, shifted = _threshold_of(spike, dependent)
+            if isinstance(membrane, fx.Node):
+                membrane_of[spike] = (membrane, theta, shifted)
+        membranes = {m for m, _, _ in membrane_of.values()}
+        spike_of_membrane = {m: s for s, (m, _, _) in membrane_of.items()}
+        without_spikes = _graph(gm, set(spike_nodes))
+        previous = {}
+        for membrane in membranes:
+            found = set()
+            stack, seen = list(membrane.all_input_nodes), set()
+            while stack:
+                node = stack.pop()
+                if node in seen or node not in without_spikes:
+                    continue
+                seen.add(node)
+                if node in membranes:
+                    found.add(node)
+                    continue
+                stack.extend(node.all_input_nodes)
+            if len(found) == 1:
+                previous[membrane] = found.pop()
+            elif len(found) > 1:
+                context.skip(membrane, "its membrane depends on several other membranes without a spike between")
+        chains = []
+        starts = [m for m in membranes if m not in previous]
+        following = {p: m for m, p in previous.items()}
+        for start in sorted(starts, key=index.__getitem__):
+            chain = [start]
+            while chain[-1] in following:
+                chain.append(following[chain[-1]])
+            chains.append(chain)
+        for chain in chains:
+            if len(chain) < 2:
+                context.skip(chain[0], "a single time step: nothing to fuse across time")
+                continue
+            spikes = [spike_of_membrane[m] for m in chain]
+            try:
+                match = self._match_layer(gm, chain, spikes, membrane_of, dependent, index, context)
+            except _Refusal as refusal:
+                context.skip(chain[0], str(refusal), steps=len(chain))
+                continue
+            context.matches.append(match)
+        context.log(self.name, f"{len(context.matches)} LIF layers matched")
+        return False
+
+    def _match_layer(self, gm, chain, spikes, membrane_of, dependent, index, context) -> LayerMatch:
+        infos = [s.meta["spike"] for s in spikes]
+        if len({(i.surrogate, i.shift, i.fire_at_threshold) for i in infos}) != 1:
+            raise _Refusal("the spike function differs between time steps")
+        info = infos[0]
+        thetas = [membrane_of[s][1] for s in spikes]
+        if any(t is not thetas[0] and t != thetas[0] for t in thetas):
+            raise _Refusal("the threshold differs between time steps")
+        theta_node = thetas[0]
+        like = chain[0].meta["value"]
+        if not isinstance(like, torch.Tensor) or like.dim() < 2 or not like.is_floating_point():
+            raise _Refusal("the membrane is not a floating-point (batch, neurons…) tensor")
+        neuron_shape = tuple(like.shape[1:])
+        theta_value = torch.zeros(neuron_shape, dtype=like.dtype) + info.shift
+        if theta_node is not None:
+            theta_value = theta_value + torch.as_tensor(
+                theta_node.meta["value"] if isinstance(theta_node, fx.Node) else theta_node, dtype=like.dtype)
+        if theta_value.shape != neuron_shape:
+            raise _Refusal("the threshold does not broadcast to one value per neuron")
+        layer_nodes: set = set()
+        currents: list = [None] * len(chain)
+        fitted = None
+        recurrent, recurrent_transposed = None, False
+        for t in range(1, len(chain)):
+            boundary = [chain[t - 1], spikes[t - 1]]
+            region = R.step_region(chain[t], boundary, index)
+            if not region:
+                raise _Refusal("a step's membrane does not depend on the previous step")
+            bad = next((n for n in region if R.in_place(n)), None)
+            if bad is not None:
+                raise _Refusal(f"in-place operation {bad.target} inside the recurrence")
+            inputs = R.region_inputs(region, boundary)
+            varying = [n for n in inputs if n in dependent]
+            if len(varying) != 1:
+                raise _Refusal(f"the state update reads {len(varying)} time-varying inputs; one input current "
+                               f"is expected")
+            currents[t] = varying[0]
+            if t == 1:
+                recurrent, recurrent_transposed = _find_recurrent_weight(region, spikes[0], dependent)
+                recurrent_value = None
+                if recurrent is not None:
+                    recurrent_value = recurrent.meta["value"]
+                    recurrent_value = recurrent_value.T if recurrent_transposed else recurrent_value
+                fit = StepFit(gm, region, chain[0], spikes[0], currents[1], chain[1])
+                fitted = fit_step(fit, like, True, theta_value.reshape(-1), recurrent_value)
+                fitted["recurrent_value"] = recurrent_value
+                for constant in inputs:
+                    if constant in dependent or constant is recurrent:
+                        continue
+                    if _depends_on_trainable(constant, gm) and context.backward == "sparse":
+                        raise _Refusal("β or θ is learnable, but backward='sparse' treats them as constants; "
+                                       "use backward='exact'")
+            layer_nodes.update(region)
+        # Step 0: the current that corresponds to I[1], checked on the traced values.
+        currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]))
+        if currents[0] is None:
+            raise _Refusal("the first step's input current could not be matched to the later steps'")
+        beta_value = fitted["beta"].reshape(neuron_shape)
+        bias = _bias_node(fitted, layer_nodes, chain, dependent, gm)
+        _check_traced_steps(chain, spikes, currents, beta_value, theta_value, fitted, info)
+        beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
+        if beta is None:
+            if any(_depends_on_trainable(n, gm) for n in R.region_inputs(sorted(layer_nodes, key=index.__getitem__),
+                                                                         set(chain) | set(spikes))
+                   if n not in dependent and n is not recurrent):
+                raise _Refusal("β is computed from learnable parameters in a way snnopt cannot pass on")
+            beta = beta_value
+        for spike, membrane in zip(spikes, chain):
+            layer_nodes.update((spike, membrane))
+            shifted = membrane_of[spike][2]
+            if shifted is not None:
+                layer_nodes.add(shifted)
+        kind = "lif"
+        return LayerMatch(kind=kind, currents=currents, states=chain, spikes=spikes, beta=beta,
+                          threshold=theta_node if (theta_node is not None and info.shift == 0.0
+                                                   and isinstance(theta_node, fx.Node)) else theta_value,
+                          reset=fitted["reset"], detach_reset=fitted["detach_reset"], surrogate=info.surrogate,
+                          fire_at_threshold=info.fire_at_threshold, recurrent_weight=recurrent,
+                          recurrent_transposed=recurrent_transposed, input_scale=fitted["input_scale"],
+                          nodes=layer_nodes, source=source_of(chain[-1]), neurons=int(torch.tensor(neuron_shape).prod()),
+                          beta_value=beta_value, threshold_value=theta_value, bias=bias)
+
+
+def _first_current(first_state, second_current, index, dependent, later_currents) -> Optional[fx.Node]:
+    """The node computing I[0]: same operation as I[1], feeding v[0], not one of the later currents."""
+    candidates = []
+    stack, seen = [first_state], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in dependent and node not in later_currents and node.op == second_current.op \
+                and node.target == second_current.target and node is not first_state:
+            candidates.append(node)
+            continue
+        stack.extend(n for n in node.all_input_nodes if n in dependent)
+    if not candidates:
+        if first_state.op == second_current.op and first_state.target == second_current.target:
+            return first_state  # v[0] = I[0] after constant folding of β·0 + I[0] − θ·0
+        return None
+    return max(candidates, key=index.__getitem__)
+
+
+def _lif_step(v, s, current, beta, theta, fitted, info):
+    recurrent = fitted.get("recurrent_value")
+    cur = current * fitted["input_scale"]
+    if fitted.get("bias") is not None:
+        cur = cur + fitted["bias"].reshape(cur.shape[1:])
+    if recurrent is not None:
+        cur = cur + _recurrent_current(s, recurrent)
+    reset = fitted["reset"]
+    if reset == "subtract":
+        new = beta * v + cur - theta * s
+    elif reset == "zero":
+        new = beta * v * (1 - s) + cur
+    else:
+        new = beta * v + cur
+    return new
+
+
+def _check_traced_steps(chain, spikes, currents, beta, theta, fitted, info) -> None:
+    v = torch.zeros_like(chain[0].meta["value"])
+    s = torch.zeros_like(v)
+    for t, (membrane, spike, current) in enumerate(zip(chain, spikes, currents)):
+        expected = _lif_step(v, s, current.meta["value"], beta, theta, fitted, info)
+        got = membrane.meta["value"]
+        if not isinstance(got, torch.Tensor) or not _close(expected, got, rtol=1e-4):
+            raise _Refusal(f"step {t} of the traced run does not follow the fitted LIF equation "
+                           f"(initial state not zero, or the steps differ)")
+        v = got
+        s = spike.meta["value"]
+        fires = (v - theta >= 0) if info.fire_at_threshold else (v - theta > 0)
+        if not torch.equal(s.to(torch.bool), fires):
+            raise _Refusal(f"step {t}: the spikes are not H(v - θ) with the fitted threshold")
+
+
+def _bias_node(fitted, layer_nodes, chain, dependent, gm) -> Optional[fx.Node]:
+    """The node holding the constant term of the update (a bias written inside the loop), if any."""
+    if fitted.get("bias") is None:
+        return None
+    node = _find_constant_node(fitted["bias"], layer_nodes, chain, dependent, gm)
+    if node is None:
+        raise _Refusal("the state update has a constant term snnopt cannot pass on as a bias")
+    return node
+
+
+def _find_constant_node(value: torch.Tensor, layer_nodes: set, chain, dependent: set, gm) -> Optional[fx.Node]:
+    """A graph node (parameter, buffer, computed constant) the layer reads whose value is β."""
+    candidates = []
+    for node in layer_nodes:
+        for arg in node.all_input_nodes:
+            if arg in dependent or arg in layer_nodes:
+                continue
+            held = arg.meta.get("value")
+            if isinstance(held, torch.Tensor) and held.numel() in (1, value.numel()):
+                try:
+                    if torch.allclose(held.detach().to(value.dtype).expand(value.shape) if held.numel() == 1
+                                      else held.detach().reshape(value.shape).to(value.dtype), value,
+                                      rtol=1e-6, atol=1e-7):
+                        candidates.append(arg)
+                except RuntimeError:
+                    continue
+    trainable = [c for c in candidates if _depends_on_trainable(c, gm)]
+    if trainable:
+        return trainable[0]
+    return candidates[0] if candidates else None
