@@ -266,9 +266,9 @@ def _describe_value(value) -> str:
             else value.name
     if isinstance(value, (int, float)):
         return f"{value:g}"
-    tensor = torch.as_tensor(value).reshape(-1)
-    if tensor.numel() and bool(torch.all(tensor == tensor[0])):
-        return f"{float(tensor[0]):g}"
+    tensor = torch.as_tensor(value).reshape(-1).double()
+    if tensor.numel() and float((tensor - tensor[0]).abs().max()) <= 1e-6 * max(1.0, abs(float(tensor[0]))):
+        return f"{float(tensor.mean()):.6g}"
     return f"per-neuron [{float(tensor.min()):g}, {float(tensor.max()):g}]"
 
 

@@ -21,14 +21,14 @@ from snnopt.functional.spiking import linear_lif, lif
 
 
 def fused_layer(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                recurrent_weight: Optional[Tensor] = None, *, beta, threshold=1.0, reset: str = "subtract",
+                recurrent_weight: Optional[Tensor] = None, *, beta, threshold=1.0, alpha=None, reset: str = "subtract",
                 detach_reset: bool = True, surrogate: str = "superspike:100", fire_at_threshold: bool = False,
                 backward: str = "sparse", window: float = 0.2, time_dim: int = 1, input_scale: float = 1.0,
                 spiking: bool = True, return_membrane: bool = False, backend: str = "auto"):
     """Run one fused layer; returns ``(spikes, membrane)`` batch-first (``membrane`` None unless asked)."""
     if not spiking:
         threshold, reset, backward, return_membrane = float("inf"), "none", "exact", True
-    options = dict(beta=beta, threshold=threshold, reset=reset, detach_reset=detach_reset, surrogate=surrogate,
+    options = dict(beta=beta, threshold=threshold, alpha=alpha, reset=reset, detach_reset=detach_reset, surrogate=surrogate,
                    backward=backward, window=window, time_dim=time_dim, fire_at_threshold=fire_at_threshold,
                    return_membrane=return_membrane, backend=backend)
     if weight is None:

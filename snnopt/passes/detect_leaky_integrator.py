@@ -43,7 +43,6 @@ class DetectLeakyIntegrator:
         dependent = R.placeholder_dependent(gm)
         index = R.node_index(gm)
         taken = set().union(*(m.nodes for m in context.matches)) if context.matches else set()
-        taken |= {c for m in context.matches for c in m.currents}
         previous = {}
         for node in gm.graph.nodes:
             if node in taken or not R.is_call(node, *R.ADD, *R.SUBTRACT):
@@ -95,13 +94,16 @@ class DetectLeakyIntegrator:
             if t == 1:
                 fitted = fit_step(StepFit(gm, region, chain[0], None, currents[1], chain[1]), like, False, None, None)
             nodes.update(region)
-        currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]))
-        if currents[0] is None:
-            raise _Refusal("the first step's input could not be matched to the later steps'")
         neuron_shape = tuple(like.shape[1:])
+        offset = 0 if fitted["bias"] is None else fitted["bias"].reshape(neuron_shape)
+        currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]),
+                                     (chain[0].meta["value"] - offset) / fitted["input_scale"])
+        if currents[0] is None:
+            raise _Refusal("the first step's input could not be matched to the later steps' (is the initial "
+                           "state zero?)")
+        nodes.update(R.step_region(chain[0], [currents[0]], index))
         beta_value = fitted["beta"].reshape(neuron_shape)
         state = torch.zeros_like(like)
-        offset = 0 if fitted["bias"] is None else fitted["bias"].reshape(neuron_shape)
         for t, (node, current) in enumerate(zip(chain, currents)):
             expected = beta_value * state + fitted["input_scale"] * current.meta["value"] + offset
             if not _close(expected, node.meta["value"], rtol=1e-4):

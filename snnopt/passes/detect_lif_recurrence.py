@@ -54,6 +54,8 @@ class LayerMatch:
     recurrent_transposed: bool = False          # … or Vᵀ (s @ W style)
     input_scale: float = 1.0
     bias: Optional[fx.Node] = None              # a constant added to the current inside the recurrence
+    alpha: Any = None                           # CuBa: the synaptic current's decay (node or value)
+    alpha_value: Any = None
     nodes: set = field(default_factory=set)     # every node of the layer (to check outside uses)
     source: Optional[str] = None
     neurons: int = 0
@@ -330,10 +332,14 @@ class DetectLifRecurrence:
                                        "use backward='exact'")
             layer_nodes.update(region)
         # Step 0: the current that corresponds to I[1], checked on the traced values.
-        currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]))
-        if currents[0] is None:
-            raise _Refusal("the first step's input current could not be matched to the later steps'")
         beta_value = fitted["beta"].reshape(neuron_shape)
+        offset = 0 if fitted["bias"] is None else fitted["bias"].reshape(neuron_shape)
+        expected = (chain[0].meta["value"] - offset) / fitted["input_scale"]
+        currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]), expected)
+        if currents[0] is None:
+            raise _Refusal("the first step's input current could not be matched to the later steps' "
+                           "(is the initial state zero?)")
+        layer_nodes.update(R.step_region(chain[0], [currents[0]], index))
         bias = _bias_node(fitted, layer_nodes, chain, dependent, gm)
         _check_traced_steps(chain, spikes, currents, beta_value, theta_value, fitted, info)
         beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
@@ -359,8 +365,14 @@ class DetectLifRecurrence:
                           beta_value=beta_value, threshold_value=theta_value, bias=bias)
 
 
-def _first_current(first_state, second_current, index, dependent, later_currents) -> Optional[fx.Node]:
-    """The node computing I[0]: same operation as I[1], feeding v[0], not one of the later currents."""
+def _first_current(first_state, second_current, index, dependent, later_currents, expected=None):
+    """The node computing I[0], which the tracer folded together with the zero initial state.
+
+    Candidates are the input-dependent ancestors of ``v[0]`` whose traced value is ``expected``
+    (what I[0] must be for ``v[0]`` to follow the fitted equation from a zero state). Preferred:
+    the same operation as I[1]; then an operation of the same name (``a + b`` / ``a.add(b)``); then
+    the earliest, i.e. the one farthest from the folded step-0 arithmetic.
+    """
     candidates = []
     stack, seen = [first_state], set()
     while stack:
@@ -368,16 +380,21 @@ def _first_current(first_state, second_current, index, dependent, later_currents
         if node in seen:
             continue
         seen.add(node)
-        if node in dependent and node not in later_currents and node.op == second_current.op \
-                and node.target == second_current.target and node is not first_state:
-            candidates.append(node)
-            continue
+        if node in dependent and node not in later_currents:
+            value = node.meta.get("value")
+            if expected is None or (isinstance(value, torch.Tensor) and _close(value, expected, rtol=1e-5)):
+                candidates.append(node)
         stack.extend(n for n in node.all_input_nodes if n in dependent)
-    if not candidates:
-        if first_state.op == second_current.op and first_state.target == second_current.target:
-            return first_state  # v[0] = I[0] after constant folding of β·0 + I[0] − θ·0
-        return None
-    return max(candidates, key=index.__getitem__)
+
+    def name(target):
+        return getattr(target, "__name__", str(target)).strip("_")
+
+    def rank(node):
+        same = node.op == second_current.op and node.target == second_current.target
+        similar = name(node.target) == name(second_current.target)
+        return (same, similar, -index[node])
+
+    return max(candidates, key=rank) if candidates else None
 
 
 def _lif_step(v, s, current, beta, theta, fitted, info):

@@ -77,6 +77,11 @@ class FuseLayers:
     def __call__(self, gm: fx.GraphModule, context) -> bool:
         changed = False
         self.replaced: dict = {}  # old step node -> its slice of a fused output (for later layers' inputs)
+        for match in _cyclic(context.matches):
+            context.skip(match.states[0], "its input current depends on its own output (a loop through the layer "
+                                          "that the fused op does not model, e.g. a recurrence on the synaptic "
+                                          "current)", steps=len(match.states))
+            context.matches.remove(match)
         for number, match in enumerate(context.matches):
             reason = _outside_use(match)
             if reason:
@@ -129,6 +134,8 @@ class FuseLayers:
                               detach_reset=match.detach_reset,
                               surrogate=f"{match.surrogate.name}:{match.surrogate.param!r}",
                               fire_at_threshold=match.fire_at_threshold)
+                if match.alpha is not None:
+                    kwargs["alpha"] = constant_argument(gm, match.alpha, "alpha")
             fused = graph.call_function(fused_layer, args, kwargs)
         fused.meta["snnopt_layer"] = match
         match.fused_node = fused
@@ -148,6 +155,35 @@ class FuseLayers:
                 anchor = step
                 old.replace_all_uses_with(step, delete_user_cb=lambda user: user not in match.nodes)
                 self.replaced[old] = step
+
+
+def _ancestors(nodes) -> set:
+    seen, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _cyclic(matches) -> list:
+    """Matches whose fused call would have to run before its own inputs are known."""
+    import networkx as nx
+    order = nx.DiGraph()
+    order.add_nodes_from(range(len(matches)))
+    for b, consumer in enumerate(matches):
+        feeds = _ancestors(consumer.currents)
+        for a, producer in enumerate(matches):
+            outputs = set(producer.states) | set(producer.spikes) | producer.nodes
+            if feeds & outputs:
+                order.add_edge(a, b)
+    bad = set()
+    for component in nx.strongly_connected_components(order):
+        if len(component) > 1 or any(order.has_edge(i, i) for i in component):
+            bad |= component
+    return [matches[i] for i in sorted(bad)]
 
 
 def _materialise(graph: fx.Graph, weight):

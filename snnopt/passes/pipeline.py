@@ -20,6 +20,7 @@ from snnopt.passes.eliminate_dead_code import EliminateDeadCode
 from snnopt.passes.fold_step_slices import FoldStepSlices
 from snnopt.passes.fuse_layers import FuseLayers
 from snnopt.passes.hoist_linear import HoistLinear
+from snnopt.passes.merge_synaptic_current import MergeSynapticCurrent
 from snnopt.passes.propagate_active_sets import PropagateActiveSets
 from snnopt.passes.recognise_spike_functions import RecogniseSpikeFunctions
 from snnopt.passes.trace import source_of
@@ -74,6 +75,7 @@ PASSES = (
     RecogniseSpikeFunctions(),
     DetectLifRecurrence(),
     DetectLeakyIntegrator(),
+    MergeSynapticCurrent(),
     ExcludeLayers(),
     HoistLinear(),
     FuseLayers(),

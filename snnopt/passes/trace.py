@@ -20,6 +20,7 @@ interpreter run), which the detection passes read.
 from __future__ import annotations
 
 import copy
+import operator
 import linecache
 import traceback
 from typing import Any, Optional
@@ -207,6 +208,8 @@ class ConcreteTracer(fx.Tracer):
                 return value
             if isinstance(value, (torch.Size, torch.dtype, torch.device)):
                 return value
+            if target in (operator.eq, operator.ne, operator.is_, operator.is_not) and any(a is None for a in args):
+                return value  # ``mem == None`` compares with None, not values
             raise DataDependentControlFlow(
                 f"{getattr(target, '__name__', target)}() turned tensor values into a Python value",
                 user_source_line(), self.current_module_path())
