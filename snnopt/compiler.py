@@ -303,40 +303,42 @@ def _report(context: PassContext, backward, window, backend, any_shape, inputs, 
                   traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started)
 
 
-class _Holder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+def run_unchanged(model: torch.nn.Module, *inputs):
+    """The graph of a model left whole: call it as the user wrote it."""
+    return model(*inputs)
+
+
+class UnchangedModule(fx.GraphModule):
+    """What ``optimize`` returns when the model's own forward cannot be traced.
+
+    Its graph calls the original module; its parameters, buffers and submodules *are* the
+    original's (the same dictionaries), so ``state_dict`` keys, ``named_parameters`` and
+    ``train()``/``eval()`` behave exactly as on the model.
+    """
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.original.train(mode)
+        return self
 
 
 def _unchanged(model, inputs, backward, window, backend, reason, where, started) -> fx.GraphModule:
     """A GraphModule that runs ``model`` as it is (its whole forward could not be traced)."""
-    holder = _Holder(model)
     graph = fx.Graph()
     placeholders = [graph.placeholder(f"input_{i}") for i in range(len(inputs))]
-    graph.output(graph.call_module("model", tuple(placeholders)))
-    gm = fx.GraphModule(holder, graph, class_name=type(model).__name__ + "Unchanged")
-    # The user's state_dict keys, without the holder's "model." prefix.
-    gm._register_state_dict_hook(_strip_prefix)
-    gm._register_load_state_dict_pre_hook(_add_prefix)
+    original = graph.get_attr("original")
+    graph.output(graph.call_function(run_unchanged, (original, *placeholders)))
+    holder = torch.nn.Module()
+    object.__setattr__(holder, "original", model)
+    gm = UnchangedModule(holder, graph, class_name=type(model).__name__ + "Unchanged")
+    object.__setattr__(gm, "original", model)  # not a child: its children are gm's own, below
+    gm._modules, gm._parameters, gm._buffers = model._modules, model._parameters, model._buffers
+    gm.training = model.training
     gm.snnopt_report = Report(skipped=[SkippedRegion("the whole model", reason, where)], backward=backward,
                               window=float(window), backend=backend, any_shape=True,
                               traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started,
                               passes=["trace: the forward decides control flow from tensor values; nothing fused"])
     return gm
-
-
-def _strip_prefix(module, state_dict, prefix, local_metadata):
-    for key in list(state_dict):
-        if key.startswith(prefix + "model."):
-            state_dict[prefix + key[len(prefix) + len("model."):]] = state_dict.pop(key)
-    return state_dict
-
-
-def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    for key in list(state_dict):
-        if key.startswith(prefix) and not key.startswith(prefix + "model."):
-            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
 
 
 __all__ = ["optimize", "explain"]

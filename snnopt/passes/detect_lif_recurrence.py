@@ -54,6 +54,7 @@ class LayerMatch:
     recurrent_transposed: bool = False          # … or Vᵀ (s @ W style)
     input_scale: float = 1.0
     bias: Optional[fx.Node] = None              # a constant added to the current inside the recurrence
+    spike_groups: list = field(default_factory=list)  # per step, every spike call of that membrane
     alpha: Any = None                           # CuBa: the synaptic current's decay (node or value)
     alpha_value: Any = None
     nodes: set = field(default_factory=set)     # every node of the layer (to check outside uses)
@@ -94,6 +95,21 @@ class _Refusal(Exception):
     pass
 
 
+def _same_constant(a, b) -> bool:
+    """Whether two threshold operands are the same constant (fx makes a new get_attr per buffer read)."""
+    if a is b:
+        return True
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        if a.op == "get_attr" and b.op == "get_attr":
+            return a.target == b.target
+        va, vb = a.meta.get("value"), b.meta.get("value")
+        return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape \
+            and torch.equal(va, vb)
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return False
+    return a == b
+
+
 def _depends_on_trainable(node: Any, gm: fx.GraphModule) -> bool:
     if not isinstance(node, fx.Node):
         return False
@@ -107,6 +123,8 @@ def _depends_on_trainable(node: Any, gm: fx.GraphModule) -> bool:
             value = current.meta.get("value")
             if isinstance(value, torch.nn.Parameter) and value.requires_grad:
                 return True
+        if current.op in ("call_function", "call_method") and current.target in R.SHAPE_ONLY:
+            continue  # zeros_like(w) carries no gradient to w
         stack.extend(current.all_input_nodes)
     return False
 
@@ -120,8 +138,8 @@ class StepFit:
 
     def __call__(self, v, s, current):
         env = {self.v_prev: v, self.current: current}
-        if self.s_prev is not None:
-            env[self.s_prev] = s
+        for spike in (self.s_prev or []):
+            env[spike] = s
         return R.evaluate(self.gm, self.region, env)[self.target]
 
 
@@ -135,6 +153,9 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
     def rand():
         return torch.rand(shape, generator=generator, dtype=dtype) + 0.5
 
+    theta_b = None
+    if spiking:
+        theta_b = threshold.reshape(shape[1:]) if len(shape) > 1 else threshold
     with torch.no_grad():
         offset = _per_neuron(fit(zeros, zeros, zeros))
         if offset is None:
@@ -145,8 +166,14 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         if scale is None or not torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5):
             raise _Refusal("the input current is not added with one scale for all neurons")
         input_scale = float(scale[0])
-        v = rand()
-        beta = _per_neuron((fit(v, zeros, zeros) - offset_b) / v)
+        # Probes keep s = H(v - θ), as a region that recomputes the reset from v expects.
+        v = rand() if not spiking else theta_b - rand()
+        leaked = fit(v, zeros, zeros) - offset_b
+        if not _close(fit(0.5 * v, zeros, zeros) - offset_b, 0.5 * leaked) \
+                or not _close(fit(v, zeros, probe) - offset_b, leaked + input_scale * probe):
+            raise _Refusal("the recurrence is not linear in the previous state and the current "
+                           "(β·v + I is expected)")
+        beta = _per_neuron(leaked / v)
         if beta is None:
             raise _Refusal("the leak β differs between batch entries")
         bias = None if bool((offset == 0).all()) else offset
@@ -155,9 +182,9 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         result = {"beta": beta, "input_scale": input_scale, "reset": "none", "detach_reset": True, "bias": bias}
         if not spiking:
             return result
-        spikes = (torch.rand(shape, generator=generator, dtype=dtype) < 0.5).to(dtype)
+        v = theta_b + 2 * torch.rand(shape, generator=generator, dtype=dtype) - 1
+        spikes = (v - theta_b > 0).to(dtype)
         beta_b = beta.reshape(shape[1:]) if len(shape) > 1 else beta
-        theta_b = threshold.reshape(shape[1:]) if len(shape) > 1 else threshold
         recurrent_in = torch.zeros(shape, dtype=dtype) if recurrent is None else _recurrent_current(spikes, recurrent)
         delta = fit(v, spikes, zeros) - offset_b - beta_b * v - recurrent_in
         forms = {"subtract": -theta_b * spikes, "zero": -beta_b * v * spikes, "none": torch.zeros_like(v)}
@@ -237,7 +264,11 @@ class DetectLifRecurrence:
             if isinstance(membrane, fx.Node):
                 membrane_of[spike] = (membrane, theta, shifted)
         membranes = {m for m, _, _ in membrane_of.values()}
-        spike_of_membrane = {m: s for s, (m, _, _) in membrane_of.items()}
+        # A membrane may feed several spike calls (snnTorch computes the reset from the previous
+        # membrane with a second call): all of them are the layer's spikes at that step.
+        spike_groups: dict = {}
+        for spike in sorted(membrane_of, key=index.__getitem__):
+            spike_groups.setdefault(membrane_of[spike][0], []).append(spike)
         without_spikes = _graph(gm, set(spike_nodes))
         previous = {}
         for membrane in membranes:
@@ -265,12 +296,16 @@ class DetectLifRecurrence:
                 chain.append(following[chain[-1]])
             chains.append(chain)
         for chain in chains:
+            while chain and chain[0] not in dependent:  # a constant initial state fed to a spike call
+                chain.pop(0)
+            if not chain:
+                continue
             if len(chain) < 2:
                 context.skip(chain[0], "a single time step: nothing to fuse across time")
                 continue
-            spikes = [spike_of_membrane[m] for m in chain]
+            groups = [spike_groups[m] for m in chain]
             try:
-                match = self._match_layer(gm, chain, spikes, membrane_of, dependent, index, context)
+                match = self._match_layer(gm, chain, groups, membrane_of, dependent, index, context)
             except _Refusal as refusal:
                 context.skip(chain[0], str(refusal), steps=len(chain))
                 continue
@@ -278,13 +313,15 @@ class DetectLifRecurrence:
         context.log(self.name, f"{len(context.matches)} LIF layers matched")
         return False
 
-    def _match_layer(self, gm, chain, spikes, membrane_of, dependent, index, context) -> LayerMatch:
-        infos = [s.meta["spike"] for s in spikes]
+    def _match_layer(self, gm, chain, groups, membrane_of, dependent, index, context) -> LayerMatch:
+        spikes = [group[0] for group in groups]
+        every_spike = [s for group in groups for s in group]
+        infos = [s.meta["spike"] for s in every_spike]
         if len({(i.surrogate, i.shift, i.fire_at_threshold) for i in infos}) != 1:
             raise _Refusal("the spike function differs between time steps")
         info = infos[0]
-        thetas = [membrane_of[s][1] for s in spikes]
-        if any(t is not thetas[0] and t != thetas[0] for t in thetas):
+        thetas = [membrane_of[s][1] for s in every_spike]
+        if not all(_same_constant(t, thetas[0]) for t in thetas):
             raise _Refusal("the threshold differs between time steps")
         theta_node = thetas[0]
         like = chain[0].meta["value"]
@@ -302,7 +339,7 @@ class DetectLifRecurrence:
         fitted = None
         recurrent, recurrent_transposed = None, False
         for t in range(1, len(chain)):
-            boundary = [chain[t - 1], spikes[t - 1]]
+            boundary = [chain[t - 1], *groups[t - 1]]
             region = R.step_region(chain[t], boundary, index)
             if not region:
                 raise _Refusal("a step's membrane does not depend on the previous step")
@@ -321,7 +358,7 @@ class DetectLifRecurrence:
                 if recurrent is not None:
                     recurrent_value = recurrent.meta["value"]
                     recurrent_value = recurrent_value.T if recurrent_transposed else recurrent_value
-                fit = StepFit(gm, region, chain[0], spikes[0], currents[1], chain[1])
+                fit = StepFit(gm, region, chain[0], groups[0], currents[1], chain[1])
                 fitted = fit_step(fit, like, True, theta_value.reshape(-1), recurrent_value)
                 fitted["recurrent_value"] = recurrent_value
                 for constant in inputs:
@@ -344,16 +381,19 @@ class DetectLifRecurrence:
         _check_traced_steps(chain, spikes, currents, beta_value, theta_value, fitted, info)
         beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
         if beta is None:
-            if any(_depends_on_trainable(n, gm) for n in R.region_inputs(sorted(layer_nodes, key=index.__getitem__),
-                                                                         set(chain) | set(spikes))
-                   if n not in dependent and n is not recurrent):
-                raise _Refusal("β is computed from learnable parameters in a way snnopt cannot pass on")
+            learnable = [n for n in R.region_inputs(sorted(layer_nodes, key=index.__getitem__), set(chain) | set(spikes))
+                         if n not in dependent and n is not recurrent and n is not bias and _depends_on_trainable(n, gm)]
+            if learnable:
+                raise _Refusal(f"β is computed from learnable parameters ({learnable[0].name}) in a way snnopt "
+                               f"cannot pass on")
             beta = beta_value
-        for spike, membrane in zip(spikes, chain):
-            layer_nodes.update((spike, membrane))
-            shifted = membrane_of[spike][2]
-            if shifted is not None:
-                layer_nodes.add(shifted)
+        for group, membrane in zip(groups, chain):
+            layer_nodes.add(membrane)
+            for spike in group:
+                layer_nodes.add(spike)
+                shifted = membrane_of[spike][2]
+                if shifted is not None:
+                    layer_nodes.add(shifted)
         kind = "lif"
         return LayerMatch(kind=kind, currents=currents, states=chain, spikes=spikes, beta=beta,
                           threshold=theta_node if (theta_node is not None and info.shift == 0.0
@@ -362,7 +402,7 @@ class DetectLifRecurrence:
                           fire_at_threshold=info.fire_at_threshold, recurrent_weight=recurrent,
                           recurrent_transposed=recurrent_transposed, input_scale=fitted["input_scale"],
                           nodes=layer_nodes, source=source_of(chain[-1]), neurons=int(torch.tensor(neuron_shape).prod()),
-                          beta_value=beta_value, threshold_value=theta_value, bias=bias)
+                          beta_value=beta_value, threshold_value=theta_value, bias=bias, spike_groups=groups)
 
 
 def _first_current(first_state, second_current, index, dependent, later_currents, expected=None):
@@ -421,8 +461,9 @@ def _check_traced_steps(chain, spikes, currents, beta, theta, fitted, info) -> N
         expected = _lif_step(v, s, current.meta["value"], beta, theta, fitted, info)
         got = membrane.meta["value"]
         if not isinstance(got, torch.Tensor) or not _close(expected, got, rtol=1e-4):
-            raise _Refusal(f"step {t} of the traced run does not follow the fitted LIF equation "
-                           f"(initial state not zero, or the steps differ)")
+            raise _Refusal(f"step {t} of the traced run does not follow the fitted LIF equation: the initial "
+                           f"state is not zero, the steps differ, or spike and reset are not in snnopt's order "
+                           f"(v = β·v + I − reset from the previous step's spike, then s = H(v − θ))")
         v = got
         s = spike.meta["value"]
         fires = (v - theta >= 0) if info.fire_at_threshold else (v - theta > 0)

@@ -1,13 +1,14 @@
 """Remove the nodes no output needs any more (the unrolled steps a fused call replaced).
 
-Matches: nodes without users that have no side effect. In-place ops and calls of modules or
-functions that may mutate state (anything fx cannot prove pure) are kept, as fx's own dead-code
-elimination does. Produces the smaller graph and drops constants and buffers no node reads.
+Matches: nodes without users that have no side effect. In-place ops (``v.add_(…)``,
+``v[m] = 0``, ``out=``) are kept even when their result is unused: their effect is the mutation. Produces the smaller graph and drops constants and buffers no node reads.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
+
+from snnopt.passes import regions as R
 
 
 class EliminateDeadCode:
@@ -17,7 +18,7 @@ class EliminateDeadCode:
 
     def __call__(self, gm: fx.GraphModule, context) -> bool:
         before = len(gm.graph.nodes)
-        changed = gm.graph.eliminate_dead_code()
+        changed = gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or R.in_place(node))
         read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
         for name in list(gm._buffers):
             if (name.startswith("_tensor_constant") or name.startswith("_snnopt_")) and name not in read:

@@ -145,7 +145,10 @@ class FuseLayers:
             membrane = graph.call_function(operator.getitem, (fused, 1)) if need_membrane else None
         anchor = membrane if membrane is not None else spikes
         for t, state in enumerate(match.states):
-            replacements = [(match.spikes[t], spikes)] if spiking else []
+            replacements = []
+            if spiking:
+                group = match.spike_groups[t] if match.spike_groups else [match.spikes[t]]
+                replacements = [(spike, spikes) for spike in group]
             replacements.append((state, membrane))
             for old, source in replacements:
                 if source is None or not _used_outside(old, match):
@@ -200,7 +203,7 @@ def _used_outside(node: fx.Node, match) -> bool:
 
 
 def _outside_use(match) -> str:
-    keep = set(match.states) | set(match.spikes)
+    keep = set(match.states) | set(match.spikes) | {s for group in match.spike_groups for s in group}
     for node in match.nodes:
         if node in keep:
             continue

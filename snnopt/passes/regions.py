@@ -22,10 +22,17 @@ def input_nodes(node: fx.Node) -> list:
     return list(node.all_input_nodes)
 
 
+# Factories that read only the shape of their tensor argument: ``zeros_like(x)`` is a constant.
+SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, "zeros_like", "ones_like",
+               "new_zeros", "new_ones", "new_empty", "new_full", "empty_like", "full_like"}
+
+
 def placeholder_dependent(gm: fx.GraphModule) -> set:
-    """Nodes whose value depends on the module's inputs (everything else is a constant)."""
+    """Nodes whose value depends on the module's input *values* (everything else is a constant)."""
     dependent: set = set()
     for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and node.target in SHAPE_ONLY:
+            continue
         if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
     return dependent

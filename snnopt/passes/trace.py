@@ -39,10 +39,15 @@ _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement",
 
 
 class DataDependentControlFlow(Exception):
-    """A tensor's value decided Python control flow while tracing (``where`` is the user's source line)."""
+    """A tensor's value decided Python control flow while tracing (``where`` is the user's source line).
 
-    def __init__(self, what: str, where: str, module_path: str):
-        super().__init__(f"data-dependent control flow: {what} at {where}")
+    Also raised, with ``problem="in-place update"``, when a traced value is written in place into a
+    tensor the trace does not see (a state created outside the traced ops): the graph could not
+    reproduce that mutation.
+    """
+
+    def __init__(self, what: str, where: str, module_path: str, problem: str = "data-dependent control flow"):
+        super().__init__(f"{problem}: {what} at {where}")
         self.what, self.where, self.module_path = what, where, module_path
 
 
@@ -127,6 +132,15 @@ def _resolve_attribute(root: torch.nn.Module, path: str):
     return value
 
 
+def _writes_into_untraced_tensor(kind, target, args, kwargs) -> bool:
+    if not args or isinstance(args[0], fx.Proxy) or not isinstance(args[0], Tensor):
+        return "out" in kwargs and not isinstance(kwargs["out"], fx.Proxy)
+    name = target if kind == "call_method" else getattr(target, "__name__", "")
+    in_place = (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) \
+        or target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+    return in_place and kind in ("call_method", "call_function")
+
+
 def _holds_tensor(value) -> bool:
     if isinstance(value, Tensor):
         return True
@@ -197,6 +211,10 @@ class ConcreteTracer(fx.Tracer):
         return ConcreteProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if _writes_into_untraced_tensor(kind, target, args, kwargs):
+            raise DataDependentControlFlow(
+                f"{getattr(target, '__name__', target)} writes a traced value in place into a tensor the trace does "
+                f"not see", user_source_line(), self.current_module_path(), problem="in-place update")
         value = self._concrete_value(kind, target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, ConcreteProxy):

@@ -142,19 +142,18 @@ def _assert_reason(text: str, case):
 
 @pytest.mark.parametrize("case, backward", _params(zoo.UNSUPPORTED_CASES))
 def test_unsupported_model_is_left_alone_and_explained(case, backward):
+    # The unsupported recurrence stays as written; other regions (e.g. a synaptic-current
+    # integrator) may still be fused, so the whole model agrees to float tolerance, not bitwise.
     model, opt = optimized(case.name, backward)
     inputs = case.example_inputs()
     expected_outputs, got_outputs = run(model, inputs), run(opt, inputs)
-    assert len(got_outputs) == len(expected_outputs)
-    for out, ref in zip(got_outputs, expected_outputs):
-        assert torch.equal(out, ref)
+    assert_outputs_equal(got_outputs, expected_outputs)
     expected = {k: g.clone() for k, g in gradients(model, inputs).items()}
     got = gradients(opt, inputs)
     assert got.keys() == expected.keys()
-    for name, grad in expected.items():
-        assert torch.equal(got[name], grad), name
+    assert_gradients_equal(got, expected, GRAD_RTOL)
     report = snnopt.explain(opt)
-    assert not report.layers, str(report)
+    assert not [layer for layer in report.layers if layer.kind != "leaky_integrator"], str(report)
     assert report.skipped, f"{case.name}: nothing reported as left alone"
     reasons = " | ".join(str(record.reason) for record in report.skipped)
     _assert_reason(reasons, case)
