@@ -79,6 +79,7 @@ def optimize(model: torch.nn.Module, example_inputs, *, backward: str = "sparse"
             gm, context = _compile(model, inputs, backward, window, backend,
                                    {n: excluded[n] for n in excluded})
     _set_backward(gm, backward)
+    _keep_state_dict_keys(model, gm)
     any_shape = _accepts_any_shape(model, gm, inputs)
     if not any_shape:
         _insert_shape_checks(gm, inputs)
@@ -129,6 +130,34 @@ def _compile(model, inputs, backward, window, backend, excluded: dict):
     run_passes(gm, context)
     context.backward = backward
     return gm, context
+
+
+def _keep_state_dict_keys(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """Give ``gm`` every parameter and buffer of ``model`` at its name, the same tensor objects.
+
+    fx copies only what the graph reads; the rest (a β buffer folded into a constant, an unused
+    parameter) must still be in ``state_dict`` and ``named_parameters`` so that checkpoints and
+    optimisers see the same model.
+    """
+    def owner(path: str) -> torch.nn.Module:
+        module = gm
+        for part in path.split(".")[:-1] if path else []:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        return module
+
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        target = owner(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if target._parameters.get(leaf) is not parameter:
+            target._parameters[leaf] = parameter
+    for module_name, module in model.named_modules():
+        for leaf, buffer in module._buffers.items():
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            target = owner(name)
+            if target._buffers.get(leaf) is not buffer:
+                target.register_buffer(leaf, buffer, persistent=leaf not in module._non_persistent_buffers_set)
 
 
 def _set_backward(gm: fx.GraphModule, backward: str) -> None:
@@ -297,7 +326,9 @@ def _report(context: PassContext, backward, window, backend, any_shape, inputs, 
             if spiking else None,
             surrogate=str(match.surrogate) if spiking else None,
             backward=backward if spiking else "exact", window=float(window) if spiking and backward == "sparse" else None,
-            input=how, input_gradient=gradient, source=match.source))
+            input=how, input_gradient=gradient, source=match.source,
+            node=match.fused_node.name if getattr(match, "fused_node", None) is not None else "",
+            original_nodes=sorted(n.name for n in match.nodes | set(match.currents))))
     return Report(layers=layers, skipped=list(context.skipped), passes=list(context.log_lines), backward=backward,
                   window=float(window), backend=backend, any_shape=any_shape,
                   traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started)

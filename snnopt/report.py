@@ -32,6 +32,8 @@ class FusedLayer:
     input: str                    # how the current is computed
     input_gradient: str           # where the input gradient is computed
     source: Optional[str]
+    node: str = ""                # the fused call's node name in the optimized graph
+    original_nodes: list = field(default_factory=list)  # names of the traced nodes it replaced
 
 
 @dataclass

@@ -87,12 +87,19 @@ def _per_neuron(ratio: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    a, b = a.detach(), b.detach()
     scale = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0, 1.0)
     return a.shape == b.shape and float((a - b).abs().max()) <= rtol * scale if a.numel() else a.shape == b.shape
 
 
 class _Refusal(Exception):
     pass
+
+
+def _all_zero(node: fx.Node) -> bool:
+    """A constant that is all zeros (e.g. ``s0 @ V`` with the zero initial spikes) passes no gradient."""
+    value = node.meta.get("value")
+    return isinstance(value, torch.Tensor) and not bool(value.detach().ne(0).any())
 
 
 def _same_constant(a, b) -> bool:
@@ -382,7 +389,8 @@ class DetectLifRecurrence:
         beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
         if beta is None:
             learnable = [n for n in R.region_inputs(sorted(layer_nodes, key=index.__getitem__), set(chain) | set(spikes))
-                         if n not in dependent and n is not recurrent and n is not bias and _depends_on_trainable(n, gm)]
+                         if n not in dependent and n is not recurrent and n is not bias and _depends_on_trainable(n, gm)
+                         and not _all_zero(n)]
             if learnable:
                 raise _Refusal(f"β is computed from learnable parameters ({learnable[0].name}) in a way snnopt "
                                f"cannot pass on")

@@ -1,5 +1,8 @@
 """Fold the per-step slices of a fused layer's output back into the whole tensor.
 
+Also through per-step elementwise ops with scalar or per-neuron operands:
+``stack([S[:, t] * g for t])`` becomes ``S * g`` (snnTorch scales its spikes by a factor).
+
 Matches: ``torch.stack([S[:, 0], S[:, 1], …, S[:, T-1]], dim=d)`` where ``S`` is a fused layer's
 batch-first output and the slices are every step in order — the user's ``torch.stack(spk_rec)``
 after :mod:`fuse_layers` redirected ``spk_rec`` to the fused output. Produces ``S`` itself
@@ -25,6 +28,29 @@ def _slice_of(node):
     return None
 
 
+# Elementwise ops that commute with stacking when their other operands are scalars or per-neuron
+# vectors: stack([f(S[:, t], c) for t]) == f(S, c).
+_ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub,
+                torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, "mul", "add", "sub",
+                "div", "relu", "sigmoid", "tanh", "float", "detach"}
+
+
+def _identity(value):
+    """Equal for the same node, for reads of the same attribute (fx makes one node per read), and equal literals."""
+    if isinstance(value, fx.Node):
+        return ("attr", value.target) if value.op == "get_attr" else ("node", id(value))
+    return ("literal", repr(value))
+
+
+def _broadcast_safe(value) -> bool:
+    if isinstance(value, (int, float, bool)) or value is None:
+        return True
+    if isinstance(value, fx.Node):
+        held = value.meta.get("value")
+        return isinstance(held, torch.Tensor) and held.dim() <= 1
+    return False
+
+
 class FoldStepSlices:
     """Pass: ``stack`` of all per-step slices → the sliced tensor (see module docstring)."""
 
@@ -37,26 +63,49 @@ class FoldStepSlices:
                 continue
             items = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if not isinstance(items, (list, tuple)) or not items:
+            if not isinstance(items, (list, tuple)) or not items or dim not in (0, 1, -3):
                 continue
-            slices = [_slice_of(item) for item in items]
-            if any(s is None for s in slices) or len({s[0] for s in slices}) != 1:
-                continue
-            source = slices[0][0]
-            steps = len(items)
-            if [s[1] for s in slices] != list(range(steps)) or dim not in (0, 1, -3):
-                continue
-            if not _is_fused_output(source, steps):
+            with gm.graph.inserting_before(node):
+                whole = self._fold(gm, list(items))
+            if whole is None:
                 continue
             if dim == 1:
-                node.replace_all_uses_with(source)
+                node.replace_all_uses_with(whole)
             else:
                 with gm.graph.inserting_after(node):
-                    swapped = gm.graph.call_method("transpose", (source, 0, 1))
+                    swapped = gm.graph.call_method("transpose", (whole, 0, 1))
                 node.replace_all_uses_with(swapped)
             folded += 1
         context.log(self.name, f"{folded} stacks of per-step slices folded")
         return folded > 0
+
+    def _fold(self, gm, items):
+        """A batch-first (B, T, …) node equal to ``stack(items, dim=1)``, or None."""
+        slices = [_slice_of(item) for item in items]
+        steps = len(items)
+        if all(s is not None for s in slices) and len({s[0] for s in slices}) == 1:
+            source = slices[0][0]
+            if [s[1] % steps for s in slices] == list(range(steps)) and _is_fused_output(source, steps):
+                return source
+            return None
+        # The same elementwise op applied to every step: fold its per-step operand, apply it once.
+        first = items[0]
+        if not all(isinstance(i, fx.Node) and i.op == first.op and i.target == first.target
+                   and i.op in ("call_function", "call_method") and i.target in _ELEMENTWISE
+                   and len(i.args) == len(first.args) and i.kwargs == first.kwargs for i in items):
+            return None
+        varying = [k for k in range(len(first.args)) if len({_identity(i.args[k]) for i in items}) > 1]
+        if len(varying) != 1:
+            return None
+        k = varying[0]
+        if not all(_broadcast_safe(a) for j, a in enumerate(first.args) if j != k):
+            return None
+        inner = self._fold(gm, [i.args[k] for i in items])
+        if inner is None:
+            return None
+        args = list(first.args)
+        args[k] = inner
+        return gm.graph.create_node(first.op, first.target, tuple(args), dict(first.kwargs))
 
 
 def _is_fused_output(node, steps) -> bool:

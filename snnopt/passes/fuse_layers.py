@@ -153,8 +153,10 @@ class FuseLayers:
             for old, source in replacements:
                 if source is None or not _used_outside(old, match):
                     continue
+                # The last step as index -1: "the final value" then stays right for any number of steps.
+                index = -1 if t == len(match.states) - 1 else t
                 with graph.inserting_after(anchor):
-                    step = graph.call_function(operator.getitem, (source, (slice(None), t)))
+                    step = graph.call_function(operator.getitem, (source, (slice(None), index)))
                 anchor = step
                 old.replace_all_uses_with(step, delete_user_cb=lambda user: user not in match.nodes)
                 self.replaced[old] = step
