@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from snnopt.codegen import triton_lif
 from snnopt.spec import LifSpec
@@ -46,10 +47,12 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
                   initial_syn: Optional[Tensor], input_active: Optional[Tensor],
                   reset: str, detach_reset: bool, surrogate: str, surrogate_param: float, fire_at_threshold: bool,
                   backward: str, window: float, record_membrane: bool, needs_backward: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                             Tensor, Tensor]:
     cuba, recurrent = alpha is not None, recurrent_weight is not None
     spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
     acc = triton_lif.accumulation_dtype(x.dtype)
+    compact = needs_backward and _compact_path(spec, weight)
     if weight is None:
         current = x.to(acc, copy=True) if recurrent else x
     else:
@@ -58,20 +61,42 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
-    spikes, membrane, syn_record, v_state, syn_state, flags, surr = triton_lif.lif_forward(
+    spikes, membrane, syn_record, v_state, syn_state, flags, surr, lists = triton_lif.lif_forward(
         current.contiguous(), beta, threshold, alpha, recurrent_weight, initial_v, initial_syn, spec,
         out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
-        collect_active=needs_backward and spec.sparse)
+        collect_active=needs_backward and spec.sparse and not compact, compact_active=compact)
+    del current
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
     saved_membrane = membrane if exact_saves else _empty(x, acc)
-    if flags is not None:
+    active_offsets = _empty(x, torch.int64)
+    events = (_empty(x, torch.int64), _empty(x, _event_pos_dtype(x)), _empty(x, acc))
+    if compact:
+        active_index, active_surr, active_offsets = lists
+        events = triton_lif.input_events(x, acc)
+        flags = _empty(x, torch.uint8)
+    elif flags is not None:
         active_index = torch.nonzero(flags.reshape(-1) & triton_lif.FLAG_ACTIVE).squeeze(1)
         active_surr = surr.reshape(-1)[active_index]
     else:
         flags, active_index, active_surr = _empty(x, torch.uint8), _empty(x, torch.int64), _empty(x, acc)
     return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
             saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
-            active_surr)
+            active_surr, active_offsets, *events)
+
+
+def _compact_path(spec: LifSpec, weight: Optional[Tensor]) -> bool:
+    """Whether a layer keeps only compact lists for its backward (see ``triton_lif.sparse_backward``).
+
+    Feedforward sparse linear layers with reset by subtraction (or none) and no synaptic current:
+    there dL/dI is a pure reverse β-filter of the active entries. A zero reset needs every step's
+    spike, CuBa a second filter, a recurrent layer the per-step recurrent term: they keep the
+    per-entry flags and the dense reverse sweep.
+    """
+    return spec.sparse and not spec.recurrent and not spec.cuba and spec.reset != "zero" and weight is not None
+
+
+def _event_pos_dtype(x: Tensor) -> torch.dtype:
+    return torch.int32 if x.shape[1] * x.shape[2] < 2**31 else torch.int64
 
 
 @lif_triton_op.register_fake
@@ -84,26 +109,62 @@ def _lif_triton_fake(x, weight, bias, recurrent_weight, beta, threshold, alpha, 
     exact_saves = needs_backward and backward == "exact"
     collect = needs_backward and backward == "sparse"
     seq = (batch, steps, neurons)
+    compact = collect and weight is not None and recurrent_weight is None and alpha is None and reset != "zero"
     n_active = torch.library.get_ctx().new_dynamic_size() if collect else 0
+    n_events = torch.library.get_ctx().new_dynamic_size() if compact else 0
     return (x.new_empty(seq), x.new_empty(seq) if record_membrane else _empty(x), x.new_empty(batch, neurons),
             x.new_empty(batch, neurons) if alpha is not None else _empty(x),
             x.new_empty(seq, dtype=acc) if exact_saves else _empty(x, acc),
             x.new_empty(seq, dtype=acc) if (exact_saves and alpha is not None) else _empty(x, acc),
-            x.new_empty(seq, dtype=torch.uint8) if collect else _empty(x, torch.uint8),
-            x.new_empty(n_active, dtype=torch.int64), x.new_empty(n_active, dtype=acc))
+            x.new_empty(seq, dtype=torch.uint8) if (collect and not compact) else _empty(x, torch.uint8),
+            x.new_empty(n_active, dtype=torch.int64), x.new_empty(n_active, dtype=acc),
+            x.new_empty(batch * steps + 1 if compact else 0, dtype=torch.int64),
+            x.new_empty(batch * steps + 1 if compact else 0, dtype=torch.int64),
+            x.new_empty(n_events, dtype=_event_pos_dtype(x)), x.new_empty(n_events, dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active,
      reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
      record_membrane, needs_backward) = inputs
-    _, _, _, _, membrane, syn_record, flags, active_index, active_surr = output
-    ctx.save_for_backward(x if weight is not None else None, weight, recurrent_weight, beta, threshold, alpha,
-                          initial_v, initial_syn, input_active, membrane, syn_record, flags, active_index,
-                          active_surr)
+    _, _, _, _, membrane, syn_record, flags, active_index, active_surr, active_offsets, *events = output
+    spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+                 alpha is not None, recurrent_weight is not None)
+    compact = needs_backward and _compact_path(spec, weight)
+    # A compact layer keeps its input as events (output), not the dense x.
+    ctx.save_for_backward(x if (weight is not None and not compact) else None, weight, recurrent_weight, beta,
+                          threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record, flags,
+                          active_index, active_surr, active_offsets, *events)
     ctx.config = (reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window)
     ctx.steps = x.shape[1]
+    ctx.input_shape = tuple(x.shape)
     ctx.has_bias = bias is not None
+    # Unused outputs (membrane, final state) send None, not zeros: a compact layer then never reads
+    # a dense dL/dv it does not need.
+    ctx.set_materialize_grads(False)
+    # The restricted input gradient may travel as a sparse COO tensor to a compact producer, which
+    # reads its values in the order of its own active list (no dense zero-filled (B, T, in) tensor).
+    eager = not torch.compiler.is_compiling()
+    ctx.sparse_input_grad = (eager and compact and input_active is not None
+                             and type(x.grad_fn).__name__.startswith(_TRITON_NODE_PREFIX)
+                             and _is_producer_list(x, input_active))
+
+
+_TRITON_NODE_PREFIX = "GeneratedBackwardFor_snnopt_lif_triton_"  # autograd's name for this op's backward node
+_SAVED_ACTIVE_INDEX = 12  # position in ctx.save_for_backward above
+# COO gradients built here, mapped to the flat index list their values follow.
+_COO_SOURCES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _is_producer_list(x: Tensor, input_active: Tensor) -> bool:
+    # Only the producer's own active list (sorted, unique) may label a COO tensor as coalesced.
+    from snnopt.functional import spiking
+
+    entry = spiking._SPARSE_PRODUCERS.get(x)
+    if entry is None:
+        return False
+    listed = entry[0]()
+    return listed.numel() == input_active.numel() and listed.data_ptr() == input_active.data_ptr()
 
 
 def _dense(grad: Optional[Tensor]) -> Optional[Tensor]:
@@ -113,11 +174,37 @@ def _dense(grad: Optional[Tensor]) -> Optional[Tensor]:
 
 def _backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_unused):
     needs = ctx.needs_input_grad
-    grads = torch.ops.snnopt.lif_triton_backward(
-        _dense(grad_spikes), _dense(grad_membrane), grad_v_final, grad_syn_final, *ctx.saved_tensors, ctx.steps,
+    saved = ctx.saved_tensors
+    compact_grad = False
+    if grad_spikes is not None and grad_spikes.layout == torch.sparse_coo:
+        own, source = saved[_SAVED_ACTIVE_INDEX], _COO_SOURCES.get(grad_spikes)
+        if (source is not None and own.numel() and source.numel() == own.numel()
+                and source.data_ptr() == own.data_ptr()):
+            grad_spikes, compact_grad = grad_spikes._values(), True  # one value per active entry, same order
+        else:
+            grad_spikes = grad_spikes.to_dense()
+    grads = list(torch.ops.snnopt.lif_triton_backward(
+        grad_spikes, _dense(grad_membrane), grad_v_final, grad_syn_final, *saved, ctx.steps, compact_grad,
         *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6],
-        needs[7], needs[8])
+        needs[7], needs[8]))
+    input_active = saved[8]
+    if needs[0] and input_active is not None and saved[14].numel():
+        grads[0] = _input_grad_from_values(grads[0], input_active, ctx.input_shape, ctx.sparse_input_grad)
     return tuple(g if need else None for g, need in zip(grads, needs[:9])) + (None,) * 10
+
+
+def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_sparse: bool) -> Tensor:
+    """dL/dx from its values at ``input_active``: sparse COO for a compact producer, else dense."""
+    batch, steps, features = shape
+    if as_sparse:
+        coords = torch.stack([input_active // (steps * features), (input_active // features) % steps,
+                              input_active % features])
+        grad = torch.sparse_coo_tensor(coords, values, shape, is_coalesced=True, check_invariants=False)
+        _COO_SOURCES[grad] = input_active
+        return grad
+    dense = values.new_zeros(batch * steps * features)
+    dense.index_put_((input_active,), values, accumulate=True)
+    return dense.reshape(shape)
 
 
 torch.library.register_autograd("snnopt::lif_triton", _backward, setup_context=_setup_context)
@@ -129,7 +216,9 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
                            weight: Optional[Tensor], recurrent_weight: Optional[Tensor], beta: Tensor,
                            threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
                            initial_syn: Optional[Tensor], input_active: Optional[Tensor], membrane: Tensor,
-                           syn_record: Tensor, flags: Tensor, active_index: Tensor, active_surr: Tensor, steps: int,
+                           syn_record: Tensor, flags: Tensor, active_index: Tensor, active_surr: Tensor,
+                           active_offsets: Tensor, event_offsets: Tensor, event_pos: Tensor, event_values: Tensor,
+                           steps: int, grad_is_compact: bool,
                            reset: str, detach_reset: bool, surrogate: str, surrogate_param: float,
                            fire_at_threshold: bool, backward: str, window: float, need_x: bool, need_weight: bool,
                            need_bias: bool, need_recurrent: bool, need_beta: bool, need_threshold: bool,
@@ -141,20 +230,56 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
     in_dtype = initial_v.dtype
     acc = triton_lif.accumulation_dtype(in_dtype)
     seq_shape = (batch, steps, neurons)
+    gsf = grad_syn_final if (grad_syn_final is not None and grad_syn_final.numel()) else None
+    gm = grad_membrane if (grad_membrane is not None and grad_membrane.numel()) else None
+    compact = active_offsets.numel() > 0
+    grad_x_values = None
+
+    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
+        return _empty(beta)
+
+    if compact:
+        restricted = need_x and input_active is not None
+        # The compact kernels differentiate dL/ds through the active entries only; a membrane or
+        # final-state gradient, an unrestricted input gradient or too many input events for the
+        # pair sum take the dense reverse sweep, rebuilt from the same lists.
+        events = (event_offsets, event_pos, event_values)
+        dense = (grad_spikes is None or gm is not None or grad_v_final is not None or (need_x and not restricted)
+                 or (need_weight and not triton_lif.events_are_cheaper(
+                     active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])))
+        if not dense:
+            grad_w, grad_b, grad_v0, grad_x = triton_lif.sparse_backward(
+                grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
+                events if need_weight else None, beta, weight, input_active if restricted else None, batch, steps,
+                need_weight=need_weight, need_bias=need_bias, need_initial_v=need_initial_v, in_dtype=in_dtype)
+            return (grad_x.to(in_dtype) if grad_x is not None else empty(),
+                    grad_w.to(weight.dtype) if grad_w is not None else empty(),
+                    grad_b.to(weight.dtype) if grad_b is not None else empty(), empty(), empty(), empty(), empty(),
+                    grad_v0.to(in_dtype) if grad_v0 is not None else empty(), empty())
+        if grad_is_compact:
+            values = grad_spikes
+            grad_spikes = torch.zeros(batch * steps * neurons, dtype=values.dtype, device=values.device)
+            grad_spikes[active_index] = values
+            grad_spikes = grad_spikes.reshape(seq_shape)
+        flags = torch.zeros(batch * steps * neurons, dtype=torch.uint8, device=initial_v.device)
+        flags[active_index] = triton_lif.FLAG_ACTIVE
+        flags = flags.reshape(seq_shape)
+        x = _dense_input(events, batch, steps, weight.shape[1], acc) if need_weight else None
+        if restricted and grad_spikes is not None and gm is None and grad_v_final is None:
+            # Only the weight gradient needs the dense route: the input gradient stays a pair sum.
+            grad_x_values = triton_lif.sparse_backward(
+                grad_spikes, False, active_index, active_surr, active_offsets, None, beta, weight,
+                input_active, batch, steps, need_weight=False, need_bias=False, need_initial_v=False,
+                in_dtype=in_dtype)[3]
     surr = None
     if spec.sparse:
         surr = torch.zeros(batch * steps * neurons, dtype=acc, device=initial_v.device)
         surr[active_index] = active_surr
         surr = surr.reshape(seq_shape)
-    gsf = grad_syn_final if (grad_syn_final is not None and grad_syn_final.numel()) else None
-    gm = grad_membrane if (grad_membrane is not None and grad_membrane.numel()) else None
     grad_current, grad_v0, grad_syn0, grad_beta, grad_theta, grad_alpha = triton_lif.lif_backward(
         grad_spikes, gm, grad_v_final, gsf, membrane if membrane.numel() else None,
         syn_record if syn_record.numel() else None, flags if flags.numel() else None, surr, beta, threshold, alpha,
         recurrent_weight, initial_v, initial_syn, steps, spec, in_dtype)
-
-    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
-        return _empty(beta)
 
     rows = grad_current.reshape(batch * steps, neurons)
     grad_x = grad_w = grad_b = grad_rec = None
@@ -169,10 +294,16 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
             grad_b = rows.sum(0).to(weight.dtype)
         if need_x and input_active is not None:
             # Only where the producing layer reads it: one dot product per listed entry.
-            values = (rows[input_active // in_features] * weight_acc.t()[input_active % in_features]).sum(1)
-            grad_x = torch.zeros(batch * steps * in_features, dtype=acc, device=rows.device)
-            grad_x.index_put_((input_active,), values, accumulate=True)
-            grad_x = grad_x.reshape(batch, steps, in_features).to(in_dtype)
+            if compact and grad_x_values is not None:
+                values = grad_x_values
+            else:
+                values = (rows[input_active // in_features] * weight_acc.t()[input_active % in_features]).sum(1)
+            if compact:
+                grad_x = values.to(in_dtype)  # the autograd wrapper places them
+            else:
+                grad_x = torch.zeros(batch * steps * in_features, dtype=acc, device=rows.device)
+                grad_x.index_put_((input_active,), values, accumulate=True)
+                grad_x = grad_x.reshape(batch, steps, in_features).to(in_dtype)
         elif need_x:
             grad_x = rows.mm(weight_acc).reshape(batch, steps, in_features).to(in_dtype)
     if recurrent and need_recurrent:
@@ -197,10 +328,21 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
             grad_syn0.to(in_dtype) if (need_initial_syn and cuba) else empty())
 
 
+def _dense_input(events, batch: int, steps: int, features: int, acc: torch.dtype) -> Tensor:
+    """The layer input rebuilt from its events (the dense route of a compact layer)."""
+    offsets, pos, values = events
+    rows = torch.repeat_interleave(torch.arange(batch, device=pos.device), offsets[::steps].diff(),
+                                   output_size=pos.numel())
+    dense = torch.zeros(batch * steps * features, dtype=acc, device=pos.device)
+    dense[rows * (steps * features) + pos.to(torch.int64)] = values
+    return dense.reshape(batch, steps, features)
+
+
 @lif_triton_backward_op.register_fake
 def _lif_triton_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, x, weight, recurrent_weight,
                               beta, threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record,
-                              flags, active_index, active_surr, steps, reset, detach_reset, surrogate,
+                              flags, active_index, active_surr, active_offsets, event_offsets, event_pos,
+                              event_values, steps, grad_is_compact, reset, detach_reset, surrogate,
                               surrogate_param, fire_at_threshold, backward, window, need_x, need_weight, need_bias,
                               need_recurrent, need_beta, need_threshold, need_alpha, need_initial_v,
                               need_initial_syn):
@@ -211,7 +353,11 @@ def _lif_triton_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn
         return _empty(beta)
 
     in_features = neurons if weight is None else weight.shape[1]
-    return (initial_v.new_empty(batch, steps, in_features) if need_x else empty(),
+    if need_x and input_active is not None and active_offsets.numel():
+        grad_x = initial_v.new_empty(input_active.shape)  # values at input_active, placed by the autograd wrapper
+    else:
+        grad_x = initial_v.new_empty(batch, steps, in_features) if need_x else empty()
+    return (grad_x,
             weight.new_empty(weight.shape) if (need_weight and weight is not None) else empty(),
             weight.new_empty(neurons) if (need_bias and weight is not None) else empty(),
             recurrent_weight.new_empty(neurons, neurons) if (need_recurrent and recurrent_weight is not None)
