@@ -140,7 +140,7 @@ def _powi(base, n):
     # base ** n for integer n >= 0, per lane (0 ** 0 = 1, negative bases keep their sign).
     magnitude = tl.exp(n.to(ACC) * tl.log(tl.abs(base)))
     magnitude = tl.where(n == 0, 1.0, magnitude)
-    return tl.where((base < 0) & ((n % 2) == 1), -magnitude, magnitude)
+    return tl.where(base < 0, tl.where((n % 2) == 1, -magnitude, magnitude), magnitude)
 
 
 @triton.jit

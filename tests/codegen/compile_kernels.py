@@ -19,7 +19,17 @@ from tests.codegen.triton_cases import CASES, make_layer
 TARGET = GPUTarget("cuda", 90, 32)
 _POINTER_TYPES = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 # Pointers carrying the input dtype; the rest are the accumulation dtype, flags are uint8.
-_INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr", "gsf_ptr", "v0_ptr", "syn0_ptr"}
+_INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr", "gsf_ptr", "v0_ptr", "syn0_ptr",
+                         "x_ptr", "w_ptr"}
+_INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
+                   "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64"}
+# The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
+COMPACT_KERNELS = {
+    "_input_events_kernel": [dict(WRITE=False, BLOCK=1024), dict(WRITE=True, BLOCK=1024)],
+    "_sparse_weight_grad_kernel": [dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128),
+                                   dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=128)],
+    "_sparse_input_grad_kernel": [dict(BLOCK_A=64)],
+}
 
 
 def variants():
@@ -38,6 +48,8 @@ def _signature(fn, dtype):
             signature[name] = "constexpr"
         elif name == "flags_ptr":
             signature[name] = "*u8"
+        elif name in _INDEX_POINTERS:
+            signature[name] = _INDEX_POINTERS[name]
         elif name.endswith("_ptr"):
             signature[name] = _POINTER_TYPES[dtype] if name in _INPUT_DTYPE_POINTERS else acc
         else:
@@ -49,18 +61,29 @@ def compile_variant(spec, dtype) -> dict:
     """Compile the three kernels with the constexpr flags the launchers use; returns {kernel: PTX size}."""
     module = triton_lif.kernels(spec, dtype)
     exact = not spec.sparse
+    flags = dict(COUNT_ACTIVE=False, WRITE_ACTIVE=False, STORE_SPIKES=True)
     constants = {
-        "_lif_fwd_kernel": dict(RECORD_MEMBRANE=True, RECORD_SYN=exact and spec.cuba, COLLECT_ACTIVE=spec.sparse,
-                                BLOCK_N=256),
-        "_lif_bwd_kernel": dict(HAS_GRAD_MEMBRANE=True, BLOCK_N=256),
-        "_lif_bwd_init_kernel": dict(BLOCK_N=256),
+        "_lif_fwd_kernel": [dict(RECORD_MEMBRANE=True, RECORD_SYN=exact and spec.cuba, COLLECT_ACTIVE=spec.sparse,
+                                 BLOCK_N=256, **flags)],
+        "_lif_bwd_kernel": [dict(HAS_GRAD_MEMBRANE=True, BLOCK_N=256)],
+        "_lif_bwd_init_kernel": [dict(BLOCK_N=256)],
     }
+    if spec.sparse:  # both passes of the in-kernel compaction, and the compact backward
+        constants["_lif_fwd_kernel"] += [
+            dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=True,
+                 WRITE_ACTIVE=False, STORE_SPIKES=True),
+            dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=False,
+                 WRITE_ACTIVE=True, STORE_SPIKES=False)]
+        constants.update(COMPACT_KERNELS)
     sizes = {}
-    for name, consts in constants.items():
+    for name, variants_of_kernel in constants.items():
         fn = getattr(module, name)
-        compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), constexprs=consts), target=TARGET,
-                                  options=dict(triton_lif.LAUNCH_OPTIONS))
-        sizes[name] = len(compiled.asm["ptx"])
+        size = 0
+        for consts in variants_of_kernel:
+            compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), constexprs=consts), target=TARGET,
+                                      options=dict(triton_lif.LAUNCH_OPTIONS))
+            size += len(compiled.asm["ptx"])
+        sizes[name] = size
     return sizes
 
 

@@ -1,0 +1,171 @@
+"""The compact sparse path of feedforward Triton layers (in-kernel compaction, event-pair backward).
+
+Compared with the windowed reference (Triton's interpreter on CPU, the compiled kernels on a GPU):
+spikes-only losses (the event route), membrane losses (the dense route rebuilt from the same
+lists), edge cases of the compaction (no active entry, every entry active, T=1, B=1, zero input),
+per-neuron β, non-binary input, and two chained layers passing a sparse COO gradient.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import snnopt.functional as SF  # noqa: E402
+from snnopt import triton_ops  # noqa: E402
+from snnopt.codegen import triton_lif  # noqa: E402
+from snnopt.codegen.reference import reference_linear_lif  # noqa: E402
+from snnopt.spec import LifSpec  # noqa: E402
+from snnopt.surrogate import Surrogate  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def event_route(monkeypatch):
+    # At these tiny sizes the cost model would pick the dense GEMM; the tests want the event pairs.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+
+
+TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5), torch.bfloat16: (4e-2, 4e-2)}
+
+
+def _inputs(batch, steps, features, neurons, dtype, device, *, rate=0.4, binary=True, gain=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, steps, features, generator=gen, dtype=torch.float64)
+    x = (x < rate).double() if binary else x * (x < rate)
+    w = (torch.rand(neurons, features, generator=gen, dtype=torch.float64) - 0.3) * gain * 3.0 / features
+    b = torch.rand(neurons, generator=gen, dtype=torch.float64) * 0.3
+    beta = torch.rand(neurons, generator=gen, dtype=torch.float64) * 0.3 + 0.6
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return cast(x), cast(w).requires_grad_(), cast(b).requires_grad_(), beta.to(
+        torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+
+
+def _check(x, w, b, beta, *, reset="subtract", window=0.5, membrane_loss=False, x_grad=False, device="cpu"):
+    dtype = x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    surrogate = Surrogate("superspike", 10.0)
+    spec = LifSpec(reset=reset, surrogate=surrogate, window=window)
+    x = x.clone().requires_grad_(x_grad)
+    out = SF.linear_lif(x, w, b, beta=beta, reset=reset, surrogate=surrogate, window=window,
+                        return_membrane=membrane_loss, input_active=None, backend="triton")
+    spikes = out.spikes if membrane_loss else out
+    xr = x.detach().to(acc).requires_grad_(x_grad)
+    wr, br = w.detach().to(acc).requires_grad_(), b.detach().to(acc).requires_grad_()
+    ref_spikes, ref_membrane, _, _ = reference_linear_lif(xr, wr, br, spec, beta=beta.to(acc))
+    assert torch.equal(spikes.to(acc), ref_spikes)
+    gen = torch.Generator().manual_seed(7)
+    upstream = torch.randn(ref_spikes.shape, generator=gen, dtype=acc).to(device)
+    loss = (spikes.to(acc) * upstream).sum()
+    ref_loss = (ref_spikes * upstream).sum()
+    if membrane_loss:
+        loss = loss + out.membrane.to(acc).sum()
+        ref_loss = ref_loss + ref_membrane.sum()
+    leaves = [w, b] + ([x] if x_grad else [])
+    ours = torch.autograd.grad(loss, leaves)
+    theirs = torch.autograd.grad(ref_loss, [wr, br] + ([xr] if x_grad else []))
+    rtol, atol = TOL[dtype]
+    for name, a, r in zip(("weight", "bias", "x"), ours, theirs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.to(acc), r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+    return spikes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+def test_event_route_matches_reference(dtype, reset, device):
+    x, w, b, beta = _inputs(3, 7, 9, 6, dtype, device)
+    _check(x, w, b, beta, reset=reset, device=device)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 4), (2, 1, 3, 17), (1, 6, 1, 1)])
+def test_event_route_odd_shapes_and_one_step(shape, device):
+    x, w, b, beta = _inputs(*shape, torch.float64, device, rate=0.7)
+    _check(x, w, b, beta, device=device)
+
+
+def test_non_binary_input_is_kept_exactly(device):
+    x, w, b, beta = _inputs(2, 5, 8, 5, torch.float64, device, binary=False, rate=0.5)
+    _check(x, w, b, beta, device=device)
+
+
+def test_no_active_entry_and_no_input_event(device):
+    x, w, b, beta = _inputs(2, 4, 5, 3, torch.float64, device)
+    spikes = _check(torch.zeros_like(x), w, b, beta, window=0.05, device=device)
+    assert not spikes.any()
+
+
+def test_every_entry_active(device):
+    x, w, b, beta = _inputs(2, 4, 5, 3, torch.float64, device)
+    with torch.no_grad():
+        w.zero_()
+        b.fill_(0.5)  # v climbs 0.5, 0.95, … and stays within the wide window of θ = 1
+    _check(x, w, b, beta, window=10.0, device=device)
+    outs = triton_ops.lif_triton_op(x, w, b, None, beta, torch.ones_like(beta), None,
+                                    torch.zeros(2, 3, dtype=x.dtype, device=device), None, None, "subtract", True,
+                                    "superspike", 10.0, False, "sparse", 10.0, False, True)
+    assert outs[7].numel() == 2 * 4 * 3 and torch.equal(outs[7], torch.arange(24, device=device))
+    assert outs[9].tolist() == [3 * k for k in range(9)]  # where each (b, t) starts
+
+
+def test_compaction_lists_active_entries_in_flat_order(device):
+    x, w, b, beta = _inputs(3, 6, 7, 20, torch.float64, device, seed=3)
+    theta = torch.ones_like(beta)
+    outs = triton_ops.lif_triton_op(x, w, b, None, beta, theta, None, torch.zeros(3, 20, dtype=x.dtype, device=device),
+                                    None, None, "subtract", True, "superspike", 10.0, False, "sparse", 0.3, True, True)
+    membrane = outs[1]
+    expected = ((membrane - 1.0).abs() < 0.3).reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(outs[7], expected)
+    assert outs[6].numel() == 0  # no per-entry flags kept
+    offsets, pos, values = outs[10], outs[11], outs[12]
+    flat_events = x.reshape(3 * 6, 7).nonzero()
+    assert pos.numel() == flat_events.shape[0] and torch.all(values == 1)
+    assert offsets.diff().tolist() == (x.reshape(18, 7) != 0).sum(1).tolist()
+
+
+def test_membrane_loss_takes_the_dense_route(device):
+    x, w, b, beta = _inputs(2, 5, 6, 4, torch.float64, device)
+    _check(x, w, b, beta, membrane_loss=True, device=device)
+
+
+def test_full_input_gradient_takes_the_dense_route(device):
+    x, w, b, beta = _inputs(2, 5, 6, 4, torch.float64, device)
+    _check(x, w, b, beta, x_grad=True, device=device)
+
+
+def test_dense_events_take_the_gemm_route(device, monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    x, w, b, beta = _inputs(2, 5, 6, 4, torch.float32, device)
+    _check(x, w, b, beta, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chained_layers_pass_a_sparse_gradient(dtype, device):
+    x, w1, _, _ = _inputs(3, 8, 6, 7, dtype, device, gain=2.5, seed=5)
+    w2 = (torch.rand(5, 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 0.8).to(dtype).to(
+        device).requires_grad_()
+    grads = []
+    for restrict in ("auto", None):
+        h = SF.linear_lif(x, w1, beta=0.9, window=0.5, backend="triton")
+        out = SF.linear_lif(h, w2, beta=0.9, window=0.5, backend="triton", input_active=restrict)
+        upstream = torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).reshape(out.shape)
+        grads.append(torch.autograd.grad((out * upstream).sum(), [w1, w2]))
+    rtol, atol = TOL[dtype]
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=rtol, atol=atol)
+
+
+def test_sparse_gradient_reaches_the_producer_as_coo(device, monkeypatch):
+    seen = []
+    original = triton_lif.sparse_backward
+
+    def spy(grad_spikes, grad_is_compact, *args, **kwargs):
+        seen.append(grad_is_compact)
+        return original(grad_spikes, grad_is_compact, *args, **kwargs)
+
+    monkeypatch.setattr(triton_lif, "sparse_backward", spy)
+    x, w1, _, _ = _inputs(2, 6, 5, 6, torch.float64, device, gain=2.5, seed=5)
+    w2 = torch.full((4, 6), 0.4, dtype=torch.float64, device=device, requires_grad=True)
+    h = SF.linear_lif(x, w1, beta=0.9, window=0.5, backend="triton")
+    out = SF.linear_lif(h, w2, beta=0.9, window=0.5, backend="triton")
+    out.sum().backward()
+    assert seen == [False, True]  # layer 2 reads dense dL/ds, layer 1 the COO values in its own order
