@@ -8,8 +8,10 @@ nor a GPU). Both have fake implementations and a fixed output signature, so ``to
 ``torch.export`` keep them whole.
 
 What the forward keeps for the backward: exact mode the membrane (and synaptic current, CuBa) in
-the accumulation dtype; sparse mode one uint8 flag per entry (spiked, active) and the active
-entries as a flat int64 index list with their surrogate values.
+the accumulation dtype; sparse feedforward layers with reset by subtraction or none only compact
+lists (active entries: flat int64 index, surrogate value, per-(b, t) offsets; input: its nonzero
+events), see ``triton_lif.sparse_backward``; other sparse layers one uint8 flag per entry (spiked,
+active) and the active list.
 
 Example::
 

@@ -25,12 +25,17 @@ time loop inside, state in registers):
 * ``_lif_bwd_init_kernel``: the step −1 terms (gradient of the initial state, the spike of the
   initial membrane).
 
-Linear-layer gradients are dense cuBLAS GEMMs of dL/dI: ``dW = dIᵀ x``, ``dV = dIᵀ s[t-1]``.
-On a GPU a tensor-core GEMM over the mostly-zero dL/dI costs less than gathering the few percent
-of active entries and scattering their outer products (atomics on W), for the layer sizes of the
-seed paper and the Open Neuromorphic benchmark; the sparse saving on GPU is in what the forward
-keeps (one byte per entry plus the active list, instead of the membrane) and in the sweep. The
-input gradient restricted to ``input_active`` is gathered at those rows only.
+Feedforward sparse layers (reset by subtraction or none, no synaptic current) take the *compact
+path*: the forward counts the active entries per (b, t, block) in the kernel, torch turns the
+counts into offsets (one host read: the list's length), and a second launch reruns the recurrence
+and writes the active list (ascending flat index + surrogate value, no per-entry buffer); the input
+is kept as events (``input_events``). Its backward (``sparse_backward``) is two launches over those
+lists: the weight gradient as pairs (active entry × earlier input event of the same row) and the
+input gradient at the upstream active entries only, which goes back to a compact producer as a
+sparse COO tensor read in the producer's own list order. When the pairs would outnumber a GEMM's
+work (dense inputs, e.g. the Open Neuromorphic configuration) or a membrane / final-state / full
+input gradient is asked for, dL/dI is rebuilt densely from the same lists and the weight gradient
+is one cuBLAS GEMM. Other sparse specs keep one uint8 flag per entry and the dense sweep.
 
 float64 kernels accumulate in float64; float32, float16 and bfloat16 inputs in float32. This module
 needs no triton itself (the generated modules import it), so :func:`emit_kernels` works anywhere.
