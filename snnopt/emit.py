@@ -369,11 +369,13 @@ def check_writable_folder(directory) -> Path:
     return directory
 
 
-def emit_package(optimized: fx.GraphModule, directory, *, example_inputs=None, source: str = "a model") -> Path:
+def emit_package(optimized: fx.GraphModule, directory, *, example_inputs=None, source: str = "a model",
+                 extra_files: dict | None = None) -> Path:
     """Write ``optimized`` (from :func:`snnopt.optimize`) as a package at ``directory``; return its path.
 
     With ``example_inputs`` the written package is imported and must reproduce ``optimized``'s
-    outputs before it replaces ``directory``. Raises :class:`EmitError` when the module needs code
+    outputs before it replaces ``directory``. ``extra_files`` (``{name: text}``) are written beside
+    the code (the CLI adds its ``inspect.json``). Raises :class:`EmitError` when the module needs code
     outside torch and snnopt.
 
     Example::
@@ -381,7 +383,7 @@ def emit_package(optimized: fx.GraphModule, directory, *, example_inputs=None, s
         >>> emit_package(opt, "build/seed_opt", example_inputs=(x,))
     """
     directory = check_writable_folder(directory)
-    files = render_package(optimized, directory.name, source)
+    files = {**render_package(optimized, directory.name, source), **(extra_files or {})}
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

@@ -34,6 +34,7 @@ from snnopt.passes import regions as R
 from snnopt.passes.trace import source_of
 
 _PROBE_SEED = 1234
+_FIRST_STEP_DEPTH = 8
 
 
 @dataclass
@@ -422,17 +423,19 @@ def _first_current(first_state, second_current, index, dependent, later_currents
     the earliest, i.e. the one farthest from the folded step-0 arithmetic.
     """
     candidates = []
-    stack, seen = [first_state], set()
+    # I[0] sits a few operations above v[0]; a bounded search keeps this linear in the graph size.
+    stack, seen = [(first_state, 0)], set()
     while stack:
-        node = stack.pop()
-        if node in seen:
+        node, depth = stack.pop()
+        if node in seen or depth > _FIRST_STEP_DEPTH:
             continue
         seen.add(node)
         if node in dependent and node not in later_currents:
             value = node.meta.get("value")
-            if expected is None or (isinstance(value, torch.Tensor) and _close(value, expected, rtol=1e-5)):
+            if expected is None or (isinstance(value, torch.Tensor) and value.shape == expected.shape
+                                    and _close(value, expected, rtol=1e-5)):
                 candidates.append(node)
-        stack.extend(n for n in node.all_input_nodes if n in dependent)
+        stack.extend((n, depth + 1) for n in node.all_input_nodes if n in dependent)
 
     def name(target):
         return getattr(target, "__name__", str(target)).strip("_")
