@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from snnopt.errors import InvalidArgumentError, InvalidTypeError, ModelTraceError, UnsupportedModelError
-from snnopt.functional.fused import fused_layer
+from snnopt.functional.fused import fused_layer, graph_leaf
 from snnopt.passes.pipeline import PassContext, run_passes
 from snnopt.passes.trace import DataDependentControlFlow, trace_model
 from snnopt.report import FusedLayer, Report, SkippedRegion
@@ -283,6 +283,7 @@ def _accepts_any_shape(model, gm, inputs) -> bool:
     return len(expected) == len(got) and all(_relative_error(g, e) <= 1e-5 for e, g in zip(expected, got))
 
 
+@graph_leaf
 def check_input_shape(x: torch.Tensor, expected: tuple, name: str) -> torch.Tensor:
     """Raise a clear error when a fixed-shape optimized module gets another input shape."""
     if tuple(x.shape) != expected:
@@ -351,6 +352,7 @@ def _report(context: PassContext, backward, window, backend, any_shape, inputs, 
                   traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started)
 
 
+@graph_leaf
 def run_unchanged(model: torch.nn.Module, *inputs):
     """The graph of a model left whole: call it as the user wrote it."""
     return model(*inputs)

@@ -13,13 +13,32 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
+import torch.fx
 from torch import Tensor
 
 from snnopt.functional.spiking import linear_lif, lif
 
 
+def graph_leaf(function):
+    """Keep ``function`` one node when fx traces code that calls it (e.g. unpickling a GraphModule).
+
+    ``torch.fx`` re-traces a GraphModule's generated code when it is unpickled; a function that
+    checks its arguments would see proxies there. This records a call instead, as ``fx.wrap`` does
+    for functions called from user code.
+    """
+    @functools.wraps(function)
+    def leaf(*args, **kwargs):
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", leaf, args, kwargs)
+        return function(*args, **kwargs)
+    return leaf
+
+
+@graph_leaf
 def fused_layer(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 recurrent_weight: Optional[Tensor] = None, *, beta, threshold=1.0, alpha=None, reset: str = "subtract",
                 detach_reset: bool = True, surrogate: str = "superspike:100", fire_at_threshold: bool = False,

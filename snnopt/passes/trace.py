@@ -30,6 +30,8 @@ import torch.fx as fx
 from torch import Tensor
 from torch.fx.proxy import Attribute
 
+from snnopt.functional.fused import graph_leaf
+
 # Tensor attributes and methods that describe metadata, not values: answering them concretely is
 # exactly what a shape-specialised trace means.
 _METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_sparse",
@@ -61,6 +63,7 @@ def autograd_function_node_target(function_class):
     """
     target = _APPLY_NODES.get(function_class)
     if target is None:
+        @graph_leaf
         def target(*args, **kwargs):
             return function_class.apply(*args, **kwargs)
         target.__name__ = f"apply_{function_class.__name__}"
@@ -375,6 +378,8 @@ def trace_model(model: torch.nn.Module, example_inputs: tuple,
             continue
         _restore(model, saved_state)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Optimized")
+        # Unpickling re-traces the generated code; that needs fx's plain tracer, not this one.
+        gm._tracer_cls, gm._tracer_extras = None, {}
         _drop_tensor_constants(model, tracer)
         _constants_out_of_state_dict(gm)
         record_values(gm, tuple(example_inputs))
