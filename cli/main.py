@@ -1,11 +1,16 @@
-"""The ``snnopt`` command.
+"""The ``snnopt`` command: compile, inspect and bench a model file; info.
 
 Importing this module loads only typer: ``snnopt --version`` and ``snnopt --help`` answer at once,
-and torch, numba and triton are imported by the commands that report on them.
+and torch, numba and triton are imported by the commands that use them.
+
+Every error the user can cause (a missing or broken model file, a model that raises, an output
+path that cannot be written) is one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead. Outputs are written to a temporary file beside the target and moved into
+place, so a failed run leaves nothing half-written.
 
 Example::
 
-    $ snnopt info
+    $ snnopt compile examples/seed_network_model.py --out seed_opt --graph seed.svg
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ app = typer.Typer(
     name="snnopt",
     help="snnopt: fused spiking-neuron ops with the sparse spiking gradient for PyTorch.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode="rich",
 )
 
 
@@ -79,6 +85,10 @@ def info() -> None:
     typer.echo("backends " + (", ".join(backends) if backends else "none: install torch and numba"))
     typer.echo("         (the CUDA/Triton backend is not part of this release)")
 
+
+from cli.commands import register  # noqa: E402  (imports no torch either)
+
+register(app)
 
 if __name__ == "__main__":
     app()
