@@ -53,7 +53,7 @@ def fused_layer(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tenso
     if weight is None:
         if input_scale != 1.0:
             x = x * input_scale
-        out = lif(x, **options)
+        out = lif(x, recurrent_weight=recurrent_weight, **options)
     else:
         if input_scale != 1.0:
             weight = weight * input_scale

@@ -59,7 +59,7 @@ BACKENDS = ("auto", "cpu", "triton")
 def lif(current: Tensor, *, beta, threshold=1.0, reset: str = "subtract", detach_reset: bool = True, alpha=None,
         surrogate=None, backward: str = "sparse", window: float = 0.2, time_dim: int = 1,
         fire_at_threshold: bool = False, initial_state=None, return_membrane: bool = False,
-        return_state: bool = False, backend: str = "auto"):
+        return_state: bool = False, backend: str = "auto", recurrent_weight: Optional[Tensor] = None):
     """LIF (or, with ``alpha``, current-based LIF) neurons driven by ``current``.
 
     ``current`` is ``(B, T, *neurons)`` (``time_dim=1``) or ``(T, B, *neurons)`` (``time_dim=0``);
@@ -73,14 +73,25 @@ def lif(current: Tensor, *, beta, threshold=1.0, reset: str = "subtract", detach
     needs ``TRITON_INTERPRET=1``: Triton's interpreter, for testing). float16/bfloat16 inputs need
     the Triton backend; they are integrated in float32.
 
+    ``recurrent_weight`` (``(N, N)``, linear layout; one neuron dimension) adds
+    ``s[t-1] @ recurrent_weightᵀ`` to the current, as in :func:`linear_lif`.
+
     Example::
 
         >>> spikes = lif(torch.rand(4, 50, 10), beta=0.9, surrogate="atan")
     """
-    spec = _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold, recurrent=False)
+    spec = _make_spec(reset, detach_reset, alpha, surrogate, backward, window, fire_at_threshold,
+                      recurrent=recurrent_weight is not None)
     backend = resolve_backend(backend, current, "current")
     _check_tensor("current", current, min_dim=3, backend=backend)
-    return _run(current, None, None, None, spec, beta, threshold, alpha, time_dim, initial_state,
+    if recurrent_weight is not None:
+        neurons = current.shape[-1]
+        _check_tensor("recurrent_weight", recurrent_weight, exact_dim=2, like=current, like_name="current",
+                      backend=backend)
+        if tuple(recurrent_weight.shape) != (neurons, neurons):
+            raise InvalidArgumentError(
+                f"recurrent_weight: expected shape ({neurons}, {neurons}), got {tuple(recurrent_weight.shape)}")
+    return _run(current, None, None, recurrent_weight, spec, beta, threshold, alpha, time_dim, initial_state,
                 return_membrane, return_state, None, backend)
 
 

@@ -360,6 +360,10 @@ class DetectLifRecurrence:
                 raise _Refusal(f"the state update reads {len(varying)} time-varying inputs; one input current "
                                f"is expected")
             currents[t] = varying[0]
+            if t == 1 and _current_fed_back(chain, groups, dependent, index):
+                # The "current" is fed back from the layer itself: a synaptic state carried across steps.
+                return self._match_with_synaptic_state(gm, chain, groups, membrane_of, dependent, index, context,
+                                                       info, theta_node, theta_value, like)
             if t == 1:
                 recurrent, recurrent_transposed = _find_recurrent_weight(region, spikes[0], dependent)
                 recurrent_value = None
@@ -412,6 +416,221 @@ class DetectLifRecurrence:
                           recurrent_transposed=recurrent_transposed, input_scale=fitted["input_scale"],
                           nodes=layer_nodes, source=source_of(chain[-1]), neurons=int(torch.tensor(neuron_shape).prod()),
                           beta_value=beta_value, threshold_value=theta_value, bias=bias, spike_groups=groups)
+
+
+    def _match_with_synaptic_state(self, gm, chain, groups, membrane_of, dependent, index, context, info,
+                                   theta_node, theta_value, like) -> LayerMatch:
+        """CuBa whose synaptic current also takes the recurrent input: ``syn = α·syn + I + V·s[t-1]``.
+
+        The synaptic state ``syn[t-1]`` is the node the next step's update reads besides the
+        membrane and the spikes; with it in the boundary, each step region is
+        ``(v, s, syn, I) → (syn', v')``, probed like the plain LIF step.
+        """
+        steps = len(chain)
+        spikes = [group[0] for group in groups]
+        carried: list = [None] * steps
+        for t in range(1, steps):
+            region = R.step_region(chain[t], [chain[t - 1], *groups[t - 1]], index)
+            varying = [n for n in R.region_inputs(region, [chain[t - 1], *groups[t - 1]]) if n in dependent]
+            if len(varying) != 1:
+                raise _Refusal("a synaptic-current recurrence whose steps read several time-varying inputs")
+            carried[t - 1] = _carried_state(varying[0], chain[t - 1], dependent, index)
+            if carried[t - 1] is None:
+                raise _Refusal("the recurrence carries a second state snnopt could not identify")
+        currents: list = [None] * steps
+        layer_nodes: set = set()
+        for t in range(1, steps):
+            boundary = [chain[t - 1], *groups[t - 1], carried[t - 1]]
+            targets = [chain[t]] + ([carried[t]] if carried[t] is not None else [])
+            region = sorted(set().union(*(R.step_region(n, boundary, index) for n in targets)), key=index.__getitem__)
+            if any(R.in_place(n) for n in region):
+                raise _Refusal("in-place operation inside the recurrence")
+            varying = [n for n in R.region_inputs(region, boundary) if n in dependent]
+            if len(varying) != 1:
+                raise _Refusal(f"the synaptic update reads {len(varying)} time-varying inputs; one is expected")
+            currents[t] = varying[0]
+            layer_nodes.update(region)
+            if t == 1:
+                recurrent, transposed = _find_recurrent_weight(region, spikes[0], dependent)
+                recurrent_value = None
+                if recurrent is not None:
+                    recurrent_value = recurrent.meta["value"].T if transposed else recurrent.meta["value"]
+                step = _SynapticStep(gm, region, chain[0], groups[0], carried[0], currents[1], chain[1], carried[1])
+                fitted = _fit_synaptic_step(step, like, theta_value.reshape(-1), recurrent_value)
+                fitted["recurrent_value"] = recurrent_value
+                trainable = [n for n in R.region_inputs(region, boundary)
+                             if n not in dependent and n is not recurrent and _depends_on_trainable(n, gm)]
+                if trainable and context.backward == "sparse":
+                    raise _Refusal("β, α or θ is learnable, but backward='sparse' treats them as constants; "
+                                   "use backward='exact'")
+        neuron_shape = tuple(like.shape[1:])
+        offset = 0 if fitted["bias"] is None else fitted["bias"].reshape(neuron_shape)
+        currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]),
+                                     (chain[0].meta["value"] - offset) / fitted["input_scale"])
+        if currents[0] is None:
+            raise _Refusal("the first step's input current could not be matched to the later steps'")
+        layer_nodes.update(R.step_region(chain[0], [currents[0]], index))
+        layer_nodes.update(n for n in carried if n is not None)
+        _check_traced_synaptic_steps(chain, spikes, carried, currents, theta_value, fitted, info)
+        beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
+        alpha = _find_constant_node(fitted["alpha"], layer_nodes, chain, dependent, gm)
+        bias = _bias_node(fitted, layer_nodes, chain, dependent, gm)
+        for group, membrane in zip(groups, chain):
+            layer_nodes.add(membrane)
+            for spike in group:
+                layer_nodes.add(spike)
+                if membrane_of[spike][2] is not None:
+                    layer_nodes.add(membrane_of[spike][2])
+        beta_value = fitted["beta"].reshape(neuron_shape)
+        alpha_value = fitted["alpha"].reshape(neuron_shape)
+        return LayerMatch(kind="cuba_lif", currents=currents, states=chain, spikes=spikes,
+                          beta=beta if beta is not None else beta_value,
+                          threshold=theta_node if (theta_node is not None and info.shift == 0.0
+                                                   and isinstance(theta_node, fx.Node)) else theta_value,
+                          reset=fitted["reset"], detach_reset=fitted["detach_reset"], surrogate=info.surrogate,
+                          fire_at_threshold=info.fire_at_threshold, recurrent_weight=recurrent,
+                          recurrent_transposed=transposed, input_scale=fitted["input_scale"], nodes=layer_nodes,
+                          source=source_of(chain[-1]), neurons=int(torch.tensor(neuron_shape).prod()),
+                          beta_value=beta_value, threshold_value=theta_value, bias=bias, spike_groups=groups,
+                          alpha=alpha if alpha is not None else alpha_value, alpha_value=alpha_value)
+
+
+def _current_fed_back(chain, groups, dependent, index) -> bool:
+    """Whether step 2's input current depends on the layer's own earlier membranes or spikes."""
+    if len(chain) < 3:
+        return False
+    boundary = [chain[1], *groups[1]]
+    region = R.step_region(chain[2], boundary, index)
+    varying = [n for n in R.region_inputs(region, boundary) if n in dependent]
+    return len(varying) == 1 and _depends_on_layer(varying[0], chain[:1] + list(groups[0]), index)
+
+
+def _depends_on_layer(node: fx.Node, layer_nodes, index, depth: int = 12) -> bool:
+    targets = set(layer_nodes)
+    stack, seen = [(node, 0)], set()
+    while stack:
+        current, d = stack.pop()
+        if current in targets:
+            return True
+        if current in seen or d > depth:
+            continue
+        seen.add(current)
+        stack.extend((n, d + 1) for n in current.all_input_nodes)
+    return False
+
+
+def _carried_state(next_input: fx.Node, membrane: fx.Node, dependent: set, index) -> Optional[fx.Node]:
+    """The latest node that feeds both ``membrane`` (this step) and the next step's input: ``syn``."""
+    def ancestors(node, depth=12):
+        found, stack = set(), [(node, 0)]
+        while stack:
+            current, d = stack.pop()
+            if current in found or d > depth:
+                continue
+            found.add(current)
+            stack.extend((n, d + 1) for n in current.all_input_nodes if n in dependent)
+        return found
+    shared = (ancestors(next_input) - {next_input}) & (ancestors(membrane) - {membrane})
+    shared = {n for n in shared if n.op != "placeholder"}
+    return max(shared, key=index.__getitem__) if shared else None
+
+
+class _SynapticStep:
+    """One step region as ``(v, s, syn, I) -> (syn', v')``."""
+
+    def __init__(self, gm, region, v_prev, s_prev, syn_prev, current, v_next, syn_next):
+        self.gm, self.region = gm, region
+        self.v_prev, self.s_prev, self.syn_prev, self.current = v_prev, s_prev, syn_prev, current
+        self.v_next, self.syn_next = v_next, syn_next
+
+    def __call__(self, v, s, syn, current):
+        env = {self.v_prev: v, self.syn_prev: syn, self.current: current}
+        for spike in self.s_prev:
+            env[spike] = s
+        values = R.evaluate(self.gm, self.region, env)
+        return values[self.syn_next], values[self.v_next]
+
+
+def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    shape, dtype = like.shape, like.dtype
+    z = torch.zeros(shape, dtype=dtype)
+    theta = threshold.reshape(shape[1:])
+
+    def rand():
+        return torch.rand(shape, generator=generator, dtype=dtype) + 0.5
+
+    def rec(spikes):
+        return torch.zeros_like(spikes) if recurrent is None else _recurrent_current(spikes, recurrent)
+
+    with torch.no_grad():
+        syn0, _ = step(z, z, z, z)
+        offset = _per_neuron(syn0)
+        if offset is None:
+            raise _Refusal("the synaptic update adds a term that differs between batch entries")
+        off = offset.reshape(shape[1:])
+        syn_probe, current_probe = rand(), rand()
+        alpha = _per_neuron((step(z, z, syn_probe, z)[0] - off) / syn_probe)
+        scale = _per_neuron((step(z, z, z, current_probe)[0] - off) / current_probe)
+        if alpha is None or scale is None or not torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5):
+            raise _Refusal("the synaptic current is not syn = α·syn + I")
+        input_scale = float(scale[0])
+        v = theta - rand()
+        syn_new, v_new = step(v, z, syn_probe, current_probe)
+        expected_syn = alpha.reshape(shape[1:]) * syn_probe + input_scale * current_probe + off
+        if not _close(syn_new, expected_syn):
+            raise _Refusal("the synaptic current depends on the membrane, or is not linear")
+        beta = _per_neuron((v_new - syn_new) / v)
+        if beta is None:
+            raise _Refusal("the membrane update is not v = β·v + syn − reset")
+        beta_b = beta.reshape(shape[1:])
+        v = theta + 2 * torch.rand(shape, generator=generator, dtype=dtype) - 1
+        spikes = (v - theta > 0).to(dtype)
+        syn_new, v_new = step(v, spikes, z, z)
+        if not _close(syn_new - off, rec(spikes)):
+            raise _Refusal("the spikes enter the synaptic current other than through one recurrent weight")
+        delta = v_new - syn_new - beta_b * v
+        forms = {"subtract": -theta * spikes, "zero": -beta_b * v * spikes, "none": torch.zeros_like(v)}
+        reset = next((name for name, expected in forms.items() if _close(delta, expected)), None)
+        if reset is None:
+            raise _Refusal("the reset is none of: subtract the threshold (v - θ·s), to zero (v·(1-s)), none")
+    spikes_grad = spikes.clone().requires_grad_(True)
+    weights = torch.rand(shape, generator=generator, dtype=dtype)
+    with torch.enable_grad():
+        _, v_new = step(v, spikes_grad, z, z)
+        grad = torch.autograd.grad((v_new * weights).sum(), spikes_grad, allow_unused=True)[0] \
+            if v_new.requires_grad else None
+    grad = torch.zeros_like(v) if grad is None else grad
+    recurrent_grad = torch.zeros_like(v) if recurrent is None else _recurrent_current(weights, recurrent.T)
+    attached = {"subtract": -theta * weights, "zero": -beta_b * v * weights, "none": torch.zeros_like(v)}[reset]
+    if _close(grad, recurrent_grad):
+        detach = True
+    elif _close(grad, recurrent_grad + attached):
+        detach = reset == "none"
+    else:
+        raise _Refusal("the gradient through the reset or the recurrent input is neither attached nor detached")
+    return {"beta": beta, "alpha": alpha, "input_scale": input_scale, "reset": reset, "detach_reset": detach,
+            "bias": None if bool((offset == 0).all()) else offset}
+
+
+def _check_traced_synaptic_steps(chain, spikes, carried, currents, theta, fitted, info) -> None:
+    neuron_shape = theta.shape
+    beta, alpha = fitted["beta"].reshape(neuron_shape), fitted["alpha"].reshape(neuron_shape)
+    offset = 0 if fitted["bias"] is None else fitted["bias"].reshape(neuron_shape)
+    recurrent = fitted["recurrent_value"]
+    v = torch.zeros_like(chain[0].meta["value"])
+    s, syn = torch.zeros_like(v), torch.zeros_like(v)
+    for t, (membrane, spike, current) in enumerate(zip(chain, spikes, currents)):
+        syn = alpha * syn + fitted["input_scale"] * current.meta["value"] + offset
+        if recurrent is not None:
+            syn = syn + _recurrent_current(s, recurrent)
+        reset = {"subtract": theta * s, "zero": beta * v * s, "none": 0}[fitted["reset"]]
+        v = beta * v + syn - reset
+        if not _close(v, membrane.meta["value"], rtol=1e-4) or (
+                carried[t] is not None and not _close(syn, carried[t].meta["value"], rtol=1e-4)):
+            raise _Refusal(f"step {t} of the traced run does not follow the fitted CuBa-LIF equation")
+        v, syn = membrane.meta["value"], (carried[t].meta["value"] if carried[t] is not None else syn)
+        s = spike.meta["value"]
 
 
 def _first_current(first_state, second_current, index, dependent, later_currents, expected=None):

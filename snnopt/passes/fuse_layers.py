@@ -106,9 +106,10 @@ class FuseLayers:
             time_dim = 1
             if layer_input is None:
                 currents = [self.replaced.get(c, c) for c in match.currents]
-                args = (graph.call_function(torch.stack, (currents,), {"dim": 1}),)
+                x = graph.call_function(torch.stack, (currents,), {"dim": 1})
                 if match.bias is not None:
-                    args = (graph.call_function(operator.add, (args[0], match.bias)),)
+                    x = graph.call_function(operator.add, (x, match.bias))
+                args = (x, None, None, _materialise(graph, _recurrent_reference(match)))
             else:
                 x = layer_input.x
                 if isinstance(x, list):
@@ -121,9 +122,7 @@ class FuseLayers:
                 if match.bias is not None and layer_input.weight is not None:
                     bias = match.bias if bias is None else graph.call_function(operator.add, (bias, match.bias))
                 args = (x, _materialise(graph, layer_input.weight), bias,
-                        _materialise(graph, match.recurrent_weight and (("t", match.recurrent_weight)
-                                                                        if match.recurrent_transposed
-                                                                        else match.recurrent_weight)))
+                        _materialise(graph, _recurrent_reference(match)))
                 time_dim = layer_input.time_dim
             kwargs = dict(beta=constant_argument(gm, match.beta, "beta"), spiking=spiking,
                           backward=context.backward if spiking else "exact", window=context.window,
@@ -189,6 +188,12 @@ def _cyclic(matches) -> list:
         if len(component) > 1 or any(order.has_edge(i, i) for i in component):
             bad |= component
     return [matches[i] for i in sorted(bad)]
+
+
+def _recurrent_reference(match):
+    if match.recurrent_weight is None:
+        return None
+    return ("t", match.recurrent_weight) if match.recurrent_transposed else match.recurrent_weight
 
 
 def _materialise(graph: fx.Graph, weight):

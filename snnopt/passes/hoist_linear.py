@@ -14,8 +14,7 @@ becomes the layer's input scale):
 Produces ``match.input = LayerInput(x, weight, bias, time_dim)`` (``weight`` None when the layer
 gets a precomputed current): the fused call then is ``linear_lif(x, W, b)``, which builds the
 current from the input's events when the input is spikes. Leaves ``match.input`` None when none of
-the forms fits (the fused call then gets ``torch.stack(I, dim=1)``), and refuses recurrent layers
-in that case (the fused recurrent op needs the input weight).
+the forms fits (the fused call then gets ``torch.stack(I, dim=1)``). Refuses nothing.
 """
 
 from __future__ import annotations
@@ -144,11 +143,6 @@ class HoistLinear:
                 if match.bias is not None and match.input.weight is not None and match.input.bias is None \
                         and match.input_scale == 1.0:
                     match.input.bias, match.bias = match.bias, None  # the loop's "+ b" is the linear's bias
-            if match.recurrent_weight is not None and (match.input is None or match.input.weight is None):
-                context.skip(match.states[0], "a recurrent layer whose input current is not one linear map of its "
-                                              "input (the fused recurrent op needs the input weight)",
-                             steps=len(match.states))
-                continue
             kept.append(match)
         context.matches = kept
         hoisted = sum(1 for m in kept if m.input is not None and m.input.weight is not None)

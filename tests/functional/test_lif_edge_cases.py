@@ -261,3 +261,24 @@ def test_expanded_and_strided_inputs(backward):
         out = snf.lif(value, beta=0.8, backward=backward, return_membrane=True)
         torch.testing.assert_close(out.spikes, ref_spikes, rtol=0, atol=0)
         torch.testing.assert_close(out.membrane, ref_membrane)
+
+
+@pytest.mark.parametrize("backward", ["exact", "sparse"])
+def test_lif_with_a_recurrent_weight_matches_the_reference(backward):
+    from snnopt.codegen.reference import reference_lif
+    from snnopt.functional import lif
+    from snnopt.spec import LifSpec
+    from snnopt import surrogate as surrogate_lib
+    gen = torch.Generator().manual_seed(3)
+    current = (torch.rand(3, 9, 5, generator=gen, dtype=torch.float64) * 1.2).requires_grad_()
+    recurrent = (torch.randn(5, 5, generator=gen, dtype=torch.float64) * 0.4).requires_grad_()
+    spikes = lif(current, beta=0.8, alpha=0.6, recurrent_weight=recurrent, backward=backward, surrogate="atan")
+    spec = LifSpec(surrogate=surrogate_lib.get("atan"), cuba=True, recurrent=True, backward=backward)
+    expected = reference_lif(current, spec, beta=0.8, alpha=0.6, recurrent_weight=recurrent)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    assert torch.equal(spikes, expected)
+    weights = torch.rand(spikes.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((spikes * weights).sum(), [current, recurrent])
+    want = torch.autograd.grad((expected * weights).sum(), [current, recurrent])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-12)
