@@ -112,9 +112,15 @@ def _check_choice(value: str, choices: tuple, option: str) -> str:
 def _optimize(loaded: LoadedModel, backward: str, window: float, backend: str, debug: bool):
     import snnopt
 
-    run_model(loaded)
-    with _quiet(debug):
-        return snnopt.optimize(loaded.model, loaded.inputs, backward=backward, window=window, backend=backend)
+    try:
+        with _quiet(debug):
+            return snnopt.optimize(loaded.model, loaded.inputs, backward=backward, window=window, backend=backend)
+    except snnopt.ModelTraceError:
+        # Not run beforehand: a forward pass changes state (batch-norm statistics, snnTorch's hidden
+        # state) that the optimized module would then start from. When tracing fails, a plain run
+        # tells the user's own error (with its line) apart from ours.
+        run_model(loaded)
+        raise
 
 
 def print_report(report, console) -> None:

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import operator
@@ -332,9 +333,14 @@ def import_package(directory, name: str | None = None):
 
 
 def _outputs(module, inputs) -> list:
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        leaves, _ = tree_flatten(module(*inputs))
+    """Outputs of one seeded run; the module's state (batch-norm statistics …) is put back after."""
+    saved = copy.deepcopy(module.state_dict())
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            leaves, _ = tree_flatten(module(*inputs))
+    finally:
+        module.load_state_dict(saved)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
