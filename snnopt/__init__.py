@@ -10,10 +10,11 @@ from snnopt import functional, nn, surrogate
 from snnopt.compiler import explain, optimize
 from snnopt.errors import (InvalidArgumentError, InvalidTypeError, ModelTraceError, SnnoptError,
                            UnsupportedModelError)
+from snnopt.export import export_onnx
 from snnopt.report import Report
 from snnopt.spec import LifSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "explain", "Report", "functional", "nn", "surrogate", "LifSpec", "SnnoptError",
+__all__ = ["optimize", "explain", "export_onnx", "Report", "functional", "nn", "surrogate", "LifSpec", "SnnoptError",
            "InvalidArgumentError", "InvalidTypeError", "UnsupportedModelError", "ModelTraceError", "__version__"]
