@@ -376,7 +376,7 @@ def seed_checks(cfg, x, labels, weights, device, errors) -> dict:
         errors["checks"] = describe(error)
         return {"error": describe(error)}
     for key, variant in variants.items():
-        ref = "windowed" if key == "snnopt_sparse" else "full"
+        ref = "windowed" if key in ("snnopt_sparse", "snnopt_optimize") else "full"
         try:
             checks[key] = seed.compare(variant.gradients(x, labels), reference[ref], grad_tolerance=1e-4)
             checks[key]["reference"] = "dense eager, windowed surrogate" if ref == "windowed" else "dense eager"

@@ -338,10 +338,14 @@ class OptimizedPaperLoop(nn.Module):
         import snnopt
 
         self.original = DenseEagerSNN(cfg)
+        device = self.original.w1.device  # the GPU suite builds variants under torch.device("cuda")
+        with torch.device("cpu"):  # CPU generators make the same numbers on every machine
+            weights = initial_weights(cfg)
+            example = latency_code(synthetic_fashion_images(cfg.batch, seed=cfg.seed + 7), cfg)
         with torch.no_grad():  # traced and validated with the benchmark's initial weights
-            for param, weight in zip(self.original.weights(), initial_weights(cfg)):
+            for param, weight in zip(self.original.weights(), weights):
                 param.copy_(weight)
-        example = latency_code(synthetic_fashion_images(cfg.batch, seed=cfg.seed + 7), cfg)
+        example = example.to(device)
         started = time.perf_counter()
         self.optimized = snnopt.optimize(self.original, (example,))
         self.optimize_seconds = time.perf_counter() - started

@@ -156,10 +156,10 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
     """Read β, input scale and the reset rule off a step region by probing it (see module docstring)."""
     generator = torch.Generator().manual_seed(_PROBE_SEED)
     shape, dtype = like.shape, like.dtype
-    zeros = torch.zeros(shape, dtype=dtype)
+    zeros = torch.zeros(shape, dtype=dtype, device=like.device)
 
     def rand():
-        return torch.rand(shape, generator=generator, dtype=dtype) + 0.5
+        return torch.rand(shape, generator=generator, dtype=dtype).to(like.device) + 0.5
 
     theta_b = None
     if spiking:
@@ -190,10 +190,10 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         result = {"beta": beta, "input_scale": input_scale, "reset": "none", "detach_reset": True, "bias": bias}
         if not spiking:
             return result
-        v = theta_b + 2 * torch.rand(shape, generator=generator, dtype=dtype) - 1
+        v = theta_b + 2 * torch.rand(shape, generator=generator, dtype=dtype).to(like.device) - 1
         spikes = (v - theta_b > 0).to(dtype)
         beta_b = beta.reshape(shape[1:]) if len(shape) > 1 else beta
-        recurrent_in = torch.zeros(shape, dtype=dtype) if recurrent is None else _recurrent_current(spikes, recurrent)
+        recurrent_in = torch.zeros_like(zeros) if recurrent is None else _recurrent_current(spikes, recurrent)
         delta = fit(v, spikes, zeros) - offset_b - beta_b * v - recurrent_in
         forms = {"subtract": -theta_b * spikes, "zero": -beta_b * v * spikes, "none": torch.zeros_like(v)}
         reset = next((name for name, expected in forms.items() if _close(delta, expected)), None)
@@ -202,7 +202,7 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         result["reset"] = reset
     # Whether the reset carries gradient: d v[t] / d s[t-1] through the region.
     spikes_grad = spikes.clone().requires_grad_(True)
-    weights = torch.rand(shape, generator=generator, dtype=dtype)
+    weights = torch.rand(shape, generator=generator, dtype=dtype).to(like.device)
     with torch.enable_grad():
         out = fit(v, spikes_grad, zeros)
         grad = None
@@ -336,10 +336,11 @@ class DetectLifRecurrence:
         if not isinstance(like, torch.Tensor) or like.dim() < 2 or not like.is_floating_point():
             raise _Refusal("the membrane is not a floating-point (batch, neurons…) tensor")
         neuron_shape = tuple(like.shape[1:])
-        theta_value = torch.zeros(neuron_shape, dtype=like.dtype) + info.shift
+        theta_value = torch.zeros(neuron_shape, dtype=like.dtype, device=like.device) + info.shift
         if theta_node is not None:
             theta_value = theta_value + torch.as_tensor(
-                theta_node.meta["value"] if isinstance(theta_node, fx.Node) else theta_node, dtype=like.dtype)
+                theta_node.meta["value"] if isinstance(theta_node, fx.Node) else theta_node, dtype=like.dtype,
+                device=like.device)
         if theta_value.shape != neuron_shape:
             raise _Refusal("the threshold does not broadcast to one value per neuron")
         layer_nodes: set = set()
@@ -554,11 +555,11 @@ class _SynapticStep:
 def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
     generator = torch.Generator().manual_seed(_PROBE_SEED)
     shape, dtype = like.shape, like.dtype
-    z = torch.zeros(shape, dtype=dtype)
+    z = torch.zeros(shape, dtype=dtype, device=like.device)
     theta = threshold.reshape(shape[1:])
 
     def rand():
-        return torch.rand(shape, generator=generator, dtype=dtype) + 0.5
+        return torch.rand(shape, generator=generator, dtype=dtype).to(like.device) + 0.5
 
     def rec(spikes):
         return torch.zeros_like(spikes) if recurrent is None else _recurrent_current(spikes, recurrent)
@@ -584,7 +585,7 @@ def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
         if beta is None:
             raise _Refusal("the membrane update is not v = β·v + syn − reset")
         beta_b = beta.reshape(shape[1:])
-        v = theta + 2 * torch.rand(shape, generator=generator, dtype=dtype) - 1
+        v = theta + 2 * torch.rand(shape, generator=generator, dtype=dtype).to(like.device) - 1
         spikes = (v - theta > 0).to(dtype)
         syn_new, v_new = step(v, spikes, z, z)
         if not _close(syn_new - off, rec(spikes)):
@@ -595,7 +596,7 @@ def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
         if reset is None:
             raise _Refusal("the reset is none of: subtract the threshold (v - θ·s), to zero (v·(1-s)), none")
     spikes_grad = spikes.clone().requires_grad_(True)
-    weights = torch.rand(shape, generator=generator, dtype=dtype)
+    weights = torch.rand(shape, generator=generator, dtype=dtype).to(like.device)
     with torch.enable_grad():
         _, v_new = step(v, spikes_grad, z, z)
         grad = torch.autograd.grad((v_new * weights).sum(), spikes_grad, allow_unused=True)[0] \
