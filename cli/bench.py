@@ -66,6 +66,17 @@ def _round(module, inputs, optimizer) -> dict:
     return {"forward_ms": forward * 1e3, "backward_ms": backward * 1e3, "step_ms": step * 1e3}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        if names:
+            return names[0]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_bench(loaded: LoadedModel, optimized, repeat: int, progress: bool = True) -> dict:
     """Medians of ``repeat`` interleaved rounds of both variants, plus a warm-up round each."""
     variants = {"original": loaded.model, "optimized": optimized}
@@ -91,7 +102,7 @@ def run_bench(loaded: LoadedModel, optimized, repeat: int, progress: bool = True
     finally:
         if bar is not None:
             bar.stop()
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    results = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
                            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
                "inputs": [list(x.shape) for x in loaded.inputs], "repeat": repeat, "variants": {}}
     for name, module in variants.items():
