@@ -145,7 +145,7 @@ def _panel_nodes(view: dict, which: str) -> tuple[list, list]:
 
 
 _FILL = {"fused": "#ffd8a8", "replaced": "#ffe8cc", "io": "#d0ebff", "weight": "#f1f3f5", "op": "#ffffff"}
-_CHAR, _LINE, _PAD, _GAP_X, _GAP_Y = 7.0, 15, 8, 24, 36
+_CHAR, _LINE, _PAD, _GAP_X, _GAP_Y = 7.4, 15, 8, 24, 36
 
 
 def _layout(boxes: list, edges: list) -> tuple[dict, float, float]:
