@@ -186,9 +186,9 @@ def _probe_inputs(inputs) -> list:
             values = x.detach()
             if bool(((values == 0) | (values == 1)).all()):
                 rate = float(values.mean().clamp(0.01, 0.9))
-                second.append((torch.rand(x.shape, generator=generator) < rate).to(x.dtype).to(x.device))
+                second.append((torch.rand(x.shape, generator=generator, device="cpu") < rate).to(x.dtype).to(x.device))
             else:
-                second.append((torch.randn(x.shape, generator=generator, dtype=x.dtype) * values.std()
+                second.append((torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu") * values.std()
                                + values.mean()).to(x.device))
         else:
             second.append(x)
@@ -202,7 +202,7 @@ def _run_with_gradients(module, inputs, params, seed):
         outputs = _flat_tensors(module(*inputs))
     float_outputs = [o for o in outputs if o.is_floating_point()]
     weights_gen = torch.Generator().manual_seed(seed + 1)
-    loss = sum((o * torch.rand(o.shape, generator=weights_gen, dtype=o.dtype).to(o.device)).sum()
+    loss = sum((o * torch.rand(o.shape, generator=weights_gen, dtype=o.dtype, device="cpu").to(o.device)).sum()
                for o in float_outputs if o.requires_grad)
     grads = [None] * len(params)
     if isinstance(loss, torch.Tensor) and loss.requires_grad:

@@ -159,7 +159,7 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
     zeros = torch.zeros(shape, dtype=dtype, device=like.device)
 
     def rand():
-        return torch.rand(shape, generator=generator, dtype=dtype).to(like.device) + 0.5
+        return torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device) + 0.5
 
     theta_b = None
     if spiking:
@@ -190,7 +190,7 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         result = {"beta": beta, "input_scale": input_scale, "reset": "none", "detach_reset": True, "bias": bias}
         if not spiking:
             return result
-        v = theta_b + 2 * torch.rand(shape, generator=generator, dtype=dtype).to(like.device) - 1
+        v = theta_b + 2 * torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device) - 1
         spikes = (v - theta_b > 0).to(dtype)
         beta_b = beta.reshape(shape[1:]) if len(shape) > 1 else beta
         recurrent_in = torch.zeros_like(zeros) if recurrent is None else _recurrent_current(spikes, recurrent)
@@ -202,7 +202,7 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         result["reset"] = reset
     # Whether the reset carries gradient: d v[t] / d s[t-1] through the region.
     spikes_grad = spikes.clone().requires_grad_(True)
-    weights = torch.rand(shape, generator=generator, dtype=dtype).to(like.device)
+    weights = torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device)
     with torch.enable_grad():
         out = fit(v, spikes_grad, zeros)
         grad = None
@@ -559,7 +559,7 @@ def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
     theta = threshold.reshape(shape[1:])
 
     def rand():
-        return torch.rand(shape, generator=generator, dtype=dtype).to(like.device) + 0.5
+        return torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device) + 0.5
 
     def rec(spikes):
         return torch.zeros_like(spikes) if recurrent is None else _recurrent_current(spikes, recurrent)
@@ -585,7 +585,7 @@ def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
         if beta is None:
             raise _Refusal("the membrane update is not v = β·v + syn − reset")
         beta_b = beta.reshape(shape[1:])
-        v = theta + 2 * torch.rand(shape, generator=generator, dtype=dtype).to(like.device) - 1
+        v = theta + 2 * torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device) - 1
         spikes = (v - theta > 0).to(dtype)
         syn_new, v_new = step(v, spikes, z, z)
         if not _close(syn_new - off, rec(spikes)):
@@ -596,7 +596,7 @@ def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
         if reset is None:
             raise _Refusal("the reset is none of: subtract the threshold (v - θ·s), to zero (v·(1-s)), none")
     spikes_grad = spikes.clone().requires_grad_(True)
-    weights = torch.rand(shape, generator=generator, dtype=dtype).to(like.device)
+    weights = torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device)
     with torch.enable_grad():
         _, v_new = step(v, spikes_grad, z, z)
         grad = torch.autograd.grad((v_new * weights).sum(), spikes_grad, allow_unused=True)[0] \
