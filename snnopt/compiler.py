@@ -219,6 +219,21 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> flo
     return float((a64 - b64).norm() / max(float(b64.norm()), floor, 1e-6 * max(1.0, b64.numel() ** 0.5)))
 
 
+class _quiet:
+    """Keep torch.fx's printed tracebacks (a rewritten module failing on a probe) off the user's stderr."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        self._redirect = contextlib.redirect_stderr(io.StringIO())
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        return False
+
+
 def _validate(model, gm, inputs) -> str:
     """'' when ``gm`` reproduces ``model`` (outputs, parameter gradients) on the probes, else why not.
 
@@ -226,9 +241,10 @@ def _validate(model, gm, inputs) -> str:
     traced with its batch size baked in (some region left unfused) is checked on the full
     example inputs instead.
     """
-    reason = _validate_on(model, gm, _probe_inputs(inputs))
-    if reason.startswith("the rewritten module raised") and _probe_inputs(inputs)[0][0].shape != inputs[0].shape:
-        reason = _validate_on(model, gm, [inputs])
+    with _quiet():
+        reason = _validate_on(model, gm, _probe_inputs(inputs))
+        if reason.startswith("the rewritten module raised") and _probe_inputs(inputs)[0][0].shape != inputs[0].shape:
+            reason = _validate_on(model, gm, [inputs])
     return reason
 
 
@@ -273,7 +289,7 @@ def _accepts_any_shape(model, gm, inputs) -> bool:
         changed.append(x.repeat(*repeats)[: x.shape[0] + 1, : x.shape[1] + 3].contiguous())
     state = copy.deepcopy(model.state_dict())
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), _quiet():
             torch.manual_seed(3)
             expected = _flat_tensors(model(*changed))
             model.load_state_dict(state)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from snnopt.functional.fused import fused_layer
+from snnopt.passes import regions as R
 
 
 def constant_argument(gm: fx.GraphModule, value, name_hint: str):
@@ -211,6 +212,11 @@ def _used_outside(node: fx.Node, match) -> bool:
 
 def _outside_use(match) -> str:
     keep = set(match.states) | set(match.spikes) | {s for group in match.spike_groups for s in group}
+    for node in keep:
+        mutated = next((u for u in node.users if R.in_place(u) and u not in match.nodes), None)
+        if mutated is not None:
+            return (f"the layer's state or spikes are modified in place after the step ({mutated.name}); "
+                    f"the fused op's outputs cannot be")
     for node in match.nodes:
         if node in keep:
             continue

@@ -85,8 +85,21 @@ def user_source_line(skip_internal: bool = True) -> str:
         if skip_internal and ("/torch/" in name or "/snnopt/passes/" in name or "/snnopt/compiler" in name):
             continue
         code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-        return f"{frame.filename}:{frame.lineno} ({code})"
+        return f"{short_path(frame.filename)}:{frame.lineno} ({code})"
     return "<unknown>"
+
+
+def short_path(path: str) -> str:
+    """``path`` relative to the working directory when inside it, else its last two parts."""
+    import os
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        relative = path
+    if not relative.startswith(".."):
+        return relative
+    parts = path.replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
 
 
 def _unwrap(value):
@@ -406,7 +419,9 @@ def _restore(model: torch.nn.Module, saved) -> None:
         with torch.no_grad():
             for key, value in buffers.items():
                 current = module._buffers.get(key)
-                if value is not None and current is not None and current.shape == value.shape:
+                if isinstance(current, fx.Proxy):  # the forward assigned a traced value to the buffer
+                    module._buffers[key] = value
+                elif value is not None and current is not None and current.shape == value.shape:
                     current.copy_(value)
                 else:
                     module._buffers[key] = value
@@ -445,5 +460,5 @@ def source_of(node: fx.Node) -> Optional[str]:
         normalised = path.replace("\\", "/")
         if "/torch/" in normalised or "/snnopt/" in normalised:
             continue
-        return f"{path}:{line_part.split(',')[0]}"
+        return f"{short_path(path)}:{line_part.split(',')[0]}"
     return None
