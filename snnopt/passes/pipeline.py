@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch.fx as fx
 
+from snnopt.passes.canonicalize import Canonicalize
 from snnopt.passes.detect_leaky_integrator import DetectLeakyIntegrator
 from snnopt.passes.detect_lif_recurrence import DetectLifRecurrence
 from snnopt.passes.eliminate_dead_code import EliminateDeadCode
@@ -72,6 +73,7 @@ class ExcludeLayers:
 
 
 PASSES = (
+    Canonicalize(),
     RecogniseSpikeFunctions(),
     DetectLifRecurrence(),
     DetectLeakyIntegrator(),
