@@ -10,6 +10,7 @@ import snnopt
 from snnopt.passes.canonicalize import Canonicalize
 from snnopt.passes.pipeline import PassContext
 from snnopt.passes.trace import trace_model
+from tests.compiler import style_models as zoo
 from tests.compiler.style_models import gradients, run
 
 
@@ -30,19 +31,7 @@ class MethodSpelling(torch.nn.Module):
         return torch.stack(out, dim=1)
 
 
-class _Spike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u):
-        ctx.save_for_backward(u)
-        return (u > 0).float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        return grad / (100 * u.abs() + 1) ** 2
-
-
-_step = _Spike.apply
+_step = zoo.SuperSpike.apply
 
 
 def _inputs():
