@@ -82,8 +82,10 @@ def info() -> None:
     backends = []
     if torch_version is not None and numba_version is not None:
         backends.append("cpu (numba kernels)")
+    if triton_version is not None:
+        backends.append("triton (generated kernels; " + ("CUDA available" if cuda else
+                                                           "no CUDA here: only under TRITON_INTERPRET=1") + ")")
     typer.echo("backends " + (", ".join(backends) if backends else "none: install torch and numba"))
-    typer.echo("         (the CUDA/Triton backend is not part of this release)")
 
 
 from cli.commands import register  # noqa: E402  (imports no torch either)
