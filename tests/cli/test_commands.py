@@ -259,7 +259,6 @@ def test_cli_choices_match_the_library():
     assert tuple(BACKWARD_CHOICES) == tuple(BACKWARD_MODES) and tuple(ONNX_MODES) == tuple(MODES)
 
 
-@pytest.mark.skipif(not os.environ.get("SNNOPT_FULL_ZOO"), reason="the whole zoo takes minutes; SNNOPT_FULL_ZOO=1 runs it")
 @pytest.mark.parametrize("case_name", [c.name for c in __import__("tests.compiler.style_models", fromlist=["x"]).ALL_CASES])
 def test_whole_zoo_packages_and_onnx_in_process(tmp_path, case_name):
     import torch
