@@ -78,6 +78,12 @@ def optimize(model: torch.nn.Module, example_inputs, *, backward: str = "sparse"
         if _validate(model, gm, inputs):  # layers that pass alone but not together: keep none
             gm, context = _compile(model, inputs, backward, window, backend,
                                    {n: excluded[n] for n in excluded})
+            residual = _validate(model, gm, inputs)
+            if residual:  # even the traced graph without any fusion differs: keep the model whole
+                reason = f"the traced graph does not reproduce the model ({residual})"
+                if strict:
+                    raise UnsupportedModelError(f"the model was left as written: {reason}")
+                return _unchanged(model, inputs, backward, window, backend, reason, None, started)
     _set_backward(gm, backward)
     _keep_state_dict_keys(model, gm)
     any_shape = _accepts_any_shape(model, gm, inputs)
@@ -123,7 +129,7 @@ def _compile(model, inputs, backward, window, backend, excluded: dict):
         raise ModelTraceError(f"the model failed on the example inputs while tracing: {type(error).__name__}: "
                               f"{error}") from error
     # Fused layers are validated with exact gradients; the requested mode is set afterwards.
-    context = PassContext(backward="exact", window=float(window), backend=backend,
+    context = PassContext(backward="exact", requested_backward=backward, window=float(window), backend=backend,
                           excluded_layers=frozenset(excluded), excluded_layers_reason=dict(excluded))
     for record in records:
         context.skipped.append(SkippedRegion(f"module {record.module_path}", str(record), record.where))
@@ -307,9 +313,10 @@ def check_input_shape(x: torch.Tensor, expected: tuple, name: str) -> torch.Tens
     """Raise a clear error when a fixed-shape optimized module gets another input shape."""
     if tuple(x.shape) != expected:
         raise InvalidArgumentError(
-            f"{name}: this optimized module was traced with shape {expected} and part of its time loop could not "
-            f"be fused, so it only accepts that shape (got {tuple(x.shape)}); call snnopt.optimize again with "
-            f"example inputs of the new shape (snnopt.explain lists what was not fused)")
+            f"{name}: this optimized module was traced with shape {expected} and still depends on it (a time loop "
+            f"not fused, or a state or constant sized by the batch or the number of steps), so it only accepts "
+            f"that shape (got {tuple(x.shape)}); call snnopt.optimize again with example inputs of the new shape "
+            f"(snnopt.explain lists what was not fused)")
     return x
 
 

@@ -173,7 +173,7 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         scale = _per_neuron((fit(zeros, zeros, probe) - offset_b) / probe)
         if scale is None or not torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5):
             raise _Refusal("the input current is not added with one scale for all neurons")
-        input_scale = float(scale[0])
+        input_scale = float(f"{float(scale.mean()):.6g}")  # float32 probes: 0.9999999 is the user's 1
         # Probes keep s = H(v - θ), as a region that recomputes the reset from v expects.
         v = rand() if not spiking else theta_b - rand()
         leaked = fit(v, zeros, zeros) - offset_b
@@ -188,6 +188,16 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         if bias is not None and input_scale != 1.0:
             raise _Refusal("the state update adds both a scaled current and a constant term")
         result = {"beta": beta, "input_scale": input_scale, "reset": "none", "detach_reset": True, "bias": bias}
+        beta_b = beta.reshape(shape[1:]) if len(shape) > 1 else beta
+        # Far from the example's values too: a clamp or another piecewise step the example never
+        # reached must not pass for a linear leak.
+        far = 10 * (rand() + 1)
+        v_far = -far if not spiking else theta_b - far
+        current_far = -far
+        if not _close(fit(v_far, zeros, current_far) - offset_b, beta_b * v_far + input_scale * current_far,
+                      rtol=1e-4):
+            raise _Refusal("the recurrence is not linear over the whole range of the state (a clamp or another "
+                           "piecewise operation?)")
         if not spiking:
             return result
         v = theta_b + 2 * torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device) - 1
@@ -200,6 +210,13 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         if reset is None:
             raise _Refusal("the reset is none of: subtract the threshold (v - θ·s), to zero (v·(1-s)), none")
         result["reset"] = reset
+        v_high = theta_b + 10 * (rand() + 1)
+        ones = torch.ones_like(v_high)
+        recurrent_high = torch.zeros_like(v_high) if recurrent is None else _recurrent_current(ones, recurrent)
+        reset_high = {"subtract": theta_b * ones, "zero": beta_b * v_high, "none": torch.zeros_like(v_high)}[reset]
+        if not _close(fit(v_high, ones, zeros) - offset_b, beta_b * v_high - reset_high + recurrent_high, rtol=1e-4):
+            raise _Refusal("the recurrence is not linear over the whole range of the membrane (a clamp or another "
+                           "piecewise operation?)")
     # Whether the reset carries gradient: d v[t] / d s[t-1] through the region.
     spikes_grad = spikes.clone().requires_grad_(True)
     weights = torch.rand(shape, generator=generator, dtype=dtype, device="cpu").to(like.device)
@@ -374,12 +391,6 @@ class DetectLifRecurrence:
                 fit = StepFit(gm, region, chain[0], groups[0], currents[1], chain[1])
                 fitted = fit_step(fit, like, True, theta_value.reshape(-1), recurrent_value)
                 fitted["recurrent_value"] = recurrent_value
-                for constant in inputs:
-                    if constant in dependent or constant is recurrent:
-                        continue
-                    if _depends_on_trainable(constant, gm) and context.backward == "sparse":
-                        raise _Refusal("β or θ is learnable, but backward='sparse' treats them as constants; "
-                                       "use backward='exact'")
             layer_nodes.update(region)
         # Step 0: the current that corresponds to I[1], checked on the traced values.
         beta_value = fitted["beta"].reshape(neuron_shape)
@@ -393,13 +404,29 @@ class DetectLifRecurrence:
         bias = _bias_node(fitted, layer_nodes, chain, dependent, gm)
         _check_traced_steps(chain, spikes, currents, beta_value, theta_value, fitted, info)
         beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
+        # Every learnable constant the update reads must reach the fused op as itself: the bias and
+        # the recurrent weight always, β (and θ, read off the spike call) only in exact mode.
+        learnable = [n for n in R.region_inputs(sorted(layer_nodes, key=index.__getitem__), set(chain) | set(spikes))
+                     if n not in dependent and n is not recurrent and n is not bias and _depends_on_trainable(n, gm)
+                     and not _all_zero(n)]
+        if isinstance(theta_node, fx.Node) and _depends_on_trainable(theta_node, gm):
+            learnable.append(theta_node)
+        passed_on = [n for n in learnable if n is beta or (n is theta_node and info.shift == 0.0)]
+        if context.requested_backward == "sparse" and passed_on:
+            raise _Refusal(f"β or θ is learnable ({passed_on[0].name}), but backward='sparse' treats them as "
+                           f"constants; use backward='exact'")
+        if isinstance(theta_node, fx.Node) and theta_node in passed_on and (
+                not fitted["detach_reset"] or recurrent is not None):
+            # The fused op starts from s[-1] = H(v0 - θ) and differentiates it; the model's initial
+            # spikes are constant zeros. With gradient flowing into s[-1], θ's gradients would differ.
+            raise _Refusal(f"θ is learnable ({theta_node.name}) and the initial spikes reach the gradient (attached "
+                           f"reset or recurrent input): the fused op's initial spike H(v0 − θ) is differentiated, "
+                           f"the model's constant zeros are not")
+        others = [n for n in learnable if n not in passed_on]
+        if others:
+            raise _Refusal(f"the update reads a learnable value ({others[0].name}) that is not β, θ, a bias or a "
+                           f"recurrent weight, so its gradient could not be passed on")
         if beta is None:
-            learnable = [n for n in R.region_inputs(sorted(layer_nodes, key=index.__getitem__), set(chain) | set(spikes))
-                         if n not in dependent and n is not recurrent and n is not bias and _depends_on_trainable(n, gm)
-                         and not _all_zero(n)]
-            if learnable:
-                raise _Refusal(f"β is computed from learnable parameters ({learnable[0].name}) in a way snnopt "
-                               f"cannot pass on")
             beta = beta_value
         for group, membrane in zip(groups, chain):
             layer_nodes.add(membrane)
@@ -461,7 +488,7 @@ class DetectLifRecurrence:
                 fitted["recurrent_value"] = recurrent_value
                 trainable = [n for n in R.region_inputs(region, boundary)
                              if n not in dependent and n is not recurrent and _depends_on_trainable(n, gm)]
-                if trainable and context.backward == "sparse":
+                if trainable and context.requested_backward == "sparse":
                     raise _Refusal("β, α or θ is learnable, but backward='sparse' treats them as constants; "
                                    "use backward='exact'")
         neuron_shape = tuple(like.shape[1:])

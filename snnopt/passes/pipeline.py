@@ -32,7 +32,8 @@ from snnopt.report import SkippedRegion
 class PassContext:
     """Options and results shared by the passes of one ``optimize`` call."""
 
-    backward: str = "sparse"
+    backward: str = "sparse"           # what the fused calls are emitted with (exact while validating)
+    requested_backward: str = "sparse"  # what the user asked for: refusals that depend on it read this
     window: float = 0.2
     backend: str = "auto"
     excluded_layers: frozenset = frozenset()   # detection order numbers kept unfused (validation)

@@ -208,6 +208,7 @@ class ConcreteTracer(fx.Tracer):
         self.leaf_module_paths = leaf_module_paths
         self._placeholder_values: list = []
         self._module_stack: list[str] = [""]
+        self.grad_at_start = True
 
     def current_module_path(self) -> str:
         return self._module_stack[-1]
@@ -227,6 +228,12 @@ class ConcreteTracer(fx.Tracer):
         return ConcreteProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if self.grad_at_start and not torch.is_grad_enabled() and kind != "placeholder":
+            # fx does not record `with torch.no_grad():`; the graph would compute gradients the
+            # user's code does not.
+            raise DataDependentControlFlow(
+                "operations run under torch.no_grad() / set_grad_enabled(False), which a traced graph cannot "
+                "express", user_source_line(), self.current_module_path(), problem="gradient mode switch")
         if _writes_into_untraced_tensor(kind, target, args, kwargs):
             raise DataDependentControlFlow(
                 f"{getattr(target, '__name__', target)} writes a traced value in place into a tensor the trace does "
@@ -267,6 +274,7 @@ class ConcreteTracer(fx.Tracer):
 
     def trace_with_values(self, root: torch.nn.Module, example_inputs: tuple) -> fx.Graph:
         self._placeholder_values = list(example_inputs)
+        self.grad_at_start = torch.is_grad_enabled()
         concrete_args = _defaults_beyond(root, len(example_inputs))
         with _autograd_functions_as_nodes(self):
             return self.trace(root, concrete_args=concrete_args or None)
@@ -322,7 +330,10 @@ class _autograd_functions_as_nodes:
             def traced_forward(*args, _cls=cls, _forward=forward, _uses_ctx=uses_ctx, **kwargs):
                 user_args = args[1:] if _uses_ctx else args
                 if any(isinstance(a, fx.Proxy) for a in (*user_args, *kwargs.values())):
-                    return tracer.create_proxy("call_function", autograd_function_node_target(_cls), user_args, kwargs)
+                    # Function.apply runs forward under no_grad; that is not the user's grad mode.
+                    with torch.enable_grad():
+                        return tracer.create_proxy("call_function", autograd_function_node_target(_cls),
+                                                   user_args, kwargs)
                 return _forward.__func__(*args, **kwargs) if isinstance(_forward, staticmethod) else _forward(*args, **kwargs)
 
             cls.forward = staticmethod(traced_forward)
@@ -379,7 +390,8 @@ def trace_model(model: torch.nn.Module, example_inputs: tuple,
         saved_state = _snapshot(model)
         tracer = ConcreteTracer(leaves)
         try:
-            with torch.no_grad():
+            # Tracing runs the forward for real: the global RNG must not advance (dropout).
+            with torch.random.fork_rng(devices=[]):
                 graph = tracer.trace_with_values(model, tuple(example_inputs))
         except DataDependentControlFlow as record:
             _restore(model, saved_state)
@@ -395,7 +407,9 @@ def trace_model(model: torch.nn.Module, example_inputs: tuple,
         gm._tracer_cls, gm._tracer_extras = None, {}
         _drop_tensor_constants(model, tracer)
         _constants_out_of_state_dict(gm)
-        record_values(gm, tuple(example_inputs))
+        with torch.random.fork_rng(devices=[]):
+            record_values(gm, tuple(example_inputs))
+        _restore(model, saved_state)  # gm shares the model's modules: BatchNorm stats moved again
         return gm, leaves, records
 
 

@@ -11,7 +11,9 @@ test checks the promise on its case:
 - what snnopt cannot handle raises ``snnopt.UnsupportedModelError`` under ``strict=True``; any
   error it raises on purpose is a ``snnopt.SnnoptError`` with a clear message.
 
-Cases where snnopt breaks the promise are kept, marked ``xfail(strict=True)`` with the reason.
+Each case was first written against the compiler as it was; the four it broke (learnable β in sparse mode,
+``torch.no_grad()`` inside forward, BatchNorm statistics moved by optimize(), a clamp the example never reaches)
+were fixed and now pass.
 """
 
 from __future__ import annotations
@@ -619,9 +621,6 @@ def test_learnable_beta_exact_gradient_matches(form):
     assert got is not None and got.abs().sum() > 0
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, snnopt.InvalidArgumentError),
-                   reason="learnable β with backward='sparse' is fused without a reason; strict=True does not "
-                   "raise; opt(x) then raises InvalidArgumentError (detection runs with backward='exact')")
 @pytest.mark.parametrize("form", ["raw", "sigmoid"])
 def test_learnable_beta_sparse_is_refused_with_a_reason(form):
     factory = lambda **kw: LearnableBeta(form=form, **kw)  # noqa: E731
@@ -672,8 +671,6 @@ def test_detached_input_current(backward):
     assert grads(opt, inputs, named=model)["fc.weight"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="torch.no_grad() inside forward is not traced: opt gives fc.weight/fc.bias "
-                   "gradients the original never has (silent change; validation notices but keeps the graph)")
 @pytest.mark.parametrize("backward", MODES)
 def test_no_grad_input_current(backward):
     factory = lambda **kw: FrozenCurrent(how="no_grad", **kw)  # noqa: E731
@@ -752,8 +749,6 @@ def test_batchnorm_per_step_train_mode(backward):
     check(model, opt, inputs, two_layer_reference(backward, factory, model, opt))
 
 
-@pytest.mark.xfail(strict=True, reason="optimize() leaves the model's BatchNorm running_mean/var and "
-                   "num_batches_tracked updated by its own tracing forward passes (buffers mutated by optimize)")
 @pytest.mark.parametrize("backward", MODES)
 def test_optimize_does_not_touch_batchnorm_running_stats(backward):
     model = _batchnorm_model()
@@ -909,8 +904,6 @@ def test_membrane_clamp_hit_in_example_is_not_silently_fused():
     check(model, opt, (x,))
 
 
-@pytest.mark.xfail(strict=True, reason="membrane clamp(min=-3) never hit by the example/probes is fused as a "
-                   "plain LIF: region probes only cover v in [θ-1, θ+1]; later inputs that hit it differ silently")
 def test_membrane_clamp_hit_only_later():
     model = ClampedMembrane(floor=-3.0)
     with torch.no_grad():

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
-import socket
 
 import pytest
 import torch
@@ -93,12 +91,6 @@ def test_torch_compile_of_the_optimized_module_gives_the_same_results(backward):
 # ------------------------------------------------------------------------------ DistributedDataParallel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mean_loss_gradients(module, inputs) -> dict:
     module.zero_grad(set_to_none=True)
     outputs = run(module, inputs)
@@ -107,10 +99,10 @@ def _mean_loss_gradients(module, inputs) -> dict:
     return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-def _ddp_worker(rank: int, world: int, port: int, name: str, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank: int, world: int, rendezvous: str, name: str, result_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port that another process on a busy CI machine could take first.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         case = CASES[name]
         full = case.example_inputs()
@@ -135,7 +127,7 @@ def test_ddp_on_two_processes_gives_the_gradients_of_one(tmp_path):
     model = case.build()
     single = _mean_loss_gradients(snnopt.optimize(model, full, backward="sparse"), full)
     result = tmp_path / "ddp_grads.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), name, str(result)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), name, str(result)), nprocs=2, join=True)
     distributed = torch.load(result)
     assert distributed.keys() == single.keys()
     for key, grad in single.items():
