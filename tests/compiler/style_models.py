@@ -782,7 +782,7 @@ STYLE_CASES: list[StyleCase] = [
     StyleCase("zero_reset_mul", ZeroResetMul, features=24, expected_fused={"lif": 1},
               styles=("reset zero (1-s)", "reset attached", "sigmoid(4)", "output last value")),
     StyleCase("time_first_where_zero", TimeFirstWhereZero, features=32,
-              expected_fused={"lif": 1, "leaky_integrator": 1}, time_first=True, fully_fused=False,
+              expected_fused={"lif": 1, "leaky_integrator": 1}, time_first=True, fully_fused=True,
               styles=("time-first", "reset zero where", "triangle(1)", "fire at threshold", "relu per step",
                       "leaky integrator readout", "output max over time")),
     StyleCase("cuba_boxcar", CubaBoxcar, features=36, expected_fused={"cuba_lif": 1},
