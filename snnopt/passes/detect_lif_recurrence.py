@@ -266,7 +266,11 @@ def _threshold_of(spike_node: fx.Node, dependent: set):
     argument = spike_node.args[0]
     if R.is_call(argument, *R.SUBTRACT) and isinstance(argument.args[0], fx.Node):
         theta = argument.args[1]
-        if not isinstance(theta, fx.Node) or theta not in dependent:
+        # A threshold is a number or one value per neuron; a constant with a batch dimension (the
+        # folded "- s0" of the first step) is part of the update, not a threshold.
+        held = theta.meta.get("value") if isinstance(theta, fx.Node) else None
+        per_neuron = not isinstance(held, torch.Tensor) or held.dim() <= 1
+        if (not isinstance(theta, fx.Node) or theta not in dependent) and per_neuron:
             return argument.args[0], theta, argument
     return argument, None, None
 
