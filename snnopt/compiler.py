@@ -16,7 +16,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import time
 
@@ -26,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from snnopt.errors import InvalidArgumentError, InvalidTypeError, ModelTraceError, UnsupportedModelError
 from snnopt.functional.fused import fused_layer, graph_leaf
+from snnopt.passes.fuse_layers import uniform_scalar
 from snnopt.passes.pipeline import PassContext, run_passes
 from snnopt.passes.trace import DataDependentControlFlow, trace_model
 from snnopt.report import FusedLayer, Report, SkippedRegion
@@ -130,7 +133,7 @@ def _compile(model, inputs, backward, window, backend, excluded: dict):
                               f"{error}") from error
     # Fused layers are validated with exact gradients; the requested mode is set afterwards.
     context = PassContext(backward="exact", requested_backward=backward, window=float(window), backend=backend,
-                          excluded_layers=frozenset(excluded), excluded_layers_reason=dict(excluded))
+                          excluded_layers=dict(excluded))
     for record in records:
         context.skipped.append(SkippedRegion(f"module {record.module_path}", str(record), record.where))
     run_passes(gm, context)
@@ -225,19 +228,9 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> flo
     return float((a64 - b64).norm() / max(float(b64.norm()), floor, 1e-6 * max(1.0, b64.numel() ** 0.5)))
 
 
-class _quiet:
+def _quiet():
     """Keep torch.fx's printed tracebacks (a rewritten module failing on a probe) off the user's stderr."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-        self._redirect = contextlib.redirect_stderr(io.StringIO())
-        self._redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._redirect.__exit__(*exc)
-        return False
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _validate(model, gm, inputs) -> str:
@@ -247,9 +240,10 @@ def _validate(model, gm, inputs) -> str:
     traced with its batch size baked in (some region left unfused) is checked on the full
     example inputs instead.
     """
+    probes = _probe_inputs(inputs)
     with _quiet():
-        reason = _validate_on(model, gm, _probe_inputs(inputs))
-        if reason.startswith("the rewritten module raised") and _probe_inputs(inputs)[0][0].shape != inputs[0].shape:
+        reason = _validate_on(model, gm, probes)
+        if reason.startswith("the rewritten module raised") and probes[0][0].shape != inputs[0].shape:
             reason = _validate_on(model, gm, [inputs])
     return reason
 
@@ -339,9 +333,10 @@ def _describe_value(value) -> str:
             else value.name
     if isinstance(value, (int, float)):
         return f"{value:g}"
-    tensor = torch.as_tensor(value).reshape(-1).double()
-    if tensor.numel() and float((tensor - tensor[0]).abs().max()) <= 1e-6 * max(1.0, abs(float(tensor[0]))):
-        return f"{float(tensor.mean()):.6g}"
+    scalar = uniform_scalar(value)
+    if scalar is not None:
+        return f"{scalar:.6g}"
+    tensor = torch.as_tensor(value)
     return f"per-neuron [{float(tensor.min()):g}, {float(tensor.max()):g}]"
 
 

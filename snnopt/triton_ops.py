@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from snnopt.codegen import triton_lif
+from snnopt.ops import _empty
 from snnopt.spec import LifSpec
 from snnopt.surrogate import Surrogate
 
@@ -37,10 +38,6 @@ def _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, ba
     return LifSpec(reset=reset, detach_reset=detach_reset, surrogate=Surrogate(surrogate, surrogate_param),
                    cuba=cuba, recurrent=recurrent, fire_at_threshold=fire_at_threshold, backward=backward,
                    window=window)
-
-
-def _empty(like: Tensor, dtype=None) -> Tensor:
-    return torch.empty(0, dtype=like.dtype if dtype is None else dtype, device=like.device)
 
 
 @torch.library.custom_op("snnopt::lif_triton", mutates_args=())

@@ -2,8 +2,9 @@
 
 Matches: chains of membrane nodes ``v[0] → v[1] → …`` where each ``v[t]`` feeds a recognised spike
 function (``spike(v - θ)`` or ``spike(v)`` with the threshold inside the function) and ``v[t]``
-depends on ``v[t-1]`` along a path that crosses no spike function (networkx on the data-dependence
-graph with the spike nodes removed: an upstream layer reaches ``v[t]`` only through its spikes).
+depends on ``v[t-1]`` along a path that crosses no spike function (a backward search through the
+data-dependence graph that stops at spike nodes: an upstream layer reaches ``v[t]`` only through
+its spikes).
 
 For each step ``t ≥ 1`` the *step region* between the state ``(v[t-1], s[t-1])`` and ``v[t]`` is
 cut out; its one input that depends on the model's inputs is the step's current ``I[t]``. The
@@ -26,7 +27,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -64,18 +64,6 @@ class LayerMatch:
     beta_value: Any = None
     threshold_value: Any = None
     notes: list = field(default_factory=list)
-
-
-def _graph(gm: fx.GraphModule, exclude: set) -> nx.DiGraph:
-    graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        if node in exclude:
-            continue
-        graph.add_node(node)
-        for arg in node.all_input_nodes:
-            if arg not in exclude:
-                graph.add_edge(arg, node)
-    return graph
 
 
 def _per_neuron(ratio: torch.Tensor) -> Optional[torch.Tensor]:
@@ -298,14 +286,14 @@ class DetectLifRecurrence:
         spike_groups: dict = {}
         for spike in sorted(membrane_of, key=index.__getitem__):
             spike_groups.setdefault(membrane_of[spike][0], []).append(spike)
-        without_spikes = _graph(gm, set(spike_nodes))
+        spike_set = set(spike_nodes)
         previous = {}
         for membrane in membranes:
             found = set()
             stack, seen = list(membrane.all_input_nodes), set()
             while stack:
                 node = stack.pop()
-                if node in seen or node not in without_spikes:
+                if node in seen or node in spike_set:
                     continue
                 seen.add(node)
                 if node in membranes:
@@ -699,7 +687,7 @@ def _first_current(first_state, second_current, index, dependent, later_currents
     return max(candidates, key=rank) if candidates else None
 
 
-def _lif_step(v, s, current, beta, theta, fitted, info):
+def _lif_step(v, s, current, beta, theta, fitted):
     recurrent = fitted.get("recurrent_value")
     cur = current * fitted["input_scale"]
     if fitted.get("bias") is not None:
@@ -720,7 +708,7 @@ def _check_traced_steps(chain, spikes, currents, beta, theta, fitted, info) -> N
     v = torch.zeros_like(chain[0].meta["value"])
     s = torch.zeros_like(v)
     for t, (membrane, spike, current) in enumerate(zip(chain, spikes, currents)):
-        expected = _lif_step(v, s, current.meta["value"], beta, theta, fitted, info)
+        expected = _lif_step(v, s, current.meta["value"], beta, theta, fitted)
         got = membrane.meta["value"]
         if not isinstance(got, torch.Tensor) or not _close(expected, got, rtol=1e-4):
             raise _Refusal(f"step {t} of the traced run does not follow the fitted LIF equation: the initial "

@@ -23,16 +23,24 @@ from snnopt.functional.fused import fused_layer
 from snnopt.passes import regions as R
 
 
+def uniform_scalar(value) -> "float | None":
+    """The scalar a tensor holds everywhere (to float32 rounding, as values read off probes carry), else None."""
+    flat = torch.as_tensor(value).reshape(-1).double()
+    if flat.numel() and float((flat - flat[0]).abs().max()) <= 1e-6 * max(1.0, abs(float(flat[0]))):
+        return float(f"{float(flat.mean()):.7g}")
+    return None
+
+
 def constant_argument(gm: fx.GraphModule, value, name_hint: str):
     """A float for a uniform value, else a ``get_attr`` of a non-persistent buffer holding it."""
     if isinstance(value, fx.Node) or isinstance(value, (int, float)):
         return value
     value = torch.as_tensor(value)
-    flat = value.reshape(-1).double()
-    # Values read off probes carry float32 rounding; a uniform one is the user's scalar (the
-    # rewrite is validated against the original afterwards, so a wrong snap cannot go unnoticed).
-    if flat.numel() and float((flat - flat[0]).abs().max()) <= 1e-6 * max(1.0, abs(float(flat[0]))):
-        return float(f"{float(flat.mean()):.7g}")
+    # A uniform value is the user's scalar (the rewrite is validated against the original
+    # afterwards, so a wrong snap cannot go unnoticed).
+    scalar = uniform_scalar(value)
+    if scalar is not None:
+        return scalar
     index = 0
     while hasattr(gm, f"_snnopt_{name_hint}_{index}"):
         index += 1

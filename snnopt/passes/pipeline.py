@@ -36,8 +36,7 @@ class PassContext:
     requested_backward: str = "sparse"  # what the user asked for: refusals that depend on it read this
     window: float = 0.2
     backend: str = "auto"
-    excluded_layers: frozenset = frozenset()   # detection order numbers kept unfused (validation)
-    excluded_layers_reason: dict = field(default_factory=dict)
+    excluded_layers: dict = field(default_factory=dict)  # detection order number -> why validation rejected it
     matches: list = field(default_factory=list)
     fused: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
@@ -65,7 +64,7 @@ class ExcludeLayers:
         kept = []
         for number, match in enumerate(context.matches):
             if number in context.excluded_layers:
-                context.skip(match.states[0], context.excluded_layers_reason.get(number, "rejected"),
+                context.skip(match.states[0], context.excluded_layers[number],
                              steps=len(match.states))
             else:
                 kept.append(match)

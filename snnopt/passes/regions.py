@@ -18,10 +18,6 @@ def node_index(gm: fx.GraphModule) -> dict:
     return {node: i for i, node in enumerate(gm.graph.nodes)}
 
 
-def input_nodes(node: fx.Node) -> list:
-    return list(node.all_input_nodes)
-
-
 # Factories that read only the shape of their tensor argument: ``zeros_like(x)`` is a constant.
 SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, "zeros_like", "ones_like",
                "new_zeros", "new_ones", "new_empty", "new_full", "empty_like", "full_like"}

@@ -37,7 +37,7 @@ from snnopt.functional.fused import graph_leaf
 _METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_sparse",
                                   "requires_grad", "is_leaf", "is_floating_point"})
 _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous",
-                               "element_size", "get_device", "is_floating_point", "type_as_str"})
+                               "element_size", "get_device", "is_floating_point"})
 
 
 class DataDependentControlFlow(Exception):

@@ -19,7 +19,6 @@ were fixed and now pass.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -28,11 +27,10 @@ from torch.utils import _pytree as pytree
 
 import snnopt
 from tests.compiler import style_models as zoo
-from tests.compiler.style_models import SuperSpike, TriangleSpike
+from tests.compiler.checks import assert_gradients_equal, assert_outputs_equal
+from tests.compiler.style_models import SuperSpike
 
 MODES = ("exact", "sparse")
-OUTPUT_RTOL = 1e-5
-GRAD_RTOL = 1e-4
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -46,21 +44,6 @@ def spikes_in(batch=6, steps=12, features=24, rate=0.3, seed=0, dtype=torch.floa
 def run(model, inputs, seed=1234):
     torch.manual_seed(seed)
     return pytree.tree_leaves(model(*inputs))
-
-
-def _rel(value, reference):
-    value, reference = value.detach().double(), reference.detach().double()
-    return float((value - reference).norm() / max(float(reference.norm()), 1e-6))
-
-
-def assert_outputs_equal(got, expected):
-    assert len(got) == len(expected), f"{len(got)} outputs, expected {len(expected)}"
-    for k, (out, ref) in enumerate(zip(got, expected)):
-        assert out.shape == ref.shape and out.dtype == ref.dtype, (k, out.shape, ref.shape, out.dtype, ref.dtype)
-        if bool(((ref == 0) | (ref == 1)).all()):
-            assert int((out != ref).sum()) == 0, f"output {k}: {int((out != ref).sum())} spikes differ"
-        else:
-            assert _rel(out, ref) <= OUTPUT_RTOL, f"output {k}: relative error {_rel(out, ref):.2e}"
 
 
 def weighted_loss(outputs, seed=99):
@@ -88,30 +71,13 @@ def grads(model, inputs, seed=1234, named=None):
     return result
 
 
-def assert_grads_equal(got, expected, rtol=GRAD_RTOL):
-    assert got.keys() == expected.keys()
-    largest = max([float(g.double().norm()) for g in expected.values() if g is not None] or [0.0])
-    bad = {}
-    for name, ref in expected.items():
-        value = got[name]
-        if ref is None or value is None:
-            other = value if ref is None else ref
-            assert other is None or not other.any(), f"{name}: gradient missing on one side only"
-            continue
-        scale = max(float(ref.double().norm()), 1e-3 * largest, 1e-6)
-        err = float((value.double() - ref.double()).norm()) / scale
-        if not err <= rtol:
-            bad[name] = f"{err:.2e}"
-    assert not bad, f"relative gradient errors above {rtol}: {bad}"
-
-
 def check(model, opt, inputs, reference=None):
     """Outputs of ``opt`` equal ``model``'s; gradients equal ``reference``'s (default: ``model``)."""
     assert_outputs_equal(run(opt, inputs), run(model, inputs))
     reference = model if reference is None else reference
     expected = grads(reference, inputs)
     got = grads(opt, inputs, named=model)
-    assert_grads_equal(got, expected)
+    assert_gradients_equal(got, expected)
 
 
 def twin_of(factory, model):

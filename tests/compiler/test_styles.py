@@ -17,15 +17,13 @@ import torch
 
 import snnopt
 from tests.compiler import style_models as zoo
+from tests.compiler.checks import GRAD_RTOL, assert_gradients_equal, assert_outputs_equal
 from tests.compiler.style_models import gradients, run
 
 if not hasattr(snnopt, "optimize"):
     pytest.skip("snnopt.optimize does not exist yet (issue 4)", allow_module_level=True)
 
 MODES = ("exact", "sparse")
-OUTPUT_RTOL = 1e-5
-GRAD_RTOL = 1e-4
-NORM_FLOOR = 1e-6  # absolute floor of the norms relative errors divide by
 
 SUPPORTED = zoo.STYLE_CASES + zoo.PEER_CASES
 CASES = {case.name: case for case in zoo.ALL_CASES}
@@ -42,41 +40,6 @@ def optimized(name: str, backward: str):
     model = case.build()
     opt = snnopt.optimize(model, case.example_inputs(), backward=backward, window=case.window)
     return model, opt
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    value, reference = value.double(), reference.double()
-    return ((value - reference).norm() / max(reference.norm().item(), NORM_FLOOR)).item()
-
-
-def assert_outputs_equal(got, expected):
-    assert len(got) == len(expected), f"{len(got)} outputs, expected {len(expected)}"
-    for k, (out, ref) in enumerate(zip(got, expected)):
-        assert out.shape == ref.shape and out.dtype == ref.dtype, (k, out.shape, ref.shape, out.dtype, ref.dtype)
-        if bool(((ref == 0) | (ref == 1)).all()):  # spikes: identical
-            mismatches = int((out != ref).sum())
-            assert mismatches == 0, f"output {k}: {mismatches} spikes differ"
-        else:
-            err = relative_error(out, ref)
-            assert err <= OUTPUT_RTOL, f"output {k}: relative error {err:.2e}"
-
-
-def assert_gradients_equal(got: dict, expected: dict, rtol: float):
-    assert got.keys() == expected.keys()
-    errors = {}
-    # A gradient that is zero in theory (a bias before a train-mode BatchNorm) is float noise on
-    # both sides; it is compared relative to the model's largest gradient instead of its own norm.
-    largest = max(float(g.double().norm()) for g in expected.values() if g is not None)
-    for name, ref in expected.items():
-        value = got[name]
-        if ref is None or value is None:
-            other = value if ref is None else ref
-            assert other is None or not other.any(), f"{name}: gradient missing on one side only"
-            continue
-        scale = max(float(ref.double().norm()), 1e-3 * largest, NORM_FLOOR)
-        errors[name] = float((value.double() - ref.double()).norm()) / scale
-    bad = {name: f"{err:.2e}" for name, err in errors.items() if not err <= rtol}
-    assert not bad, f"relative gradient errors above {rtol}: {bad}"
 
 
 # ------------------------------------------------------------------------------ supported styles
