@@ -543,7 +543,13 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
     x = (torch.rand(cfg.batch, cfg.steps, n, device=device, generator=gen) < args.on_input_rate).float()
     bound = args.on_weight_gain / math.sqrt(n)  # nn.Linear's default init, U(±1/√fan_in), times the gain
     weight = torch.empty(n, n, device=device).uniform_(-bound, bound, generator=gen)
-    out = {"config": {"batch": cfg.batch, "steps": cfg.steps, "neurons": n, "beta": cfg.beta,
+    from snnopt.codegen import spike_matmul
+
+    macs = cfg.batch * cfg.steps * n * n
+    split = spike_matmul.applies(x, weight, macs)
+    out = {"snnopt_matmul": ("x·Wᵀ and dIᵀ·x as one bfloat16 GEMM each on 3-way split operands (float32 accuracy, "
+                             "snnopt.codegen.spike_matmul)" if split else "float32 GEMM (torch.nn.functional.linear)"),
+           "config": {"batch": cfg.batch, "steps": cfg.steps, "neurons": n, "beta": cfg.beta,
                       "threshold": cfg.threshold, "window": cfg.window, "input": f"Bernoulli({args.on_input_rate})",
                       "weight": f"U(±{args.on_weight_gain:g}/sqrt(n)), nn.Linear's default init x gain"}}
     size_errors = {}
@@ -650,6 +656,9 @@ LAYER_SHORT = {"layer1_784_to_H": "L1", "layer2_H_to_H": "L2"}
 def print_seed(payload: dict) -> None:
     section = payload["seed_network"]["sizes"]
     for hidden, res in section.items():
+        if "config" not in res:  # the size failed before measuring anything
+            print(f"seed network H={hidden}: {res.get('error', 'no result')}")
+            continue
         act = res.get("activity_at_init", {})
         notes = [f"activity at init: input spikes {act.get('input_spike_rate', float('nan')):.4%}, hidden spikes "
                  f"{act.get('hidden_spike_rate', float('nan')):.4%}, active (|v-1|<0.2) "
@@ -693,6 +702,9 @@ def _memory_cells(v: dict) -> list[str]:
 
 def print_on(payload: dict) -> None:
     for n, res in payload["open_neuromorphic"]["sizes"].items():
+        if "config" not in res:  # the size failed before measuring anything
+            print(f"Open Neuromorphic n={n}: {res.get('error', 'no result')}")
+            continue
         act = res.get("activity", {})
         notes = [f"input spikes {act.get('input_spike_rate', float('nan')):.3%}, output spikes "
                  f"{act.get('output_spike_rate', float('nan')):.3%}, active (|v-1|<0.2) "
@@ -700,6 +712,8 @@ def print_on(payload: dict) -> None:
         if res.get("snnopt_sparse_step_ratio_vs_fastest_peer") is not None:
             notes.append(f"snnopt sparse step / fastest peer ({res['fastest_peer']}): "
                          f"{res['snnopt_sparse_step_ratio_vs_fastest_peer']:.3f}")
+        if res.get("snnopt_matmul"):
+            notes.append(f"snnopt matmul: {res['snnopt_matmul']}")
         if "compile_s" in res["variants"].get("dense_compiled", {}):
             notes.append(f"torch.compile: {res['variants']['dense_compiled']['compile_s']:.1f} s to compile")
         rows = []

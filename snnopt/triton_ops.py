@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from snnopt.codegen import triton_lif
+from snnopt.codegen import spike_matmul, triton_lif
 from snnopt.ops import _empty
 from snnopt.spec import LifSpec
 from snnopt.surrogate import Surrogate
@@ -55,8 +55,9 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     if weight is None:
         current = x.to(acc, copy=True) if recurrent else x
     else:
-        # One GEMM for all steps (in the input dtype, as nn.Linear would); the kernels read it in `acc`.
-        current = torch.nn.functional.linear(x, weight, bias)
+        # One GEMM for all steps (in the input dtype, as nn.Linear would; a large spike input on
+        # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
+        current = spike_matmul.linear(x, weight, bias)
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
@@ -182,7 +183,7 @@ def _backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_u
             grad_spikes, compact_grad = grad_spikes._values(), True  # one value per active entry, same order
         else:
             grad_spikes = grad_spikes.to_dense()
-    grads = list(torch.ops.snnopt.lif_triton_backward(
+    grads = list(_backward_entry(grad_spikes, saved)(
         grad_spikes, _dense(grad_membrane), grad_v_final, grad_syn_final, *saved, ctx.steps, compact_grad,
         *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6],
         needs[7], needs[8]))
@@ -190,6 +191,19 @@ def _backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_u
     if needs[0] and input_active is not None and saved[14].numel():
         grads[0] = _input_grad_from_values(grads[0], input_active, ctx.input_shape, ctx.sparse_input_grad)
     return tuple(g if need else None for g, need in zip(grads, needs[:9])) + (None,) * 10
+
+
+def _backward_entry(grad_spikes: Optional[Tensor], saved):
+    """The backward op, or in plain eager mode its implementation called directly.
+
+    The op exists so ``torch.compile`` / ``torch.export`` see the backward whole. In eager mode
+    (grad mode off, as autograd runs a backward without ``create_graph``; no compiler; ordinary
+    tensors) going through the dispatcher again only adds host time, which is most of a sparse
+    layer's backward on a GPU (a couple of kernel launches).
+    """
+    plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+             and all(type(t) is Tensor for t in (grad_spikes, *saved) if t is not None))
+    return _lif_triton_backward if plain else torch.ops.snnopt.lif_triton_backward
 
 
 def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_sparse: bool) -> Tensor:
@@ -209,8 +223,7 @@ def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_spar
 torch.library.register_autograd("snnopt::lif_triton", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("snnopt::lif_triton_backward", mutates_args=())
-def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
+def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
                            grad_v_final: Optional[Tensor], grad_syn_final: Optional[Tensor], x: Optional[Tensor],
                            weight: Optional[Tensor], recurrent_weight: Optional[Tensor], beta: Tensor,
                            threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
@@ -263,7 +276,7 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
         flags = torch.zeros(batch * steps * neurons, dtype=torch.uint8, device=initial_v.device)
         flags[active_index] = triton_lif.FLAG_ACTIVE
         flags = flags.reshape(seq_shape)
-        x = _dense_input(events, batch, steps, weight.shape[1], acc) if need_weight else None
+        x = _dense_input(events, batch, steps, weight, acc) if need_weight else None
         if restricted and grad_spikes is not None and gm is None and grad_v_final is None:
             # Only the weight gradient needs the dense route: the input gradient stays a pair sum.
             grad_x_values = triton_lif.sparse_backward(
@@ -288,7 +301,7 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
         in_features = weight.shape[1]
         weight_acc = weight.to(acc)
         if need_weight:
-            grad_w = rows.t().mm(x.reshape(batch * steps, in_features).to(acc)).to(weight.dtype)
+            grad_w = spike_matmul.weight_grad(rows, x.reshape(batch * steps, in_features)).to(weight.dtype)
         if need_bias:
             grad_b = rows.sum(0).to(weight.dtype)
         if need_x and input_active is not None:
@@ -327,13 +340,25 @@ def lif_triton_backward_op(grad_spikes: Optional[Tensor], grad_membrane: Optiona
             grad_syn0.to(in_dtype) if (need_initial_syn and cuba) else empty())
 
 
-def _dense_input(events, batch: int, steps: int, features: int, acc: torch.dtype) -> Tensor:
-    """The layer input rebuilt from its events (the dense route of a compact layer)."""
+lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", mutates_args=())(
+    _lif_triton_backward)
+
+
+def _dense_input(events, batch: int, steps: int, weight: Tensor, acc: torch.dtype) -> Tensor:
+    """The layer input rebuilt from its events (the dense route of a compact layer).
+
+    In bfloat16 when the weight gradient will take the split GEMM and the values are spikes: half
+    the bytes of a float32 copy, and the form that GEMM reads.
+    """
     offsets, pos, values = events
+    neurons, features = weight.shape
+    if (spike_matmul.applies(values, weight, batch * steps * neurons * features)
+            and spike_matmul.is_bfloat16_exact(values)):
+        acc = torch.bfloat16
     rows = torch.repeat_interleave(torch.arange(batch, device=pos.device), offsets[::steps].diff(),
                                    output_size=pos.numel())
     dense = torch.zeros(batch * steps * features, dtype=acc, device=pos.device)
-    dense[rows * (steps * features) + pos.to(torch.int64)] = values
+    dense[rows * (steps * features) + pos.to(torch.int64)] = values.to(acc)
     return dense.reshape(batch, steps, features)
 
 

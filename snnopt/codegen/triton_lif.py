@@ -49,6 +49,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -466,7 +467,17 @@ def _lif_bwd_init_kernel(gs0_ptr, beta_ptr, theta_ptr, alpha_ptr, v0_ptr, gv_ptr
 
 def kernels(spec: LifSpec, dtype: torch.dtype = torch.float32) -> ModuleType:
     """The imported kernel module for ``spec`` and inputs of ``dtype`` (generated on first use)."""
-    return kernel_cache.load_module("lif_kernels", kernel_source(spec, dtype))
+    # Memoised on what the source and the import depend on: generating and hashing the source
+    # costs ~40 µs, paid several times per layer call otherwise (the host time of a sparse backward
+    # on a GPU is a few such calls and launches).
+    memo_key = (kernel_key(spec, dtype), os.environ.get("TRITON_INTERPRET", ""), os.environ.get("SNNOPT_CACHE_DIR"))
+    module = _KERNELS.get(memo_key)
+    if module is None:
+        module = _KERNELS[memo_key] = kernel_cache.load_module("lif_kernels", kernel_source(spec, dtype))
+    return module
+
+
+_KERNELS: dict = {}
 
 
 def emit_kernels(spec: LifSpec, directory, dtype: torch.dtype = torch.float32) -> list[Path]:

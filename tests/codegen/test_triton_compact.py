@@ -169,3 +169,20 @@ def test_sparse_gradient_reaches_the_producer_as_coo(device, monkeypatch):
     out = SF.linear_lif(h, w2, beta=0.9, window=0.5, backend="triton")
     out.sum().backward()
     assert seen == [False, True]  # layer 2 reads dense dL/ds, layer 1 the COO values in its own order
+
+
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+@pytest.mark.parametrize("membrane_loss", [False, True])
+def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device):
+    # The current and, on the dense route, the weight gradient from spikes (the large-layer GPU
+    # route, forced here at a tiny size) against the float32 reference.
+    from snnopt.codegen import spike_matmul
+
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, macs: other.dtype == torch.float32)
+    used = []
+    real = spike_matmul.split_mm
+    monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
+    x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
+    _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
+    assert used == ["a", "b"]  # forward current, then the weight gradient

@@ -1,0 +1,136 @@
+"""Matrix products with a spike operand, at float32 accuracy on bfloat16 tensor cores.
+
+A layer's input current ``x·Wᵀ`` and its weight gradient ``dIᵀ·x`` both have a spike operand: its
+entries are 0 and 1 (or any value bfloat16 holds exactly). The reference is the float32 product,
+``torch.nn.functional.linear`` / ``torch.mm``. On a GPU without TF32 that product runs on the
+float32 units (an H200 measured ~51 TFLOP/s in ``benchmarks/gpu_suite.py``), while bfloat16 tensor
+cores are an order of magnitude faster. This module computes the same product there:
+
+* bfloat16 has an 8-bit significand, float32 24 bits. Rounding a float32 ``W`` to bfloat16, then
+  the remainder, then the remainder of that, gives ``W = W₁ + W₂ + W₃`` exactly: every remainder is
+  exact in float32 and at least 8 significant bits shorter than the last (:func:`split_bfloat16`;
+  exact for ``2⁻¹¹⁰ ≤ |W| ≤ 3.38·10³⁸``: below, the lost bits are under 2⁻¹³³; above, bfloat16
+  overflows).
+* The spike operand needs no split. Every product ``x·W_k`` is then exact in the tensor cores, and
+  they accumulate in float32. One GEMM with the contraction dimension tripled,
+  ``[x x x]·[W₁; W₂; W₃]``, keeps one float32 accumulator: the result is a float32 GEMM's up to the
+  order of the additions, as between any two float32 GEMM implementations.
+
+:func:`linear` and :func:`weight_grad` take this route only where it pays and is exact: CUDA
+tensors in float32, TF32 not enabled by the user (then the float32 product already uses tensor
+cores, at TF32's precision, which is the user's choice), at least :data:`MIN_MACS` multiply-adds,
+and the spike operand checked to be bfloat16-exact. Anywhere else they are the reference.
+
+Example::
+
+    >>> current = linear(spikes, weight, bias)          # == F.linear(spikes, weight, bias)
+    >>> grad_w = weight_grad(grad_current_2d, spikes_2d)  # == grad_current_2d.t() @ spikes_2d
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SPLIT_PARTS = 3  # 3 × 8 bits ≥ float32's 24-bit significand
+# Below this many multiply-adds the split's extra passes over the operands cost more than the
+# tensor cores save (the float32 GEMM of a seed-network layer, 25600 × 784 × 200, is ~0.2 ms).
+MIN_MACS = 2**32
+
+
+def split_bfloat16(t: Tensor, parts: int = SPLIT_PARTS) -> list[Tensor]:
+    """``parts`` bfloat16 tensors whose float32 sum is ``t`` (exactly, for 3 parts and float32 ``t``).
+
+    A non-finite entry stays whole in the first part (its remainders are 0), so ±inf and NaN come
+    out of a product as they would from the float32 one.
+    """
+    pieces = []
+    rest = t
+    for k in range(parts):
+        piece = rest.to(torch.bfloat16)
+        pieces.append(piece)
+        if k + 1 < parts:
+            rest = rest - piece.to(rest.dtype)
+            if k == 0:
+                rest = rest.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # inf − inf: keep inf in part 1
+    return pieces
+
+
+def is_bfloat16_exact(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is a bfloat16 value (spikes are); NaN is not. Syncs with the device."""
+    if t.dtype == torch.bfloat16:
+        return True
+    return bool(torch.equal(t.to(torch.bfloat16).to(t.dtype), t))
+
+
+def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
+    """``a @ b`` in float32 where ``spikes`` (``"a"`` or ``"b"``) names the bfloat16-exact operand.
+
+    Both 2-D; the other operand is split in :data:`SPLIT_PARTS` (see the module docstring). On CUDA
+    one bfloat16 GEMM with float32 output; on CPU (tests) the same products on float32 units.
+    """
+    if spikes not in ("a", "b"):
+        raise ValueError(f"spikes: 'a' or 'b', got {spikes!r}")
+    if spikes == "a":
+        left = _cat_contraction([a.to(torch.bfloat16)] * SPLIT_PARTS, dim=1)
+        right = _cat_contraction(split_bfloat16(b.to(torch.float32)), dim=0)
+    else:
+        left = _cat_contraction(split_bfloat16(a.to(torch.float32)), dim=1)
+        right = _cat_contraction([b.to(torch.bfloat16)] * SPLIT_PARTS, dim=0)
+    return _mm_float32_out(left, right)
+
+
+def _cat_contraction(parts: list[Tensor], dim: int) -> Tensor:
+    # A transposed operand (Wᵀ as a view of W) is concatenated in its own memory order and viewed
+    # back: a plain copy instead of a strided transpose, and cuBLAS reads either order.
+    if parts[0].stride(0) == 1 and parts[0].stride(1) != 1:
+        return torch.cat([p.t() for p in parts], dim=1 - dim).t()
+    return torch.cat(parts, dim=dim)
+
+
+def _mm_float32_out(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    # Exact widening: the float32 product of bfloat16 values is what the tensor cores compute.
+    return torch.mm(a.to(torch.float32), b.to(torch.float32))
+
+
+def applies(spikes: Tensor, other: Tensor, macs: int) -> bool:
+    """Whether :func:`split_mm` should replace the float32 product (cheap checks only: no sync)."""
+    return (spikes.is_cuda and other.is_cuda and other.dtype == torch.float32
+            and spikes.dtype in (torch.float32, torch.bfloat16)
+            and not torch.backends.cuda.matmul.allow_tf32 and macs >= MIN_MACS
+            and _float32_output_mm(spikes.device.type))
+
+
+@functools.cache
+def _float32_output_mm(device_type: str) -> bool:
+    # torch.mm(bf16, bf16, out_dtype=float32) needs a recent torch build; probe it once.
+    try:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays."""
+    features = x.shape[-1]
+    rows = x.numel() // max(features, 1)
+    if applies(x, weight, rows * weight.shape[0] * features) and is_bfloat16_exact(x):
+        out = split_mm(x.reshape(rows, features), weight.t(), spikes="a")
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def weight_grad(grad_rows: Tensor, x_rows: Tensor) -> Tensor:
+    """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; split GEMM when ``x_rows`` is spikes."""
+    macs = grad_rows.shape[0] * grad_rows.shape[1] * x_rows.shape[1]
+    if applies(x_rows, grad_rows, macs) and is_bfloat16_exact(x_rows):
+        return split_mm(grad_rows.t(), x_rows, spikes="b")
+    return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

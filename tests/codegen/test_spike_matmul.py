@@ -1,0 +1,159 @@
+"""Split-bfloat16 products with a spike operand (snnopt.codegen.spike_matmul) against float64.
+
+On CPU the bfloat16 GEMM is emulated by the exact float32 widening of the parts, so these tests
+check the algebra (the split is exact, the products agree with the float64 product within a float32
+GEMM's error bound, bad cases fall back); ``test_split_gemm_on_gpu`` checks the cuBLAS route.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from snnopt.codegen import spike_matmul
+
+FLOAT32_EPS = 2.0**-24
+
+
+def _gemm_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # |fl(a@b) − a@b| ≤ γ_K |a|@|b| for float32 accumulation over K terms (Higham, Thm 3.5),
+    # with γ_K = K·u/(1 − K·u); the result is also rounded once more when stored.
+    k = a.shape[1]
+    gamma = (k + 1) * FLOAT32_EPS / (1 - (k + 1) * FLOAT32_EPS)
+    return gamma * (a.abs().double() @ b.abs().double())
+
+
+# Up to bfloat16's largest finite value (3.39e38; float32's is 3.40e38): above it the first part
+# rounds to inf, the documented limit of the split.
+_BF16_MAX = float(np.float32(3.3e38))
+finite_float32 = st.floats(min_value=-_BF16_MAX, max_value=_BF16_MAX, allow_nan=False, allow_infinity=False,
+                           width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(1, 64), elements=finite_float32))
+def test_three_bfloat16_parts_sum_exactly_to_any_float32(values):
+    t = torch.from_numpy(values)
+    tiny = t.abs() < 2.0**-110  # documented limit: bits below bfloat16's smallest subnormal
+    parts = spike_matmul.split_bfloat16(t)
+    assert len(parts) == 3 and all(p.dtype == torch.bfloat16 for p in parts)
+    total = sum(p.double() for p in parts)
+    exact = total == t.double()
+    assert bool((exact | tiny).all()), t[~(exact | tiny)]
+
+
+def test_two_parts_are_not_enough():
+    t = torch.randn(10_000)
+    two = sum(p.double() for p in spike_matmul.split_bfloat16(t, parts=2))
+    assert (two != t.double()).any()  # the third part carries real bits: 2 × 8 < 24
+
+
+def test_non_finite_entries_stay_in_the_first_part():
+    t = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.5])
+    hi, mid, lo = spike_matmul.split_bfloat16(t)
+    assert torch.equal(hi[:2].float(), t[:2]) and torch.isnan(hi[2]) and hi[3] == 1.5
+    assert (mid == 0).all() and (lo == 0).all()
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5, 1.0])
+def test_split_product_with_spikes_on_the_left_is_within_float32_gemm_error(rate):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(64, 300, generator=gen) < rate).float()
+    w = torch.randn(40, 300, generator=gen) * 0.07
+    out = spike_matmul.split_mm(x, w.t(), spikes="a")
+    exact = x.double() @ w.double().t()
+    assert out.dtype == torch.float32
+    assert bool(((out.double() - exact).abs() <= _gemm_bound(x, w.t())).all())
+
+
+def test_split_product_with_spikes_on_the_right_is_within_float32_gemm_error():
+    gen = torch.Generator().manual_seed(2)
+    grad = torch.randn(500, 30, generator=gen) * torch.rand(500, 30, generator=gen).lt(0.1)  # sparse dL/dI
+    x = (torch.rand(500, 70, generator=gen) < 0.2).float()
+    out = spike_matmul.split_mm(grad.t(), x, spikes="b")
+    exact = grad.double().t() @ x.double()
+    assert bool(((out.double() - exact).abs() <= _gemm_bound(grad.t(), x)).all())
+
+
+def test_split_mm_rejects_an_unknown_operand_name():
+    with pytest.raises(ValueError, match="spikes"):
+        spike_matmul.split_mm(torch.ones(2, 2), torch.ones(2, 2), spikes="left")
+
+
+@pytest.fixture
+def split_everywhere(monkeypatch):
+    """Let linear / weight_grad take the split route on CPU tensors of any size."""
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, macs: True)
+    calls = []
+    real = spike_matmul.split_mm
+    monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (calls.append(k["spikes"]), real(*a, **k))[1])
+    return calls
+
+
+def test_linear_takes_the_split_for_spikes_and_matches_f_linear(split_everywhere):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(4, 25, 90, generator=gen) < 0.1).float()
+    w, b = torch.randn(33, 90, generator=gen) * 0.1, torch.randn(33, generator=gen)
+    out = spike_matmul.linear(x, w, b)
+    assert split_everywhere == ["a"] and out.shape == (4, 25, 33)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_falls_back_when_the_input_is_not_bfloat16_exact(split_everywhere):
+    x = torch.rand(3, 7, 16)  # real-valued: rounding it to bfloat16 would change the product
+    w = torch.randn(5, 16)
+    out = spike_matmul.linear(x, w)
+    assert split_everywhere == []
+    assert torch.equal(out, torch.nn.functional.linear(x, w))
+    x_nan = (torch.rand(3, 7, 16) < 0.5).float()
+    x_nan[0, 0, 0] = float("nan")  # NaN is not "exact": the reference decides what it gives
+    spike_matmul.linear(x_nan, w)
+    assert split_everywhere == []
+
+
+def test_weight_grad_takes_the_split_and_matches_the_float32_product(split_everywhere):
+    gen = torch.Generator().manual_seed(4)
+    grad = torch.randn(200, 12, generator=gen)
+    x = (torch.rand(200, 20, generator=gen) < 0.3).to(torch.bfloat16)  # as _dense_input builds it
+    out = spike_matmul.weight_grad(grad, x)
+    assert split_everywhere == ["b"]
+    torch.testing.assert_close(out, grad.t() @ x.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_route_is_not_taken_on_cpu_or_when_the_user_enabled_tf32(monkeypatch):
+    x, w = torch.ones(8, 8), torch.ones(8, 8)
+    assert not spike_matmul.applies(x, w, 2**40)  # CPU tensors: the reference product
+    monkeypatch.setattr(spike_matmul, "_float32_output_mm", lambda device_type: True)
+
+    class FakeCuda:  # only the attributes applies() reads
+        is_cuda, dtype, device = True, torch.float32, torch.device("cuda")
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS)
+    assert not spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS - 1)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert not spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_split_gemm_on_gpu():
+    if torch.backends.cuda.matmul.allow_tf32:
+        pytest.skip("TF32 enabled in this process: the split route is off by design")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    rows, features, neurons = 4096, 2048, 1024
+    assert rows * features * neurons >= spike_matmul.MIN_MACS
+    x = (torch.rand(rows, features, device="cuda", generator=gen) < 0.05).float()
+    w = torch.randn(neurons, features, device="cuda", generator=gen) / math.sqrt(features)
+    assert spike_matmul.applies(x, w, rows * features * neurons), "torch.mm(out_dtype=float32) missing"
+    out = spike_matmul.linear(x, w)
+    exact = x.double() @ w.double().t()
+    assert bool(((out.double() - exact).abs() <= _gemm_bound(x, w.t())).all())
+    grad = torch.randn(rows, neurons, device="cuda", generator=gen)
+    grad_w = spike_matmul.weight_grad(grad, x)
+    exact_w = grad.double().t() @ x.double()
+    assert bool(((grad_w.double() - exact_w).abs() <= _gemm_bound(grad.t(), x)).all())
