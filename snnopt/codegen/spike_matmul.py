@@ -61,9 +61,15 @@ def split_bfloat16(t: Tensor, parts: int = SPLIT_PARTS) -> list[Tensor]:
 
 def is_bfloat16_exact(t: Tensor) -> bool:
     """Whether every entry of ``t`` is a bfloat16 value (spikes are); NaN is not. Syncs with the device."""
+    return as_bfloat16_if_exact(t) is not None
+
+
+def as_bfloat16_if_exact(t: Tensor) -> Optional[Tensor]:
+    """``t`` in bfloat16 if that loses nothing (see :func:`is_bfloat16_exact`), else None."""
     if t.dtype == torch.bfloat16:
-        return True
-    return bool(torch.equal(t.to(torch.bfloat16).to(t.dtype), t))
+        return t
+    rounded = t.to(torch.bfloat16)
+    return rounded if torch.equal(rounded.to(t.dtype), t) else None
 
 
 def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
@@ -120,8 +126,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays."""
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
-    if applies(x, weight, rows * weight.shape[0] * features) and is_bfloat16_exact(x):
-        out = split_mm(x.reshape(rows, features), weight.t(), spikes="a")
+    spikes = as_bfloat16_if_exact(x) if applies(x, weight, rows * weight.shape[0] * features) else None
+    if spikes is not None:
+        out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -131,6 +138,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def weight_grad(grad_rows: Tensor, x_rows: Tensor) -> Tensor:
     """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; split GEMM when ``x_rows`` is spikes."""
     macs = grad_rows.shape[0] * grad_rows.shape[1] * x_rows.shape[1]
-    if applies(x_rows, grad_rows, macs) and is_bfloat16_exact(x_rows):
-        return split_mm(grad_rows.t(), x_rows, spikes="b")
+    spikes = as_bfloat16_if_exact(x_rows) if applies(x_rows, grad_rows, macs) else None
+    if spikes is not None:
+        return split_mm(grad_rows.t(), spikes, spikes="b")
     return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

@@ -465,6 +465,9 @@ def _lif_bwd_init_kernel(gs0_ptr, beta_ptr, theta_ptr, alpha_ptr, v0_ptr, gv_ptr
 {COMPACT_KERNELS}'''
 
 
+_PLAIN_SPEC = LifSpec()  # the compact kernels do not depend on the spec
+
+
 def kernels(spec: LifSpec, dtype: torch.dtype = torch.float32) -> ModuleType:
     """The imported kernel module for ``spec`` and inputs of ``dtype`` (generated on first use)."""
     # Memoised on what the source and the import depend on: generating and hashing the source
@@ -494,6 +497,12 @@ def emit_kernels(spec: LifSpec, directory, dtype: torch.dtype = torch.float32) -
 
 
 # --- launchers -------------------------------------------------------------------------------------
+
+
+def _unused(dtype: torch.dtype, device) -> Tensor:
+    # A placeholder for a pointer argument the kernel does not read (allocated, never converted:
+    # a cast would be one more kernel launch).
+    return torch.empty(1, dtype=dtype, device=device)
 
 
 def _block(neurons: int) -> int:
@@ -535,12 +544,12 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     blocks = -(-neurons // block)
     grid = (batch, blocks)
     counts = (torch.empty(batch * steps * blocks, dtype=torch.int32, device=device) if compact_active
-              else nothing_i64.to(torch.int32))
+              else _unused(torch.int32, device))
     beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
     alpha_a = alpha.to(acc).contiguous() if alpha is not None else nothing
     args = (beta_a, theta_a, alpha_a, v_state, syn_state, spikes,
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
-            flags if flags is not None else nothing.to(torch.uint8), surr if surr is not None else nothing,
+            flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
             counts, nothing_i64, nothing_i64, nothing)
     consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
                   COUNT_ACTIVE=compact_active, WRITE_ACTIVE=False, STORE_SPIKES=True, BLOCK_N=block, **LAUNCH_OPTIONS)
@@ -594,7 +603,7 @@ def input_events(x: Tensor, acc: torch.dtype):
     is represented exactly; a spiking input at a few percent costs a few percent of the dense bytes.
     """
     batch, steps, features = x.shape
-    module = kernels(LifSpec(), x.dtype)
+    module = kernels(_PLAIN_SPEC, x.dtype)
     device = x.device
     rows = batch * steps
     x = x.contiguous()
@@ -602,7 +611,7 @@ def input_events(x: Tensor, acc: torch.dtype):
     pos_dtype = torch.int32 if steps * features < 2**31 else torch.int64
     block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
     nothing = torch.empty(1, dtype=torch.int64, device=device)
-    module._input_events_kernel[(rows,)](x, counts, nothing, nothing.to(pos_dtype), nothing.to(acc), steps, features,
+    module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps, features,
                                          WRITE=False, BLOCK=block)
     ends = counts.cumsum(0)
     total = int(ends[-1])
@@ -654,7 +663,7 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
         module._lif_bwd_kernel[grid](
             gs, gm if gm is not None else nothing, gvf, gsf,
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
-            flags if flags is not None else nothing.to(torch.uint8), surr if surr is not None else nothing,
+            flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
             beta_a, theta_a, alpha_a, v0.contiguous(), syn0_a, gv, gsyn, gcur, gbeta, gtheta, galpha,
             t_start, t_stop, steps, neurons, HAS_GRAD_MEMBRANE=gm is not None, BLOCK_N=block, **LAUNCH_OPTIONS)
 
@@ -699,19 +708,19 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
     when the events are too many (see ``events_are_cheaper``). ``events`` is ``input_events(x)`` or
     None (weight gradient not needed). Returns ``(dW, db, dv0, dx at input_active)``, unneeded ones None.
     """
-    module = kernels(LifSpec(), in_dtype)
+    module = kernels(_PLAIN_SPEC, in_dtype)
     acc = accumulation_dtype(in_dtype)
     device = active_index.device
     neurons, features = weight.shape
     count = active_index.numel()
-    nothing = torch.empty(1, dtype=acc, device=device)
+    nothing = _unused(acc, device)
     g = torch.empty(count, dtype=acc, device=device)
     grad_w = torch.zeros((neurons, features), dtype=acc, device=device) if need_weight else None
     grad_b = torch.zeros(neurons, dtype=acc, device=device) if need_bias else None
     grad_v0 = torch.zeros((batch, neurons), dtype=acc, device=device) if need_initial_v else None
     beta_a = beta.to(acc).contiguous()
-    evt_off, evt_pos, evt_val = events if events is not None else (nothing.to(torch.int64), nothing.to(torch.int32),
-                                                                   nothing)
+    evt_off, evt_pos, evt_val = events if events is not None else (
+        _unused(torch.int64, device), _unused(torch.int32, device), nothing)
     if count:
         module._sparse_weight_grad_kernel[(count,)](
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
