@@ -215,8 +215,8 @@ def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_spar
         grad = torch.sparse_coo_tensor(coords, values, shape, is_coalesced=True, check_invariants=False)
         _COO_SOURCES[grad] = input_active
         return grad
-    dense = values.new_zeros(batch * steps * features)
-    dense.index_put_((input_active,), values, accumulate=True)
+    # scatter_add_: one atomic kernel on CUDA (index_put_ with accumulate sorts the indices first).
+    dense = values.new_zeros(batch * steps * features).scatter_add_(0, input_active, values)
     return dense.reshape(shape)
 
 
@@ -314,7 +314,7 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                 grad_x = values.to(in_dtype)  # the autograd wrapper places them
             else:
                 grad_x = torch.zeros(batch * steps * in_features, dtype=acc, device=rows.device)
-                grad_x.index_put_((input_active,), values, accumulate=True)
+                grad_x.scatter_add_(0, input_active, values)
                 grad_x = grad_x.reshape(batch, steps, in_features).to(in_dtype)
         elif need_x:
             grad_x = rows.mm(weight_acc).reshape(batch, steps, in_features).to(in_dtype)
