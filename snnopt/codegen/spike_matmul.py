@@ -47,16 +47,23 @@ def split_bfloat16(t: Tensor, parts: int = SPLIT_PARTS) -> list[Tensor]:
     A non-finite entry stays whole in the first part (its remainders are 0), so ±inf and NaN come
     out of a product as they would from the float32 one.
     """
-    pieces = []
-    rest = t
-    for k in range(parts):
-        piece = rest.to(torch.bfloat16)
-        pieces.append(piece)
-        if k + 1 < parts:
-            rest = rest - piece.to(rest.dtype)
-            if k == 0:
-                rest = rest.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # inf − inf: keep inf in part 1
+    out = torch.empty((parts, *t.shape), dtype=torch.bfloat16, device=t.device)
+    pieces = list(out.unbind(0))
+    _split_into(t, pieces)
     return pieces
+
+
+def _split_into(t: Tensor, pieces: list[Tensor]) -> None:
+    # Each piece is the remainder so far rounded to bfloat16 (copy_ rounds to nearest even).
+    rest = t.to(torch.float32)
+    for k, piece in enumerate(pieces):
+        piece.copy_(rest)
+        if k + 1 < len(pieces):
+            if k == 0:
+                rest = rest - piece.to(torch.float32)
+                rest.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # inf − inf: keep inf in part 1
+            else:
+                rest.sub_(piece.to(torch.float32))
 
 
 def is_bfloat16_exact(t: Tensor) -> bool:
@@ -80,21 +87,33 @@ def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
     """
     if spikes not in ("a", "b"):
         raise ValueError(f"spikes: 'a' or 'b', got {spikes!r}")
-    if spikes == "a":
-        left = _cat_contraction([a.to(torch.bfloat16)] * SPLIT_PARTS, dim=1)
-        right = _cat_contraction(split_bfloat16(b.to(torch.float32)), dim=0)
-    else:
-        left = _cat_contraction(split_bfloat16(a.to(torch.float32)), dim=1)
-        right = _cat_contraction([b.to(torch.bfloat16)] * SPLIT_PARTS, dim=0)
+    left = _contraction_stack(a, 1, repeat=spikes == "a")
+    right = _contraction_stack(b, 0, repeat=spikes == "b")
     return _mm_float32_out(left, right)
 
 
-def _cat_contraction(parts: list[Tensor], dim: int) -> Tensor:
-    # A transposed operand (Wᵀ as a view of W) is concatenated in its own memory order and viewed
-    # back: a plain copy instead of a strided transpose, and cuBLAS reads either order.
-    if parts[0].stride(0) == 1 and parts[0].stride(1) != 1:
-        return torch.cat([p.t() for p in parts], dim=1 - dim).t()
-    return torch.cat(parts, dim=dim)
+def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
+    """``operand``'s :data:`SPLIT_PARTS` bfloat16 parts side by side along ``dim`` (the contraction).
+
+    ``repeat``: the spike operand, the same values in every slot; else :func:`split_bfloat16`'s
+    parts. Written in place into one buffer (no part tensors, no concatenation copy). A transposed
+    operand (Wᵀ as a view of W) is stacked in its own memory order and viewed back: contiguous
+    writes, and cuBLAS reads either order.
+    """
+    transposed = not operand.is_contiguous() and operand.t().is_contiguous()
+    base = operand.t() if transposed else operand
+    stack_dim = 1 - dim if transposed else dim
+    size = base.shape[stack_dim]
+    shape = list(base.shape)
+    shape[stack_dim] = size * SPLIT_PARTS
+    stacked = torch.empty(shape, dtype=torch.bfloat16, device=base.device)
+    slots = [stacked.narrow(stack_dim, k * size, size) for k in range(SPLIT_PARTS)]
+    if repeat:
+        for slot in slots:
+            slot.copy_(base)
+    else:
+        _split_into(base, slots)
+    return stacked.t() if transposed else stacked
 
 
 def _mm_float32_out(a: Tensor, b: Tensor) -> Tensor:

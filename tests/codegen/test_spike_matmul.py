@@ -79,6 +79,16 @@ def test_split_product_with_spikes_on_the_right_is_within_float32_gemm_error():
     assert bool(((out.double() - exact).abs() <= _gemm_bound(grad.t(), x)).all())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_split_product_reads_any_operand_layout(layout):
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.rand(30, 50, generator=gen) < 0.3).float()
+    w = torch.randn(20, 100, generator=gen)[:, :50]  # strided: every row skips 50 entries
+    b = {"contiguous": w.t().contiguous(), "transposed": w.contiguous().t(), "strided": w.t()}[layout]
+    out = spike_matmul.split_mm(x, b, spikes="a")
+    assert bool(((out.double() - x.double() @ b.double()).abs() <= _gemm_bound(x, b)).all())
+
+
 def test_split_mm_rejects_an_unknown_operand_name():
     with pytest.raises(ValueError, match="spikes"):
         spike_matmul.split_mm(torch.ones(2, 2), torch.ones(2, 2), spikes="left")
