@@ -186,3 +186,20 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
     assert used == ["a", "b"]  # forward current, then the weight gradient
+
+
+def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
+    # Plain eager backward (grad mode off) calls the op's implementation directly; with
+    # create_graph the op itself runs. Both give the same gradients.
+    chosen = []
+    real = triton_ops._backward_entry
+    monkeypatch.setattr(triton_ops, "_backward_entry", lambda *a: (chosen.append(real(*a)), chosen[-1])[1])
+    x, w, b, beta = _inputs(2, 6, 8, 5, torch.float32, device, seed=9)
+    results = []
+    for create_graph in (False, True):
+        spikes = SF.linear_lif(x, w, b, beta=beta, window=0.5, input_active=None, backend="triton")
+        upstream = torch.linspace(-1, 1, spikes.numel(), device=device).reshape(spikes.shape)
+        results.append(torch.autograd.grad((spikes * upstream).sum(), [w, b], create_graph=create_graph))
+    assert chosen == [triton_ops._lif_triton_backward, torch.ops.snnopt.lif_triton_backward]
+    for direct, dispatched in zip(*results):
+        assert torch.equal(direct, dispatched.detach())
