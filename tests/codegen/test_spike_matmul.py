@@ -20,11 +20,12 @@ FLOAT32_EPS = 2.0**-24
 
 
 def _gemm_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # |fl(a@b) − a@b| ≤ γ_K |a|@|b| for float32 accumulation over K terms (Higham, Thm 3.5),
-    # with γ_K = K·u/(1 − K·u); the result is also rounded once more when stored.
-    k = a.shape[1]
+    # |fl(Σ) − Σ| ≤ γ_n Σ|terms| for float32 summation of n terms in any order (Higham, §3.1), with
+    # γ_n = n·u/(1 − n·u). The split GEMM sums SPLIT_PARTS·K exact products whose magnitudes add
+    # up to at most (1 + 2⁻⁷)·|a|@|b| (the parts of w have |w₁|+|w₂|+|w₃| ≤ (1 + 2⁻⁷)|w|).
+    k = a.shape[1] * spike_matmul.SPLIT_PARTS
     gamma = (k + 1) * FLOAT32_EPS / (1 - (k + 1) * FLOAT32_EPS)
-    return gamma * (a.abs().double() @ b.abs().double())
+    return gamma * (1 + 2.0**-7) * (a.abs().double() @ b.abs().double())
 
 
 # Up to bfloat16's largest finite value (3.39e38; float32's is 3.40e38): above it the first part
