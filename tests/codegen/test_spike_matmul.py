@@ -80,6 +80,17 @@ def test_split_product_with_spikes_on_the_right_is_within_float32_gemm_error():
     assert bool(((out.double() - exact).abs() <= _gemm_bound(grad.t(), x)).all())
 
 
+def test_one_spike_per_row_reads_the_weights_back_bit_exactly():
+    # One nonzero product per output: the parts' partial sums are exact, so the result is W itself
+    # (a two-part split would be off in the last 7 bits).
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 40, generator=gen)
+    columns = torch.randint(0, 40, (200,), generator=gen)
+    x = torch.nn.functional.one_hot(columns, 40).float()
+    out = spike_matmul.split_mm(x, w.t(), spikes="a")
+    assert torch.equal(out, w.t()[columns])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 def test_split_product_reads_any_operand_layout(layout):
     gen = torch.Generator().manual_seed(6)
