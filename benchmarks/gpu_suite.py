@@ -538,7 +538,9 @@ def on_checks(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> di
 
     Both are float32 on the GPU with different summation orders (snnopt's current may come from the
     split bfloat16 GEMM), so a membrane within an ulp of θ may fire in one and not the other; such
-    flips are counted, and allowed at a rate of one in a million entries.
+    flips are counted, and allowed at a rate of one in a million entries. A flip changes that
+    neuron's later steps and so its row of dL/dW (rows are independent in one layer): the gradient
+    is compared on the rows of neurons without a flip.
     """
     results = []
     for layer in (reference, candidate):
@@ -548,10 +550,14 @@ def on_checks(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> di
         results.append((spikes.detach(), grad))
         del spikes
     (ref_spikes, ref_grad), (spikes, grad) = results
-    mismatches = int((spikes != ref_spikes).sum())
-    rel = float((grad - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-30))
+    differ = spikes != ref_spikes
+    mismatches = int(differ.sum())
+    clean = ~differ.flatten(0, -2).any(0)  # neurons (rows of W) whose spikes all agree
+    rel = float((grad[clean] - ref_grad[clean]).abs().max() / ref_grad.abs().max().clamp_min(1e-30)) \
+        if bool(clean.any()) else float("nan")
     return {"reference": "dense eager (unbind loop)", "candidate": "snnopt exact",
-            "spike_mismatches": mismatches, "entries": ref_spikes.numel(), "spikes": int(ref_spikes.sum()),
+            "spike_mismatches": mismatches, "neurons_with_a_flip": int((~clean).sum()),
+            "entries": ref_spikes.numel(), "spikes": int(ref_spikes.sum()),
             "grad_max_rel_error": rel, "grad_tolerance": 1e-3,
             "passed": mismatches <= ref_spikes.numel() * 1e-6 and rel <= 1e-3}
 
