@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -203,7 +204,9 @@ def _backward_entry(grad_spikes: Optional[Tensor], saved):
     """
     plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
              and all(type(t) is Tensor for t in (grad_spikes, *saved) if t is not None))
-    return _lif_triton_backward if plain else torch.ops.snnopt.lif_triton_backward
+    if plain:
+        return functools.partial(_lif_triton_backward, fresh_placeholders=False)
+    return torch.ops.snnopt.lif_triton_backward
 
 
 def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_sparse: bool) -> Tensor:
@@ -234,7 +237,8 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                            reset: str, detach_reset: bool, surrogate: str, surrogate_param: float,
                            fire_at_threshold: bool, backward: str, window: float, need_x: bool, need_weight: bool,
                            need_bias: bool, need_recurrent: bool, need_beta: bool, need_threshold: bool,
-                           need_alpha: bool, need_initial_v: bool, need_initial_syn: bool
+                           need_alpha: bool, need_initial_v: bool, need_initial_syn: bool,
+                           fresh_placeholders: bool = True
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch, neurons = initial_v.shape
     cuba, recurrent = alpha is not None, recurrent_weight is not None
@@ -247,8 +251,10 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
     compact = active_offsets.numel() > 0
     grad_x_values = None
 
-    def empty():  # a fresh tensor each time: outputs of a custom op must not alias each other
-        return _empty(beta)
+    def empty():
+        # Unneeded outputs: through the op a fresh tensor each (outputs of a custom op must not
+        # alias each other); called directly (eager), None, and no allocations.
+        return _empty(beta) if fresh_placeholders else None
 
     if compact:
         restricted = need_x and input_active is not None
@@ -369,7 +375,7 @@ def _lif_triton_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn
                               event_values, steps, grad_is_compact, reset, detach_reset, surrogate,
                               surrogate_param, fire_at_threshold, backward, window, need_x, need_weight, need_bias,
                               need_recurrent, need_beta, need_threshold, need_alpha, need_initial_v,
-                              need_initial_syn):
+                              need_initial_syn, fresh_placeholders=True):
     batch, neurons = initial_v.shape
     exact = backward == "exact"
 

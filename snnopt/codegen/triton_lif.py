@@ -473,7 +473,7 @@ def kernels(spec: LifSpec, dtype: torch.dtype = torch.float32) -> ModuleType:
     # Memoised on what the source and the import depend on: generating and hashing the source
     # costs ~40 µs, paid several times per layer call otherwise (the host time of a sparse backward
     # on a GPU is a few such calls and launches).
-    memo_key = (kernel_key(spec, dtype), os.environ.get("TRITON_INTERPRET", ""), os.environ.get("SNNOPT_CACHE_DIR"))
+    memo_key = (spec, dtype, os.environ.get("TRITON_INTERPRET", ""), os.environ.get("SNNOPT_CACHE_DIR"))
     module = _KERNELS.get(memo_key)
     if module is None:
         module = _KERNELS[memo_key] = kernel_cache.load_module("lif_kernels", kernel_source(spec, dtype))
