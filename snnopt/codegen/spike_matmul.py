@@ -54,6 +54,23 @@ def split_bfloat16(t: Tensor, parts: int = SPLIT_PARTS) -> list[Tensor]:
 
 
 def _split_into(t: Tensor, pieces: list[Tensor]) -> None:
+    # In slabs along the first dimension: the float32 remainders are temporaries of one slab, not of
+    # the whole operand (a 16384² weight would need two extra GiB at once).
+    rows = t.shape[0] if t.dim() else 1
+    per_row = max(t[0].numel(), 1) if t.dim() else 1
+    slab = max(1, _SPLIT_SLAB_ELEMENTS // per_row)
+    if t.dim() == 0 or rows <= slab:
+        _split_slab(t, pieces)
+        return
+    for start in range(0, rows, slab):
+        stop = min(rows, start + slab)
+        _split_slab(t[start:stop], [piece[start:stop] for piece in pieces])
+
+
+_SPLIT_SLAB_ELEMENTS = 2**24
+
+
+def _split_slab(t: Tensor, pieces: list[Tensor]) -> None:
     # Each piece is the remainder so far rounded to bfloat16 (copy_ rounds to nearest even).
     rest = t.to(torch.float32)
     for k, piece in enumerate(pieces):

@@ -47,6 +47,17 @@ def test_three_bfloat16_parts_sum_exactly_to_any_float32(values):
     assert bool((exact | tiny).all()), t[~(exact | tiny)]
 
 
+def test_split_in_slabs_is_the_same_split(monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(57, 33, generator=gen)
+    whole = spike_matmul.split_bfloat16(w)
+    monkeypatch.setattr(spike_matmul, "_SPLIT_SLAB_ELEMENTS", 100)  # 3 rows a slab, the last one short
+    slabs = spike_matmul.split_bfloat16(w)
+    assert all(torch.equal(a, b) for a, b in zip(whole, slabs))
+    x = (torch.rand(20, 57, generator=gen) < 0.3).float()
+    torch.testing.assert_close(spike_matmul.split_mm(w.t(), x.t(), spikes="b"), w.t() @ x.t())
+
+
 def test_two_parts_are_not_enough():
     t = torch.randn(10_000)
     two = sum(p.double() for p in spike_matmul.split_bfloat16(t, parts=2))
