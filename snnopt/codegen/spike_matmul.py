@@ -144,8 +144,13 @@ def applies(spikes: Tensor, other: Tensor, macs: int) -> bool:
     """Whether :func:`split_mm` should replace the float32 product (cheap checks only: no sync)."""
     return (spikes.is_cuda and other.is_cuda and other.dtype == torch.float32
             and spikes.dtype in (torch.float32, torch.bfloat16)
-            and not torch.backends.cuda.matmul.allow_tf32 and macs >= MIN_MACS
+            and not _tf32_enabled() and macs >= MIN_MACS
             and _float32_output_mm(spikes.device.type))
+
+
+def _tf32_enabled() -> bool:
+    # The user's choice (torch.backends.cuda.matmul.allow_tf32, or set_float32_matmul_precision).
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 @functools.cache

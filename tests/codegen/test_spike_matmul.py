@@ -165,11 +165,24 @@ def test_route_is_not_taken_on_cpu_or_when_the_user_enabled_tf32(monkeypatch):
     class FakeCuda:  # only the attributes applies() reads
         is_cuda, dtype, device = True, torch.float32, torch.device("cuda")
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(spike_matmul, "_tf32_enabled", lambda: False)
     assert spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS)
     assert not spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS - 1)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(spike_matmul, "_tf32_enabled", lambda: True)
     assert not spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS)
+
+
+def test_tf32_setting_is_read_from_torch():
+    # torch.backends.cuda.matmul is not a plain module (monkeypatch cannot restore it): set and
+    # restore by hand.
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 allowed
+        assert spike_matmul._tf32_enabled()
+        torch.set_float32_matmul_precision("highest")
+        assert not spike_matmul._tf32_enabled()
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.gpu
