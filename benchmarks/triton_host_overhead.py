@@ -1,0 +1,95 @@
+"""Host time of the Triton path's sparse backward, without a GPU: every kernel launch a no-op.
+
+On a GPU a seed-network layer's sparse backward is one or two small kernels, so its time is mostly
+the Python and dispatch work around them. This script measures that work on CPU tensors under
+``TRITON_INTERPRET=1`` with each generated kernel replaced by a stub that does nothing but fill the
+counts the launchers read back (so the compact lists get their sizes). The numbers are host
+overhead only: no kernel runs, and CPU tensor ops stand in for CUDA ones.
+
+    python benchmarks/triton_host_overhead.py            # B=4, T=100, 784 -> 200, sparse
+    python benchmarks/triton_host_overhead.py --backward exact --calls 5000
+
+Prints the median and minimum time of one ``backward`` call (``retain_graph=True``, same graph)
+and the launches it makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import snnopt.functional as SF  # noqa: E402
+from snnopt.codegen import triton_lif  # noqa: E402
+
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+class _NoLaunch:
+    """``kernel[grid](*args)`` that only counts, and writes the counts the launcher reads back."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            LAUNCHES[self.name] += 1
+            if self.name == "_input_events_kernel":
+                (args[3] if meta.get("WRITE") else args[1]).fill_(0 if meta.get("WRITE") else 1)
+            elif self.name == "_lif_fwd_kernel" and meta.get("COUNT_ACTIVE"):
+                args[11].fill_(1)  # one active entry per (b, t, block)
+            elif self.name == "_lif_fwd_kernel" and meta.get("WRITE_ACTIVE"):
+                args[13].fill_(0)  # valid flat indices
+        return launch
+
+
+def _stub_kernels():
+    real = triton_lif.kernels
+    stubs = {}
+
+    def kernels(spec, dtype=torch.float32):
+        module = real(spec, dtype)  # the real lookup, so its cost counts
+        if id(module) not in stubs:
+            stubs[id(module)] = type("Stubs", (), {name: _NoLaunch(name) for name in dir(module)
+                                                   if name.startswith("_") and name.endswith("_kernel")})()
+        return stubs[id(module)]
+
+    triton_lif.kernels = kernels
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backward", choices=("sparse", "exact"), default="sparse")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--shape", type=int, nargs=4, default=(4, 100, 784, 200), metavar=("B", "T", "IN", "N"))
+    args = parser.parse_args(argv)
+    _stub_kernels()
+    torch.manual_seed(0)
+    batch, steps, features, neurons = args.shape
+    x = (torch.rand(batch, steps, features) < 0.004).float()
+    weight = (torch.randn(neurons, features) * 0.05).requires_grad_()
+    upstream = torch.randn(batch, steps, neurons)
+    spikes = SF.linear_lif(x, weight, beta=0.9, backend="triton", backward=args.backward)
+    for _ in range(50):
+        spikes.backward(upstream, retain_graph=True)
+    LAUNCHES.clear()
+    times = []
+    for _ in range(args.calls):
+        weight.grad = None
+        start = time.perf_counter()
+        spikes.backward(upstream, retain_graph=True)
+        times.append(time.perf_counter() - start)
+    per_call = {name: count / args.calls for name, count in LAUNCHES.items()}
+    print(f"{args.backward} backward, shape {tuple(args.shape)}: host time median {statistics.median(times) * 1e6:.1f} us, "
+          f"min {min(times) * 1e6:.1f} us over {args.calls} calls; launches per call {per_call}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
