@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end at tiny sizes on the CPU.
+
+GPU time is scarce (a few minutes a session): a suite that crashes there wastes it, as a report
+bug once did. These runs take every code path the GPU run takes (but the CUDA-only ones) and
+check that the scripts' own correctness checks pass and the results they write are complete. No
+timing is asserted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args, tmp_path, timeout=900):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
+    _run([str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--smoke", "--out", str(tmp_path)], tmp_path)
+    (path,) = tmp_path.glob("gpu_suite_*_smoke.json")
+    payload = json.loads(path.read_text())
+    assert payload["status"] == "complete"
+    assert path.with_suffix(".png").exists()
+    seed_sizes = payload["seed_network"]["sizes"]
+    assert seed_sizes and all(size["checks"]["all_passed"] for size in seed_sizes.values())
+    for size in seed_sizes.values():
+        for layer in size["layers"].values():
+            for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
+                assert layer[key]["backward_ms"] > 0 and layer[key]["speedup_vs_dense"]["backward"] > 0
+    on_sizes = payload["open_neuromorphic"]["sizes"]
+    assert on_sizes
+    for size in on_sizes.values():
+        assert size["checks"]["passed"] and size["checks"]["spike_mismatches"] == 0
+        assert "float32 GEMM" in size["snnopt_matmul"]  # CPU: the reference product
+        for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
+            assert size["variants"][key]["step_ms"] > 0
+        assert size["snnopt_sparse_step_ratio_vs_fastest_peer"] > 0
+
+
+def test_seed_network_quick_run_passes_its_checks(tmp_path):
+    output = tmp_path / "seed.json"
+    _run([str(ROOT / "benchmarks" / "seed_network.py"), "--quick", "--output", str(output), "--no-plot"], tmp_path)
+    payload = json.loads(output.read_text())
+    checks = {key: check for key, check in payload["checks"].items() if isinstance(check, dict) and "passed" in check}
+    assert {"snnopt_optimize", "snnopt_exact", "snnopt_sparse"} <= set(checks)
+    assert payload["checks"]["all_passed"] and all(check["passed"] for check in checks.values()), checks
+
+
+def test_triton_host_overhead_script_counts_the_sparse_backward_launch(tmp_path):
+    pytest.importorskip("triton")
+    result = _run([str(ROOT / "benchmarks" / "triton_host_overhead.py"), "--calls", "20"], tmp_path)
+    assert "sparse backward" in result.stdout and "'_sparse_weight_grad_kernel': 1.0" in result.stdout
