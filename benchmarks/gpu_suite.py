@@ -621,8 +621,7 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
     weight = torch.empty(n, n, device=device).uniform_(-bound, bound, generator=gen)
     from snnopt.codegen import spike_matmul
 
-    macs = cfg.batch * cfg.steps * n * n
-    split = spike_matmul.applies(x, weight, macs)
+    split = spike_matmul.applies(x, weight, (cfg.batch * cfg.steps, n, n))
     out = {"snnopt_matmul": ("x·Wᵀ and dIᵀ·x as one bfloat16 GEMM each on 3-way split operands (float32 accuracy, "
                              "snnopt.codegen.spike_matmul)" if split else "float32 GEMM (torch.nn.functional.linear)"),
            "config": {"batch": cfg.batch, "steps": cfg.steps, "neurons": n, "beta": cfg.beta,
@@ -854,7 +853,8 @@ def plot(path: Path, payload: dict) -> bool:
                     base = "paper loop" if ref == "speedup_vs_dense" else "unbind loop"
                     ax_speed.plot(hidden, ys, style, marker=marker, color=colour,
                                   label=f"{short} {key.split('_')[1]} vs {base}")
-            for metric, colour in (("backward_peak", "tab:red"), ("backward_peak_excluding_caller_tensors", "tab:purple"),
+            for metric, colour in (("backward_peak", "tab:red"),
+                                   ("backward_peak_excluding_caller_tensors", "tab:purple"),
                                    ("saved_activations", "tab:green")):
                 if key != "snnopt_sparse":
                     continue

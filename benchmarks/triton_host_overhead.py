@@ -86,8 +86,9 @@ def main(argv=None) -> int:
         spikes.backward(upstream, retain_graph=True)
         times.append(time.perf_counter() - start)
     per_call = {name: count / args.calls for name, count in LAUNCHES.items()}
-    print(f"{args.backward} backward, shape {tuple(args.shape)}: host time median {statistics.median(times) * 1e6:.1f} us, "
-          f"min {min(times) * 1e6:.1f} us over {args.calls} calls; launches per call {per_call}")
+    print(f"{args.backward} backward, shape {tuple(args.shape)}: host time median "
+          f"{statistics.median(times) * 1e6:.1f} us, min {min(times) * 1e6:.1f} us over {args.calls} calls; "
+          f"launches per call {per_call}")
     return 0
 
 

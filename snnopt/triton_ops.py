@@ -358,7 +358,7 @@ def _dense_input(events, batch: int, steps: int, weight: Tensor, acc: torch.dtyp
     """
     offsets, pos, values = events
     neurons, features = weight.shape
-    if (spike_matmul.applies(values, weight, batch * steps * neurons * features)
+    if (spike_matmul.applies(values, weight, (neurons, batch * steps, features))
             and spike_matmul.is_bfloat16_exact(values)):
         acc = torch.bfloat16
     rows = torch.repeat_interleave(torch.arange(batch, device=pos.device), offsets[::steps].diff(),

@@ -18,8 +18,9 @@ cores are an order of magnitude faster. This module computes the same product th
 
 :func:`linear` and :func:`weight_grad` take this route only where it pays and is exact: CUDA
 tensors in float32, TF32 not enabled by the user (then the float32 product already uses tensor
-cores, at TF32's precision, which is the user's choice), at least :data:`MIN_MACS` multiply-adds,
-and the spike operand checked to be bfloat16-exact. Anywhere else they are the reference.
+cores, at TF32's precision, which is the user's choice), a product large enough to pay for the
+split (:func:`pays`), and the spike operand checked to be bfloat16-exact. Anywhere else they are
+the reference.
 
 Example::
 
@@ -36,9 +37,13 @@ import torch
 from torch import Tensor
 
 SPLIT_PARTS = 3  # 3 × 8 bits ≥ float32's 24-bit significand
-# Below this many multiply-adds the split's extra passes over the operands cost more than the
-# tensor cores save (the float32 GEMM of a seed-network layer, 25600 × 784 × 200, is ~0.2 ms).
-MIN_MACS = 2**32
+# When the split pays, for a product (p × q)·(q × r): its extra passes over the operands (checking
+# and stacking the spikes, splitting the other) move bytes ∝ q·(p + r); the GEMM time it saves is
+# ∝ p·q·r. Break-even is at p·r/(p + r) of a few hundred (float32 units at ~51 TFLOP/s measured
+# on an H200 against bfloat16 tensor cores at several hundred, memory at a few TB/s); below
+# MIN_MACS launches and syncs dominate either way.
+MIN_MACS = 2**30
+MIN_OUTER = 384
 
 
 def split_bfloat16(t: Tensor, parts: int = SPLIT_PARTS) -> list[Tensor]:
@@ -140,11 +145,16 @@ def _mm_float32_out(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.to(torch.float32), b.to(torch.float32))
 
 
-def applies(spikes: Tensor, other: Tensor, macs: int) -> bool:
-    """Whether :func:`split_mm` should replace the float32 product (cheap checks only: no sync)."""
+def pays(p: int, q: int, r: int) -> bool:
+    """Whether the split route is worth it for a ``(p × q)·(q × r)`` product (see :data:`MIN_OUTER`)."""
+    return p * q * r >= MIN_MACS and p * r >= MIN_OUTER * (p + r)
+
+
+def applies(spikes: Tensor, other: Tensor, shape: tuple[int, int, int]) -> bool:
+    """Whether :func:`split_mm` should replace the float32 product of ``shape`` = (p, q, r) (no sync)."""
     return (spikes.is_cuda and other.is_cuda and other.dtype == torch.float32
             and spikes.dtype in (torch.float32, torch.bfloat16)
-            and not _tf32_enabled() and macs >= MIN_MACS
+            and not _tf32_enabled() and pays(*shape)
             and _float32_output_mm(spikes.device.type))
 
 
@@ -167,7 +177,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays."""
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
-    spikes = as_bfloat16_if_exact(x) if applies(x, weight, rows * weight.shape[0] * features) else None
+    spikes = as_bfloat16_if_exact(x) if applies(x, weight, (rows, features, weight.shape[0])) else None
     if spikes is not None:
         out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
         if bias is not None:
@@ -178,8 +188,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 def weight_grad(grad_rows: Tensor, x_rows: Tensor) -> Tensor:
     """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; split GEMM when ``x_rows`` is spikes."""
-    macs = grad_rows.shape[0] * grad_rows.shape[1] * x_rows.shape[1]
-    spikes = as_bfloat16_if_exact(x_rows) if applies(x_rows, grad_rows, macs) else None
+    shape = (grad_rows.shape[1], grad_rows.shape[0], x_rows.shape[1])
+    spikes = as_bfloat16_if_exact(x_rows) if applies(x_rows, grad_rows, shape) else None
     if spikes is not None:
         return split_mm(grad_rows.t(), spikes, spikes="b")
     return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

@@ -611,8 +611,8 @@ def input_events(x: Tensor, acc: torch.dtype):
     pos_dtype = torch.int32 if steps * features < 2**31 else torch.int64
     block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
     nothing = torch.empty(1, dtype=torch.int64, device=device)
-    module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps, features,
-                                         WRITE=False, BLOCK=block)
+    module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps,
+                                         features, WRITE=False, BLOCK=block)
     ends = counts.cumsum(0)
     total = int(ends[-1])
     offsets = torch.cat([ends.new_zeros(1), ends])

@@ -120,7 +120,7 @@ def test_split_mm_rejects_an_unknown_operand_name():
 @pytest.fixture
 def split_everywhere(monkeypatch):
     """Let linear / weight_grad take the split route on CPU tensors of any size."""
-    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, macs: True)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: True)
     calls = []
     real = spike_matmul.split_mm
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (calls.append(k["spikes"]), real(*a, **k))[1])
@@ -158,18 +158,26 @@ def test_weight_grad_takes_the_split_and_matches_the_float32_product(split_every
 
 
 def test_route_is_not_taken_on_cpu_or_when_the_user_enabled_tf32(monkeypatch):
+    big = (8000, 4096, 4096)  # the Open Neuromorphic layer at n = 4096
     x, w = torch.ones(8, 8), torch.ones(8, 8)
-    assert not spike_matmul.applies(x, w, 2**40)  # CPU tensors: the reference product
+    assert not spike_matmul.applies(x, w, big)  # CPU tensors: the reference product
     monkeypatch.setattr(spike_matmul, "_float32_output_mm", lambda device_type: True)
 
     class FakeCuda:  # only the attributes applies() reads
         is_cuda, dtype, device = True, torch.float32, torch.device("cuda")
 
     monkeypatch.setattr(spike_matmul, "_tf32_enabled", lambda: False)
-    assert spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS)
-    assert not spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS - 1)
+    assert spike_matmul.applies(FakeCuda(), FakeCuda(), big)
     monkeypatch.setattr(spike_matmul, "_tf32_enabled", lambda: True)
-    assert not spike_matmul.applies(FakeCuda(), FakeCuda(), spike_matmul.MIN_MACS)
+    assert not spike_matmul.applies(FakeCuda(), FakeCuda(), big)
+
+
+def test_split_pays_only_for_large_products_with_both_outer_dimensions_large():
+    assert spike_matmul.pays(8000, 16384, 16384)  # ON layer, current
+    assert spike_matmul.pays(1000, 25600, 784)  # seed layer 1 at H = 1000, weight gradient
+    assert not spike_matmul.pays(25600, 784, 200)  # seed layer 1 at H = 200: r too small to pay
+    assert not spike_matmul.pays(10**6, 10**3, 10)  # many MACs, but one thin outer dimension
+    assert not spike_matmul.pays(600, 600, 600)  # both outer dimensions fine, too few MACs
 
 
 def test_tf32_setting_is_read_from_torch():
@@ -192,10 +200,10 @@ def test_split_gemm_on_gpu():
         pytest.skip("TF32 enabled in this process: the split route is off by design")
     gen = torch.Generator(device="cuda").manual_seed(5)
     rows, features, neurons = 4096, 2048, 1024
-    assert rows * features * neurons >= spike_matmul.MIN_MACS
+    assert spike_matmul.pays(rows, features, neurons) and spike_matmul.pays(neurons, rows, features)
     x = (torch.rand(rows, features, device="cuda", generator=gen) < 0.05).float()
     w = torch.randn(neurons, features, device="cuda", generator=gen) / math.sqrt(features)
-    assert spike_matmul.applies(x, w, rows * features * neurons), "torch.mm(out_dtype=float32) missing"
+    assert spike_matmul.applies(x, w, (rows, features, neurons)), "torch.mm(out_dtype=float32) missing"
     out = spike_matmul.linear(x, w)
     exact = x.double() @ w.double().t()
     assert bool(((out.double() - exact).abs() <= _gemm_bound(x, w.t())).all())

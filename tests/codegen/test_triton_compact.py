@@ -179,7 +179,7 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     from snnopt.codegen import spike_matmul
 
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
-    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, macs: other.dtype == torch.float32)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
     used = []
     real = spike_matmul.split_mm
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])

@@ -52,7 +52,7 @@ def test_seed_network_on_gpu_matches_cpu_backend(backward):
 
 @pytest.mark.parametrize("backward", ["sparse", "exact"])
 def test_large_layer_on_split_gemms_matches_float32_gemms(backward, monkeypatch):
-    # Above spike_matmul.MIN_MACS the layer's GEMMs run on split bfloat16 operands; against the
+    # At this size the layer's GEMMs run on split bfloat16 operands (spike_matmul.pays); against the
     # same layer with that route switched off. Summation orders differ, so a membrane within an
     # ulp of θ may flip (allowed: 1 in 10⁵ entries; then gradients are not comparable).
     import snnopt.functional as SF
@@ -62,7 +62,7 @@ def test_large_layer_on_split_gemms_matches_float32_gemms(backward, monkeypatch)
         pytest.skip("TF32 enabled in this process: the split route is off by design")
     gen = torch.Generator(device="cuda").manual_seed(11)
     batch, steps, features, neurons = 32, 100, 2048, 1024
-    assert batch * steps * features * neurons >= spike_matmul.MIN_MACS
+    assert spike_matmul.pays(batch * steps, features, neurons) and spike_matmul.pays(neurons, batch * steps, features)
     x = (torch.rand(batch, steps, features, device="cuda", generator=gen) < 0.05).float()
     weight = (torch.rand(neurons, features, device="cuda", generator=gen) - 0.45) * 0.2
     results = []
