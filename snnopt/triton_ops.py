@@ -249,7 +249,6 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
     gsf = grad_syn_final if (grad_syn_final is not None and grad_syn_final.numel()) else None
     gm = grad_membrane if (grad_membrane is not None and grad_membrane.numel()) else None
     compact = active_offsets.numel() > 0
-    grad_x_values = None
 
     def empty():
         # Unneeded outputs: through the op a fresh tensor each (outputs of a custom op must not
@@ -262,14 +261,20 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         # final-state gradient, an unrestricted input gradient or too many input events for the
         # pair sum take the dense reverse sweep, rebuilt from the same lists.
         events = (event_offsets, event_pos, event_values)
-        dense = (grad_spikes is None or gm is not None or grad_v_final is not None or (need_x and not restricted)
-                 or (need_weight and not triton_lif.events_are_cheaper(
-                     active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])))
+        dense = grad_spikes is None or gm is not None or grad_v_final is not None or (need_x and not restricted)
         if not dense:
-            grad_w, grad_b, grad_v0, grad_x = triton_lif.sparse_backward(
+            # Too many input events for the pair sum: the weight gradient alone goes dense, from
+            # the same g (a reverse β-filter, then one GEMM); the rest stays on the lists.
+            pairs = not need_weight or triton_lif.events_are_cheaper(
+                active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
+            grad_w, grad_b, grad_v0, grad_x, g = triton_lif.sparse_backward(
                 grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
-                events if need_weight else None, beta, weight, input_active if restricted else None, batch, steps,
-                need_weight=need_weight, need_bias=need_bias, need_initial_v=need_initial_v, in_dtype=in_dtype)
+                events if (need_weight and pairs) else None, beta, weight, input_active if restricted else None,
+                batch, steps, need_weight=need_weight and pairs, need_bias=need_bias, need_initial_v=need_initial_v,
+                in_dtype=in_dtype)
+            if need_weight and not pairs:
+                x_rows = _dense_input(events, batch, steps, weight, acc).reshape(batch * steps, weight.shape[1])
+                grad_w = _dense_weight_grad(g, active_index, beta, x_rows, batch, steps, neurons)
             return (grad_x.to(in_dtype) if grad_x is not None else empty(),
                     grad_w.to(weight.dtype) if grad_w is not None else empty(),
                     grad_b.to(weight.dtype) if grad_b is not None else empty(), empty(), empty(), empty(), empty(),
@@ -283,12 +288,6 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         flags[active_index] = triton_lif.FLAG_ACTIVE
         flags = flags.reshape(seq_shape)
         x = _dense_input(events, batch, steps, weight, acc) if need_weight else None
-        if restricted and grad_spikes is not None and gm is None and grad_v_final is None:
-            # Only the weight gradient needs the dense route: the input gradient stays a pair sum.
-            grad_x_values = triton_lif.sparse_backward(
-                grad_spikes, False, active_index, active_surr, active_offsets, None, beta, weight,
-                input_active, batch, steps, need_weight=False, need_bias=False, need_initial_v=False,
-                in_dtype=in_dtype)[3]
     surr = None
     if spec.sparse:
         surr = torch.zeros(batch * steps * neurons, dtype=acc, device=initial_v.device)
@@ -312,10 +311,7 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
             grad_b = rows.sum(0).to(weight.dtype)
         if need_x and input_active is not None:
             # Only where the producing layer reads it: one dot product per listed entry.
-            if compact and grad_x_values is not None:
-                values = grad_x_values
-            else:
-                values = (rows[input_active // in_features] * weight_acc.t()[input_active % in_features]).sum(1)
+            values = (rows[input_active // in_features] * weight_acc.t()[input_active % in_features]).sum(1)
             if compact:
                 grad_x = values.to(in_dtype)  # the autograd wrapper places them
             else:
@@ -348,6 +344,16 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
 
 lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", mutates_args=())(
     _lif_triton_backward)
+
+
+def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, x_rows: Tensor, batch: int, steps: int,
+                       neurons: int) -> Tensor:
+    """dW = dL/dIᵀ·x with dL/dI rebuilt densely from the active entries' g (the compact layer's dense route)."""
+    split = x_rows.dtype == torch.bfloat16  # _dense_input chose the split GEMM
+    grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
+    if split:
+        return spike_matmul.weight_grad_from_parts(grad_current, x_rows)
+    return grad_current.t().mm(x_rows.to(grad_current.dtype))
 
 
 def _dense_input(events, batch: int, steps: int, weight: Tensor, acc: torch.dtype) -> Tensor:

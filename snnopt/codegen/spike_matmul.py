@@ -114,6 +114,20 @@ def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
     return _mm_float32_out(left, right)
 
 
+def weight_grad_from_parts(parts: Tensor, x_rows: Tensor) -> Tensor:
+    """``Σ_k parts[k]ᵀ @ x_rows`` in float32: a weight gradient whose dL/dI is already split.
+
+    ``parts`` is ``(SPLIT_PARTS, M, N)`` bfloat16 (written so by the compact layer's reverse-filter
+    kernel), ``x_rows`` the ``(M, K)`` spikes; one GEMM as in :func:`split_mm`.
+    """
+    if parts.dim() != 3 or parts.shape[0] != SPLIT_PARTS or parts.dtype != torch.bfloat16:
+        raise ValueError(f"parts: expected ({SPLIT_PARTS}, M, N) bfloat16, got {tuple(parts.shape)} {parts.dtype}")
+    count, rows, neurons = parts.shape
+    left = parts.reshape(count * rows, neurons).t()
+    right = _contraction_stack(x_rows.to(torch.bfloat16), 0, repeat=True)
+    return _mm_float32_out(left, right)
+
+
 def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
     """``operand``'s :data:`SPLIT_PARTS` bfloat16 parts side by side along ``dim`` (the contraction).
 

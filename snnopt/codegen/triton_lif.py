@@ -215,6 +215,34 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
 
 
 @triton.jit
+def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, rows_total,
+                           SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (b, block of neurons): dL/dI[b,t,j] = beta_j * dL/dI[b,t+1,j] + g[b,t,j] for
+    # t = T-1 .. 0 (g: dL/ds * surrogate, dense, zero outside the active entries). SPLIT writes it
+    # as three bfloat16 parts hi + mid + lo (exact, see spike_matmul) to parts[k, b*T + t, j].
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < neurons
+    plane = rows_total.to(tl.int64) * neurons
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
+    acc = tl.zeros([BLOCK_N], ACC)
+    for k in range(steps):
+        row = (b * steps + (steps - 1 - k)) * neurons + offs
+        acc = acc * beta + tl.load(g_ptr + row, mask=mask, other=0.0).to(ACC)
+        if SPLIT:
+            hi = acc.to(tl.bfloat16)
+            rest = acc - hi.to(ACC)
+            rest = tl.where(rest == rest, rest, 0.0)  # inf - inf: a non-finite value stays whole in hi
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(ACC)).to(tl.bfloat16)
+            tl.store(parts_ptr + row, hi, mask=mask)
+            tl.store(parts_ptr + plane + row, mid, mask=mask)
+            tl.store(parts_ptr + 2 * plane + row, lo, mask=mask)
+        else:
+            tl.store(out_ptr + row, acc, mask=mask)
+
+
+@triton.jit
 def _sparse_input_grad_kernel(input_active_ptr, g_ptr, index_ptr, act_off_ptr, beta_ptr, w_ptr, out_ptr,
                               steps, neurons, features, BLOCK_A: tl.constexpr):
     # One program per listed input entry u = (b, t, i): dL/dx = sum over this layer's active entries
@@ -706,7 +734,9 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
     of a B·T·N·F GEMM on a dense dL/dI: ~4M / 20M atomics vs 4 / 20 GFMA at the seed sizes N = 200 /
     1000 (fp32 without tensor cores), and no B·T·N or B·T·F buffer. The caller picks the dense route
     when the events are too many (see ``events_are_cheaper``). ``events`` is ``input_events(x)`` or
-    None (weight gradient not needed). Returns ``(dW, db, dv0, dx at input_active)``, unneeded ones None.
+    None (weight gradient not needed). Returns ``(dW, db, dv0, dx at input_active, g)``, unneeded ones
+    None; ``g`` (dL/ds·σ′ per active entry) feeds :func:`reverse_filter` when the weight gradient
+    takes the dense route instead.
     """
     module = kernels(_PLAIN_SPEC, in_dtype)
     acc = accumulation_dtype(in_dtype)
@@ -734,7 +764,34 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             module._sparse_input_grad_kernel[(input_active.numel(),)](
                 input_active, g, active_index, active_offsets, beta_a, weight.contiguous(), grad_x, steps, neurons,
                 features, BLOCK_A=64)
-    return grad_w, grad_b, grad_v0, grad_x
+    return grad_w, grad_b, grad_v0, grad_x, g
+
+
+def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, steps: int, neurons: int, *,
+                   split: bool) -> Tensor:
+    """dL/dI of a compact layer as a dense ``(B·T, N)`` tensor: the reverse β-filter of ``g`` at the active entries.
+
+    The dense route of the weight gradient when the input has too many events for the pair sum:
+    one scatter of ``g`` and one sweep, nothing else dense. With ``split`` the sweep writes dL/dI as
+    its three bfloat16 parts, ``(3, B·T, N)``, the left operand of spike_matmul's GEMM (no float32
+    copy to split afterwards).
+    """
+    module = kernels(_PLAIN_SPEC, g.dtype)
+    device = g.device
+    rows = batch * steps
+    dense_g = torch.zeros(rows * neurons, dtype=g.dtype, device=device)
+    dense_g[active_index] = g  # the active list holds each entry once
+    beta_a = beta.to(g.dtype).contiguous()
+    if split:
+        out = torch.empty((3, rows, neurons), dtype=torch.bfloat16, device=device)
+        dense_out, parts_out = _unused(g.dtype, device), out
+    else:
+        out = torch.empty((rows, neurons), dtype=g.dtype, device=device)
+        dense_out, parts_out = out, _unused(torch.bfloat16, device)
+    block = _block(neurons)
+    module._reverse_filter_kernel[(batch, -(-neurons // block))](
+        dense_g, beta_a, dense_out, parts_out, steps, neurons, rows, SPLIT=split, BLOCK_N=block, **LAUNCH_OPTIONS)
+    return out
 
 
 def events_are_cheaper(active_count: int, event_count: int, batch: int, steps: int, neurons: int,

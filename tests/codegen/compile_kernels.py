@@ -22,13 +22,15 @@ _POINTER_TYPES = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16
 _INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr", "gsf_ptr", "v0_ptr", "syn0_ptr",
                          "x_ptr", "w_ptr"}
 _INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
-                   "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64"}
+                   "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64",
+                   "parts_ptr": "*bf16"}  # (and the bfloat16 parts of a split dL/dI: fixed types too)
 # The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
 COMPACT_KERNELS = {
     "_input_events_kernel": [dict(WRITE=False, BLOCK=1024), dict(WRITE=True, BLOCK=1024)],
     "_sparse_weight_grad_kernel": [dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128),
                                    dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=128)],
     "_sparse_input_grad_kernel": [dict(BLOCK_A=64)],
+    "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256), dict(SPLIT=True, BLOCK_N=256)],
 }
 
 

@@ -132,14 +132,24 @@ def test_full_input_gradient_takes_the_dense_route(device):
     _check(x, w, b, beta, x_grad=True, device=device)
 
 
-def test_dense_events_take_the_gemm_route(device, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+def test_dense_events_take_the_gemm_route(dtype, reset, device, monkeypatch):
+    # The weight gradient from a dense dL/dI (reverse filter of the lists' g) and one GEMM; bias and
+    # initial state still from the lists.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
-    x, w, b, beta = _inputs(2, 5, 6, 4, torch.float32, device)
-    _check(x, w, b, beta, device=device)
+    filtered = []
+    real = triton_lif.reverse_filter
+    monkeypatch.setattr(triton_lif, "reverse_filter", lambda *a, **k: (filtered.append(k["split"]), real(*a, **k))[1])
+    x, w, b, beta = _inputs(2, 5, 6, 4, dtype, device, seed=2)
+    _check(x, w, b, beta, reset=reset, device=device)
+    assert filtered == [False]  # CPU sizes: no split GEMM
 
 
+@pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chained_layers_pass_a_sparse_gradient(dtype, device):
+def test_chained_layers_pass_a_sparse_gradient(dtype, pairs, device, monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: pairs)
     x, w1, _, _ = _inputs(3, 8, 6, 7, dtype, device, gain=2.5, seed=5)
     w2 = (torch.rand(5, 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 0.8).to(dtype).to(
         device).requires_grad_()
@@ -181,11 +191,14 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
     used = []
-    real = spike_matmul.split_mm
+    real, real_parts = spike_matmul.split_mm, spike_matmul.weight_grad_from_parts
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
+    monkeypatch.setattr(spike_matmul, "weight_grad_from_parts", lambda *a: (used.append("parts"), real_parts(*a))[1])
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
-    assert used == ["a", "b"]  # forward current, then the weight gradient
+    # The forward current, then the weight gradient: from dL/dI split by the reverse-filter kernel,
+    # or (membrane loss: the full dense sweep) split afterwards.
+    assert used == ["a", "b" if membrane_loss else "parts"]
 
 
 def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
@@ -205,3 +218,31 @@ def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, dev
     assert dispatched is torch.ops.snnopt.lif_triton_backward
     for direct, dispatched in zip(*results):
         assert torch.equal(direct, dispatched.detach())
+
+
+def test_reverse_filter_and_its_in_kernel_split(device):
+    # dL/dI from the active entries' g: the float32 sweep against a loop, and the three bfloat16
+    # parts the split sweep writes sum exactly to it.
+    gen = torch.Generator().manual_seed(12)
+    batch, steps, neurons = 3, 7, 20
+    active = torch.randperm(batch * steps * neurons, generator=gen)[:90].sort().values.to(device)
+    g = (torch.randn(90, generator=gen) * torch.logspace(-6, 6, 90)).to(device)  # wide range of magnitudes
+    beta = (torch.rand(neurons, generator=gen) * 0.3 + 0.6).to(device)
+    dense = triton_lif.reverse_filter(g, active, beta, batch, steps, neurons, split=False)
+    parts = triton_lif.reverse_filter(g, active, beta, batch, steps, neurons, split=True)
+    dense_g = torch.zeros(batch * steps * neurons, device=device).index_put_((active,), g).reshape(batch, steps, -1)
+    expected = torch.zeros_like(dense_g)
+    carry = torch.zeros(batch, neurons, device=device)
+    for t in reversed(range(steps)):
+        carry = carry * beta + dense_g[:, t]
+        expected[:, t] = carry
+    assert torch.equal(dense.reshape(batch, steps, neurons), expected)  # same operations, same order
+    assert parts.shape == (3, batch * steps, neurons) and parts.dtype == torch.bfloat16
+    assert torch.equal(parts.double().sum(0), dense.double())
+
+
+def test_weight_grad_from_parts_rejects_a_wrong_layout():
+    from snnopt.codegen import spike_matmul
+
+    with pytest.raises(ValueError, match="parts"):
+        spike_matmul.weight_grad_from_parts(torch.zeros(2, 4, 3, dtype=torch.bfloat16), torch.zeros(4, 5))
