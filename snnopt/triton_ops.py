@@ -53,12 +53,19 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
     acc = triton_lif.accumulation_dtype(x.dtype)
     compact = needs_backward and _compact_path(spec, weight)
+    # A compact layer keeps its input as events; listed first, they also tell the GEMM below
+    # whether x is spikes (checking the few nonzeros instead of all of x).
+    events = triton_lif.input_events(x, acc) if compact else None
     if weight is None:
         current = x.to(acc, copy=True) if recurrent else x
     else:
         # One GEMM for all steps (in the input dtype, as nn.Linear would; a large spike input on
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
-        current = spike_matmul.linear(x, weight, bias)
+        exact = None
+        if events is not None and spike_matmul.applies(x, weight, (x.shape[0] * x.shape[1], x.shape[2],
+                                                                    weight.shape[0])):
+            exact = spike_matmul.is_bfloat16_exact(events[2])
+        current = spike_matmul.linear(x, weight, bias, exact=exact)
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
@@ -70,10 +77,10 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
     saved_membrane = membrane if exact_saves else _empty(x, acc)
     active_offsets = _empty(x, torch.int64)
-    events = (_empty(x, torch.int64), _empty(x, _event_pos_dtype(x)), _empty(x, acc))
+    if events is None:
+        events = (_empty(x, torch.int64), _empty(x, _event_pos_dtype(x)), _empty(x, acc))
     if compact:
         active_index, active_surr, active_offsets = lists
-        events = triton_lif.input_events(x, acc)
         flags = _empty(x, torch.uint8)
     elif flags is not None:
         active_index = torch.nonzero(flags.reshape(-1) & triton_lif.FLAG_ACTIVE).squeeze(1)

@@ -145,8 +145,9 @@ def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
     stacked = torch.empty(shape, dtype=torch.bfloat16, device=base.device)
     slots = [stacked.narrow(stack_dim, k * size, size) for k in range(SPLIT_PARTS)]
     if repeat:
-        for slot in slots:
-            slot.copy_(base)
+        slots[0].copy_(base)  # converts once (exact: the caller checked)
+        for slot in slots[1:]:
+            slot.copy_(slots[0])
     else:
         _split_into(base, slots)
     return stacked.t() if transposed else stacked
@@ -187,11 +188,17 @@ def _float32_output_mm(device_type: str) -> bool:
         return False
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays."""
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, exact: Optional[bool] = None) -> Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays.
+
+    ``exact``: whether ``x`` is known to be bfloat16-exact (a caller that listed its nonzeros
+    checked those, a much smaller tensor); None checks ``x`` itself, three passes over it.
+    """
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
-    spikes = as_bfloat16_if_exact(x) if applies(x, weight, (rows, features, weight.shape[0])) else None
+    spikes = None
+    if applies(x, weight, (rows, features, weight.shape[0])):
+        spikes = as_bfloat16_if_exact(x) if exact is None else (x if exact else None)
     if spikes is not None:
         out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
         if bias is not None:

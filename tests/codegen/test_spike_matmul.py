@@ -148,6 +148,15 @@ def test_linear_falls_back_when_the_input_is_not_bfloat16_exact(split_everywhere
     assert split_everywhere == []
 
 
+def test_linear_trusts_a_callers_exactness_verdict(split_everywhere):
+    x = (torch.rand(2, 9, 16) < 0.4).float()
+    w = torch.randn(6, 16)
+    assert torch.equal(spike_matmul.linear(x, w, exact=False), torch.nn.functional.linear(x, w))
+    assert split_everywhere == []  # told "not spikes": the reference, unchecked
+    torch.testing.assert_close(spike_matmul.linear(x, w, exact=True), torch.nn.functional.linear(x, w))
+    assert split_everywhere == ["a"]
+
+
 def test_weight_grad_takes_the_split_and_matches_the_float32_product(split_everywhere):
     gen = torch.Generator().manual_seed(4)
     grad = torch.randn(200, 12, generator=gen)

@@ -201,6 +201,19 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     assert used == ["a", "b" if membrane_loss else "parts"]
 
 
+def test_non_spike_input_keeps_the_float32_gemm_when_the_split_would_apply(monkeypatch, device):
+    # The forward learns from the input's events whether x is spikes; real values keep the reference.
+    from snnopt.codegen import spike_matmul
+
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    used = []
+    real = spike_matmul.split_mm
+    monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
+    x, w, b, beta = _inputs(2, 6, 8, 5, torch.float32, device, binary=False, rate=0.5, seed=4)
+    _check(x, w, b, beta, device=device)
+    assert used == []
+
+
 def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
     # Plain eager backward (grad mode off) calls the op's implementation directly; with
     # create_graph the op itself runs. Both give the same gradients.
