@@ -155,7 +155,15 @@ def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
 
 def _mm_float32_out(a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        # PyTorch lets cuBLAS reduce bfloat16 GEMMs in reduced precision by default (split-K partial
+        # sums); the exactness argument needs float32 throughout, so that is off for this call.
+        matmul = torch.backends.cuda.matmul
+        allowed = matmul.allow_bf16_reduced_precision_reduction
+        matmul.allow_bf16_reduced_precision_reduction = False
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        finally:
+            matmul.allow_bf16_reduced_precision_reduction = allowed
     # Exact widening: the float32 product of bfloat16 values is what the tensor cores compute.
     return torch.mm(a.to(torch.float32), b.to(torch.float32))
 
