@@ -61,11 +61,7 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     else:
         # One GEMM for all steps (in the input dtype, as nn.Linear would; a large spike input on
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
-        exact = None
-        if events is not None and spike_matmul.applies(x, weight, (x.shape[0] * x.shape[1], x.shape[2],
-                                                                    weight.shape[0])):
-            exact = spike_matmul.is_bfloat16_exact(events[2])
-        current = spike_matmul.linear(x, weight, bias, exact=exact)
+        current = spike_matmul.linear(x, weight, bias, nonzeros=events[2] if events is not None else None)
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
@@ -265,8 +261,8 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
     if compact:
         restricted = need_x and input_active is not None
         # The compact kernels differentiate dL/ds through the active entries only; a membrane or
-        # final-state gradient, an unrestricted input gradient or too many input events for the
-        # pair sum take the dense reverse sweep, rebuilt from the same lists.
+        # final-state gradient or an unrestricted input gradient takes the full dense reverse
+        # sweep, rebuilt from the same lists.
         events = (event_offsets, event_pos, event_values)
         dense = grad_spikes is None or gm is not None or grad_v_final is not None or (need_x and not restricted)
         if not dense:

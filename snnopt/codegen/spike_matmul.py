@@ -196,17 +196,22 @@ def _float32_output_mm(device_type: str) -> bool:
         return False
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, exact: Optional[bool] = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+           nonzeros: Optional[Tensor] = None) -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays.
 
-    ``exact``: whether ``x`` is known to be bfloat16-exact (a caller that listed its nonzeros
-    checked those, a much smaller tensor); None checks ``x`` itself, three passes over it.
+    ``nonzeros``: the nonzero entries of ``x``, where the caller has them listed (a compact layer's
+    input events): whether ``x`` is spikes is then read from those, a much smaller tensor, instead
+    of three passes over ``x``.
     """
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
     spikes = None
     if applies(x, weight, (rows, features, weight.shape[0])):
-        spikes = as_bfloat16_if_exact(x) if exact is None else (x if exact else None)
+        if nonzeros is None:
+            spikes = as_bfloat16_if_exact(x)
+        elif is_bfloat16_exact(nonzeros):
+            spikes = x  # converted while stacked
     if spikes is not None:
         out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
         if bias is not None:

@@ -148,12 +148,13 @@ def test_linear_falls_back_when_the_input_is_not_bfloat16_exact(split_everywhere
     assert split_everywhere == []
 
 
-def test_linear_trusts_a_callers_exactness_verdict(split_everywhere):
+def test_linear_reads_spikiness_from_the_listed_nonzeros(split_everywhere):
     x = (torch.rand(2, 9, 16) < 0.4).float()
     w = torch.randn(6, 16)
-    assert torch.equal(spike_matmul.linear(x, w, exact=False), torch.nn.functional.linear(x, w))
-    assert split_everywhere == []  # told "not spikes": the reference, unchecked
-    torch.testing.assert_close(spike_matmul.linear(x, w, exact=True), torch.nn.functional.linear(x, w))
+    real_values = torch.tensor([0.3, 1.0])
+    assert torch.equal(spike_matmul.linear(x, w, nonzeros=real_values), torch.nn.functional.linear(x, w))
+    assert split_everywhere == []  # the nonzeros say "not spikes": the reference
+    torch.testing.assert_close(spike_matmul.linear(x, w, nonzeros=x[x != 0]), torch.nn.functional.linear(x, w))
     assert split_everywhere == ["a"]
 
 
