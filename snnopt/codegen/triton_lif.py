@@ -560,8 +560,8 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     device = current.device
     spikes = torch.empty((batch, steps, neurons), dtype=out_dtype, device=device)
     seq = lambda dtype: torch.empty((batch, steps, neurons), dtype=dtype, device=device)  # noqa: E731
-    nothing = torch.empty(1, dtype=acc, device=device)
-    nothing_i64 = torch.empty(1, dtype=torch.int64, device=device)
+    nothing = _unused(acc, device)
+    nothing_i64 = _unused(torch.int64, device)
     membrane = seq(acc) if record_membrane else None
     syn_record = seq(acc) if record_syn else None
     flags = seq(torch.uint8) if collect_active else None
@@ -638,7 +638,7 @@ def input_events(x: Tensor, acc: torch.dtype):
     counts = torch.empty(rows, dtype=torch.int32, device=device)
     pos_dtype = torch.int32 if steps * features < 2**31 else torch.int64
     block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
-    nothing = torch.empty(1, dtype=torch.int64, device=device)
+    nothing = _unused(torch.int64, device)
     module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps,
                                          features, WRITE=False, BLOCK=block)
     ends = counts.cumsum(0)
@@ -666,7 +666,7 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
     acc = accumulation_dtype(in_dtype)
     module = kernels(spec, in_dtype)
     device = v0.device
-    nothing = torch.empty(1, dtype=acc, device=device)
+    nothing = _unused(acc, device)
     seq_shape = (batch, steps, neurons)
     if grad_spikes is None:
         gs = torch.zeros(seq_shape, dtype=acc, device=device)
