@@ -206,10 +206,15 @@ def _backward_entry(grad_spikes: Optional[Tensor], saved):
     layer's backward on a GPU (a couple of kernel launches).
     """
     plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-             and all(type(t) is Tensor for t in (grad_spikes, *saved) if t is not None))
+             and all(type(t) in _PLAIN_TENSOR_TYPES for t in (grad_spikes, *saved) if t is not None))
     if plain:
         return functools.partial(_lif_triton_backward, fresh_placeholders=False)
     return torch.ops.snnopt.lif_triton_backward
+
+
+# Saved weights are nn.Parameter: as plain as Tensor here (no __torch_function__ of their own), unlike
+# FakeTensor, functional tensors or user subclasses, which must go through the op.
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_sparse: bool) -> Tensor:

@@ -179,11 +179,13 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, steps
 @triton.jit
 def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_ptr, evt_pos_ptr, evt_val_ptr,
                                g_ptr, gw_ptr, gb_ptr, gv0_ptr, steps, neurons, features,
+                               gs_stride_b, gs_stride_t, gs_stride_n,
                                GS_COMPACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                                NEED_V0: tl.constexpr, BLOCK_E: tl.constexpr):
     # One program per active entry e = (b, t, j): g = dL/ds * surrogate; then, for every input event
     # (b, t0, i) with t0 <= t, dW[j, i] += g * x * beta_j^(t - t0); db[j] += g * sum_k<=t beta_j^k;
-    # dv0[b, j] += g * beta_j^(t + 1).
+    # dv0[b, j] += g * beta_j^(t + 1). dL/ds is read through its strides: autograd hands a sum()
+    # loss's gradient over as an expanded view (stride 0), one stored value for all B*T*N entries.
     e = tl.program_id(0).to(tl.int64)
     flat = tl.load(index_ptr + e)
     j = flat % neurons
@@ -193,7 +195,7 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
     if GS_COMPACT:
         gs = tl.load(gs_ptr + e).to(ACC)
     else:
-        gs = tl.load(gs_ptr + flat).to(ACC)
+        gs = tl.load(gs_ptr + b * gs_stride_b + t * gs_stride_t + j * gs_stride_n).to(ACC)
     g = gs * tl.load(asurr_ptr + e)
     tl.store(g_ptr + e, g)
     beta = tl.load(beta_ptr + j).to(ACC)
@@ -751,11 +753,14 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
     beta_a = beta.to(acc).contiguous()
     evt_off, evt_pos, evt_val = events if events is not None else (
         _unused(torch.int64, device), _unused(torch.int32, device), nothing)
+    # A compact dL/ds is one value per active entry; a dense one may be any strided (B, T, N) view.
+    gs_strides = (0, 0, 0) if grad_is_compact else grad_spikes.stride()
     if count:
         module._sparse_weight_grad_kernel[(count,)](
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
             grad_w if grad_w is not None else nothing, grad_b if grad_b is not None else nothing,
-            grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, GS_COMPACT=grad_is_compact,
+            grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, *gs_strides,
+            GS_COMPACT=grad_is_compact,
             NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v, BLOCK_E=128)
     grad_x = None
     if input_active is not None:

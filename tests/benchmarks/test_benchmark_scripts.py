@@ -25,11 +25,27 @@ def _run(args, tmp_path, timeout=900):
     return result
 
 
+@pytest.mark.parametrize("variant", ["snnopt_sparse", "dense_eager"])
+def test_gpu_probe_runs_one_variant_and_reports_it(variant, tmp_path):
+    result = _run([str(ROOT / "benchmarks" / "gpu_probe.py"), "--variant", variant, "--n", "24", "--device", "cpu",
+                   "--smoke"], tmp_path)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["variant"] == variant and set(report["first_call_ms"]) == {"forward", "backward"}
+
+
+def test_gpu_probe_names_a_missing_variant(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_probe.py"), "--variant", "nope", "--n",
+                             "8", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--variant" in result.stderr and "snnopt_sparse" in result.stderr
+
+
 def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     _run([str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--smoke", "--out", str(tmp_path)], tmp_path)
     (path,) = tmp_path.glob("gpu_suite_*_smoke.json")
     payload = json.loads(path.read_text())
     assert payload["status"] == "complete"
+    accuracy = payload["split_gemm_accuracy"]
+    assert accuracy and all(0 <= route["max_rel"] < 1e-5 for shape in accuracy.values() for route in shape.values())
     assert path.with_suffix(".png").exists()
     seed_sizes = payload["seed_network"]["sizes"]
     assert seed_sizes and all(size["checks"]["all_passed"] for size in seed_sizes.values())

@@ -214,6 +214,39 @@ def test_non_spike_input_keeps_the_float32_gemm_when_the_split_would_apply(monke
     assert used == []
 
 
+@pytest.mark.parametrize("form", ["sum", "per_neuron", "time_major"])
+@pytest.mark.parametrize("weight_route", ["events", "dense"])
+def test_upstream_gradient_read_through_its_strides(form, weight_route, monkeypatch, device):
+    # autograd hands sum()'s gradient over as an expanded view (all strides 0: one stored value),
+    # a per-neuron weighting's as strides (0, 0, 1), a loss on a time-major view as a permuted
+    # tensor. Read as contiguous, dL/ds ran off the end of its storage (an illegal address on an
+    # H200 at 16384 neurons; garbage gradients below that).
+    if weight_route == "dense":
+        monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    x, w, b, beta = _inputs(3, 7, 9, 6, torch.float64, device, seed=5)
+    surrogate = Surrogate("superspike", 10.0)
+    spec = LifSpec(surrogate=surrogate, window=0.5)
+    per_neuron = torch.linspace(0.5, 2.0, 6, dtype=torch.float64, device=device)
+    time_major = torch.randn(7, 3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+
+    def loss(spikes):
+        if form == "sum":
+            return spikes.sum()
+        if form == "per_neuron":
+            return (spikes * per_neuron).sum()
+        return (spikes.transpose(0, 1) * time_major).sum()
+
+    spikes = SF.linear_lif(x, w, b, beta=beta, surrogate=surrogate, window=0.5, input_active=None, backend="triton")
+    wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref_spikes, _, _, _ = reference_linear_lif(x, wr, br, spec, beta=beta)
+    assert torch.equal(spikes, ref_spikes) and 0 < int(ref_spikes.sum()) < ref_spikes.numel()
+    ours = torch.autograd.grad(loss(spikes), [w, b])
+    theirs = torch.autograd.grad(loss(ref_spikes), [wr, br])
+    for a, r in zip(ours, theirs):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+
+
 def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
     # Plain eager backward (grad mode off) calls the op's implementation directly; with
     # create_graph the op itself runs. Both give the same gradients.
@@ -221,6 +254,7 @@ def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, dev
     real = triton_ops._backward_entry
     monkeypatch.setattr(triton_ops, "_backward_entry", lambda *a: (chosen.append(real(*a)), chosen[-1])[1])
     x, w, b, beta = _inputs(2, 6, 8, 5, torch.float32, device, seed=9)
+    w, b = torch.nn.Parameter(w.detach()), torch.nn.Parameter(b.detach())  # as a module holds them
     results = []
     for create_graph in (False, True):
         spikes = SF.linear_lif(x, w, b, beta=beta, window=0.5, input_active=None, backend="triton")

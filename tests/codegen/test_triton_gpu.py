@@ -50,11 +50,15 @@ def test_seed_network_on_gpu_matches_cpu_backend(backward):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("loss", ["weighted", "sum"])
 @pytest.mark.parametrize("backward", ["sparse", "exact"])
-def test_large_layer_on_split_gemms_matches_float32_gemms(backward, monkeypatch):
+def test_large_layer_on_split_gemms_matches_float32_gemms(backward, loss, monkeypatch):
     # At this size the layer's GEMMs run on split bfloat16 operands (spike_matmul.pays); against the
-    # same layer with that route switched off. Summation orders differ, so a membrane within an
-    # ulp of θ may flip (allowed: 1 in 10⁵ entries; then gradients are not comparable).
+    # same layer with that route switched off. Summation orders differ, so a membrane within an ulp
+    # of θ may fire in one and not the other; the flip changes that neuron's later steps (a run of
+    # flips: an H200 saw 55 flipped entries of 3.3M), so flips are counted per neuron (allowed: 1 %
+    # of neurons) and dL/dW is compared on the rows of neurons without one (rows are independent in
+    # one layer). The "sum" loss hands the backward an expanded dL/ds (stride 0).
     import snnopt.functional as SF
     from snnopt.codegen import spike_matmul
 
@@ -65,18 +69,19 @@ def test_large_layer_on_split_gemms_matches_float32_gemms(backward, monkeypatch)
     assert spike_matmul.pays(batch * steps, features, neurons) and spike_matmul.pays(neurons, batch * steps, features)
     x = (torch.rand(batch, steps, features, device="cuda", generator=gen) < 0.05).float()
     weight = (torch.rand(neurons, features, device="cuda", generator=gen) - 0.45) * 0.2
+    upstream = torch.randn(batch, steps, neurons, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
     results = []
     for split in (True, False):
         if not split:
             monkeypatch.setattr(spike_matmul, "applies", lambda *args: False)
         w = weight.clone().requires_grad_()
         spikes = SF.linear_lif(x, w, beta=0.9, backward=backward)
-        upstream = torch.randn(spikes.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
-        grad, = torch.autograd.grad((spikes * upstream).sum(), [w])
+        grad, = torch.autograd.grad(spikes.sum() if loss == "sum" else (spikes * upstream).sum(), [w])
         results.append((spikes.detach(), grad))
     (spikes_split, grad_split), (spikes_plain, grad_plain) = results
-    assert spikes_split.sum() > 0, "no activity: the test would compare nothing"
-    mismatches = int((spikes_split != spikes_plain).sum())
-    assert mismatches <= spikes_plain.numel() * 1e-5
-    if mismatches == 0:
-        torch.testing.assert_close(grad_split, grad_plain, rtol=1e-4, atol=1e-5 * grad_plain.abs().max().item())
+    assert 0 < spikes_plain.mean() < 0.5, "no activity (or saturated): the test would compare nothing"
+    flipped = (spikes_split != spikes_plain).flatten(0, 1).any(0)  # per neuron
+    assert int(flipped.sum()) <= neurons // 100
+    clean = ~flipped
+    torch.testing.assert_close(grad_split[clean], grad_plain[clean], rtol=1e-4,
+                               atol=1e-5 * grad_plain.abs().max().item())
