@@ -378,8 +378,8 @@ def _device_variants(cfg, weights, device, errors) -> dict[str, seed.Variant]:
 # Two float32 computations of the same network differ by rounding, amplified by the surrogate's
 # slope and the recurrence: a correctly rounded current instead of a float32 GEMM's moves dL/dW by
 # ~4e-5 of its largest entry (seed network, CPU); on an H200, snnopt's currents from the split
-# bfloat16 GEMM moved it by up to 5.6e-4 (run 3; tensor cores accumulate by truncation, see
-# split_gemm_accuracy). A wrong gradient is off by O(1).
+# bfloat16 GEMM (largest part first) moved it by up to 5.6e-4 (run 3; tensor cores accumulate by
+# truncation, see split_gemm_accuracy). A wrong gradient is off by O(1).
 GRAD_TOLERANCE = 1e-3
 
 
@@ -387,9 +387,10 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
     """Errors of the spike GEMM's routes against float64, at the suite's shapes (one GEMM each).
 
     For x (p × q spikes at the given rate) times Wᵀ (W of nn.Linear's init scale): cuBLAS's float32
-    GEMM, and spike_matmul's split bfloat16 GEMM with the parts stacked largest first (as shipped)
-    and smallest first. ``max_rel``: max |error| / max |exact|; ``bias``: mean error / mean |exact|
-    (rounding to nearest averages out; truncation does not).
+    GEMM, and spike_matmul's split bfloat16 GEMM with the parts stacked largest first (shipped until
+    H200 run 4 measured it), smallest first, and ``split_mm`` itself. ``max_rel``: max |error| /
+    max |exact|; ``bias``: mean error / mean |exact| (rounding to nearest averages out; truncation
+    does not).
     """
     from snnopt.codegen import spike_matmul
 
@@ -405,20 +406,27 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
         w = (torch.rand(r, q, device=device, generator=gen) * 2 - 1) / math.sqrt(q)
         exact = x.double() @ w.double().t()
         scale, mean_abs = exact.abs().max().clamp_min(1e-300), exact.abs().mean().clamp_min(1e-300)
-        parts = spike_matmul.split_bfloat16(w.t().contiguous())  # (q × r) each
-        xs = x.to(torch.bfloat16)
-        stacked_x = torch.cat([xs] * spike_matmul.SPLIT_PARTS, 1)
-        routes = {"float32_gemm": lambda: x @ w.t()}
-        if device.type == "cuda":
-            routes["split_largest_first"] = lambda: spike_matmul._mm_float32_out(stacked_x, torch.cat(parts, 0))
-            routes["split_smallest_first"] = lambda: spike_matmul._mm_float32_out(stacked_x, torch.cat(parts[::-1], 0))
         report[name] = {}
-        for route, compute in routes.items():
-            err = compute().double() - exact
+        for route, result in _spike_gemm_routes(x, w, spike_matmul):
+            err = result.double() - exact
             report[name][route] = {"max_rel": float(err.abs().max() / scale), "bias": float(err.mean() / mean_abs)}
-        del x, w, exact, parts, xs, stacked_x
+            del result, err
+        del x, w, exact
     free_memory(device)
     return report
+
+
+def _spike_gemm_routes(x, w, spike_matmul):
+    """(route, x·Wᵀ) for each route :func:`split_gemm_accuracy` compares, computed one at a time."""
+    yield "float32_gemm", x @ w.t()
+    if not x.is_cuda:
+        return
+    parts = spike_matmul.split_bfloat16(w.t().contiguous())  # (q × r) each, largest first
+    stacked_x = torch.cat([x.to(torch.bfloat16)] * spike_matmul.SPLIT_PARTS, 1)
+    yield "split_largest_first", spike_matmul._mm_float32_out(stacked_x, torch.cat(parts, 0))
+    yield "split_smallest_first", spike_matmul._mm_float32_out(stacked_x, torch.cat(parts[::-1], 0))
+    del parts, stacked_x
+    yield "split_mm (as shipped)", spike_matmul.split_mm(x, w.t(), spikes="a")
 
 
 def seed_checks(cfg, x, labels, weights, device, errors) -> dict:

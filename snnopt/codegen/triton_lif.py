@@ -221,7 +221,8 @@ def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, 
                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (b, block of neurons): dL/dI[b,t,j] = beta_j * dL/dI[b,t+1,j] + g[b,t,j] for
     # t = T-1 .. 0 (g: dL/ds * surrogate, dense, zero outside the active entries). SPLIT writes it
-    # as three bfloat16 parts hi + mid + lo (exact, see spike_matmul) to parts[k, b*T + t, j].
+    # as three bfloat16 parts hi + mid + lo (exact, see spike_matmul), smallest first (the order the
+    # GEMM accumulates them): lo, mid, hi to parts[0, 1, 2][b*T + t, j].
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < neurons
@@ -237,9 +238,9 @@ def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, 
             rest = tl.where(rest == rest, rest, 0.0)  # inf - inf: a non-finite value stays whole in hi
             mid = rest.to(tl.bfloat16)
             lo = (rest - mid.to(ACC)).to(tl.bfloat16)
-            tl.store(parts_ptr + row, hi, mask=mask)
+            tl.store(parts_ptr + row, lo, mask=mask)
             tl.store(parts_ptr + plane + row, mid, mask=mask)
-            tl.store(parts_ptr + 2 * plane + row, lo, mask=mask)
+            tl.store(parts_ptr + 2 * plane + row, hi, mask=mask)
         else:
             tl.store(out_ptr + row, acc, mask=mask)
 
@@ -778,8 +779,8 @@ def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, st
 
     The dense route of the weight gradient when the input has too many events for the pair sum:
     one scatter of ``g`` and one sweep, nothing else dense. With ``split`` the sweep writes dL/dI as
-    its three bfloat16 parts, ``(3, B·T, N)``, the left operand of spike_matmul's GEMM (no float32
-    copy to split afterwards).
+    its three bfloat16 parts, ``(3, B·T, N)`` smallest first, the left operand of spike_matmul's GEMM
+    (no float32 copy to split afterwards).
     """
     module = kernels(_PLAIN_SPEC, g.dtype)
     device = g.device

@@ -112,6 +112,20 @@ def test_split_product_reads_any_operand_layout(layout):
     assert bool(((out.double() - x.double() @ b.double()).abs() <= _gemm_bound(x, b)).all())
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_parts_are_stacked_smallest_first_along_the_contraction(transposed):
+    # Tensor cores add into the accumulator by truncation: the small parts go in while it is small.
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(12, 9, generator=gen)
+    operand = w.contiguous().t() if transposed else w
+    stacked = spike_matmul._contraction_stack(operand, 0, repeat=False)
+    hi, mid, lo = spike_matmul.split_bfloat16(operand)
+    rows = operand.shape[0]
+    assert stacked.shape == (3 * rows, operand.shape[1])
+    assert torch.equal(stacked[:rows], lo) and torch.equal(stacked[rows:2 * rows], mid)
+    assert torch.equal(stacked[2 * rows:], hi)
+
+
 def test_split_mm_rejects_an_unknown_operand_name():
     with pytest.raises(ValueError, match="spikes"):
         spike_matmul.split_mm(torch.ones(2, 2), torch.ones(2, 2), spikes="left")

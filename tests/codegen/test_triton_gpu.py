@@ -50,38 +50,53 @@ def test_seed_network_on_gpu_matches_cpu_backend(backward):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def split_and_float32_routes_against_float64(batch, steps, features, neurons, backward, loss, monkeypatch,
+                                             device="cuda", backend="auto"):
+    """Flipped neurons and max dL/dW error (on rows neither route flipped) of both GEMM routes vs float64."""
+    import snnopt.functional as SF
+    from snnopt.codegen import spike_matmul
+
+    gen = torch.Generator(device=device).manual_seed(11)
+    x = (torch.rand(batch, steps, features, device=device, generator=gen) < 0.05).double()
+    weight = (torch.rand(neurons, features, device=device, generator=gen, dtype=torch.float64) - 0.5) * 0.2
+    upstream = torch.randn(batch, steps, neurons, device=device, generator=gen, dtype=torch.float64)
+    runs = {}
+    for route in ("float64", "split", "float32"):
+        if route == "float32":
+            monkeypatch.setattr(spike_matmul, "applies", lambda *args: False)
+        dtype = torch.float64 if route == "float64" else torch.float32
+        w = weight.to(dtype).requires_grad_()
+        spikes = SF.linear_lif(x.to(dtype), w, beta=0.9, backward=backward, backend=backend)
+        objective = spikes.sum() if loss == "sum" else (spikes * upstream.to(dtype)).sum()
+        grad, = torch.autograd.grad(objective, [w])
+        runs[route] = (spikes.detach().double(), grad.double())
+    ref_spikes, ref_grad = runs["float64"]
+    assert 0 < ref_spikes.mean() < 1, "no activity (or every step spiking): the test would compare nothing"
+    flipped = {r: (runs[r][0] != ref_spikes).flatten(0, 1).any(0) for r in ("split", "float32")}
+    clean = ~(flipped["split"] | flipped["float32"])
+    scale = ref_grad.abs().max()
+    errors = {r: float((runs[r][1][clean] - ref_grad[clean]).abs().max() / scale) for r in ("split", "float32")}
+    return {r: int(f.sum()) for r, f in flipped.items()}, errors
+
+
 @pytest.mark.parametrize("loss", ["weighted", "sum"])
 @pytest.mark.parametrize("backward", ["sparse", "exact"])
-def test_large_layer_on_split_gemms_matches_float32_gemms(backward, loss, monkeypatch):
-    # At this size the layer's GEMMs run on split bfloat16 operands (spike_matmul.pays); against the
-    # same layer with that route switched off. Summation orders differ, so a membrane within an ulp
-    # of θ may fire in one and not the other; the flip changes that neuron's later steps (a run of
-    # flips: an H200 saw 55 flipped entries of 3.3M), so flips are counted per neuron (allowed: 1 %
-    # of neurons) and dL/dW is compared on the rows of neurons without one (rows are independent in
-    # one layer). The "sum" loss hands the backward an expanded dL/ds (stride 0).
-    import snnopt.functional as SF
+def test_large_layer_on_split_gemms_is_as_accurate_as_float32_gemms(backward, loss, monkeypatch):
+    # At this size the layer's GEMMs run on split bfloat16 operands (spike_matmul.pays). That route
+    # and plain float32 GEMMs are both compared with the layer in float64; the split must be no less
+    # accurate. Rounding flips a spike where a membrane lies within an ulp of θ, and the flip changes
+    # that neuron's later steps: flips are counted per neuron, and dL/dW is compared on the rows of
+    # neurons neither route flipped (rows are independent in one layer). Against each other, the two
+    # float32 routes (split largest part first) differed by 5e-3 of max |dL/dW| in a saturated layer
+    # on an H200, which is why both are now measured against float64. "sum" hands the backward an
+    # expanded dL/ds (stride 0).
     from snnopt.codegen import spike_matmul
 
     if torch.backends.cuda.matmul.allow_tf32:
         pytest.skip("TF32 enabled in this process: the split route is off by design")
-    gen = torch.Generator(device="cuda").manual_seed(11)
     batch, steps, features, neurons = 32, 100, 2048, 1024
     assert spike_matmul.pays(batch * steps, features, neurons) and spike_matmul.pays(neurons, batch * steps, features)
-    x = (torch.rand(batch, steps, features, device="cuda", generator=gen) < 0.05).float()
-    weight = (torch.rand(neurons, features, device="cuda", generator=gen) - 0.45) * 0.2
-    upstream = torch.randn(batch, steps, neurons, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
-    results = []
-    for split in (True, False):
-        if not split:
-            monkeypatch.setattr(spike_matmul, "applies", lambda *args: False)
-        w = weight.clone().requires_grad_()
-        spikes = SF.linear_lif(x, w, beta=0.9, backward=backward)
-        grad, = torch.autograd.grad(spikes.sum() if loss == "sum" else (spikes * upstream).sum(), [w])
-        results.append((spikes.detach(), grad))
-    (spikes_split, grad_split), (spikes_plain, grad_plain) = results
-    assert 0 < spikes_plain.mean() < 0.5, "no activity (or saturated): the test would compare nothing"
-    flipped = (spikes_split != spikes_plain).flatten(0, 1).any(0)  # per neuron
-    assert int(flipped.sum()) <= neurons // 100
-    clean = ~flipped
-    torch.testing.assert_close(grad_split[clean], grad_plain[clean], rtol=1e-4,
-                               atol=1e-5 * grad_plain.abs().max().item())
+    flips, errors = split_and_float32_routes_against_float64(batch, steps, features, neurons, backward, loss,
+                                                             monkeypatch)
+    assert flips["split"] <= 2 * flips["float32"] + 2, flips
+    assert errors["split"] <= max(4 * errors["float32"], 1e-6), errors
