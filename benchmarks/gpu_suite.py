@@ -174,6 +174,36 @@ class Case:
         return result
 
 
+def profile_backward(case: Case, device: torch.device) -> dict:
+    """One backward of ``case`` under torch.profiler: how much of it the device is busy, and with what.
+
+    A sparse layer's backward is a few small kernels; when its time stays flat as the layer grows,
+    this tells launch and host time (device idle) from kernel time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    case._clear()
+    out = case.forward()
+    _harness.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        case.backward(out)
+        _harness.synchronize(device)
+        wall = time.perf_counter() - start
+    del out
+    case._clear()
+    kernels = {}
+    for event in prof.key_averages():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):  # kernels and copies, not host ops
+            busy = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+            kernels[event.key] = {"calls": event.count, "device_us": round(float(busy), 1)}
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1]["device_us"])[:12])
+    return {"wall_us_under_profiler": round(wall * 1e6, 1),
+            "device_busy_us": round(sum(k["device_us"] for k in kernels.values()), 1),
+            "kernel_launches": sum(k["calls"] for k in kernels.values()), "top_kernels": top}
+
+
 class Attempts:
     """Runs callables per variant key; a key whose call raises (out of memory, library missing, no
     CUDA backend, compile failure) is recorded in ``errors`` and dropped, and the others carry on."""
@@ -355,6 +385,12 @@ def seed_size(hidden: int, sizes: SuiteSizes, device: torch.device, errors: dict
         samples = time_side_by_side({k: c.timed for k, c in cases.items()}, sizes.repeat, sizes.warmup,
                                     layer_errors, device)
         out["layers"][name] = layer_results(cases, samples, memory, layer_errors)
+        for key in ("snnopt_sparse", "snnopt_exact"):
+            if key in cases and "backward_ms" in out["layers"][name][key]:
+                try:
+                    out["layers"][name][key]["profile"] = profile_backward(cases[key], device)
+                except Exception as error:  # the profiler is a diagnostic: its failure costs only this entry
+                    layer_errors[f"{key}.profile"] = describe(error)
         errors.update({f"{name}.{k}": v for k, v in layer_errors.items()})
         del cases
         free_memory(device)

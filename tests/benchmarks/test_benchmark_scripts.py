@@ -53,6 +53,7 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
         for layer in size["layers"].values():
             for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
                 assert layer[key]["backward_ms"] > 0 and layer[key]["speedup_vs_dense"]["backward"] > 0
+            assert layer["snnopt_sparse"]["profile"]["wall_us_under_profiler"] > 0
     on_sizes = payload["open_neuromorphic"]["sizes"]
     assert on_sizes
     for size in on_sizes.values():
