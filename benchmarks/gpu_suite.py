@@ -174,34 +174,43 @@ class Case:
         return result
 
 
-def profile_backward(case: Case, device: torch.device) -> dict:
-    """One backward of ``case`` under torch.profiler: how much of it the device is busy, and with what.
+def profile_case(case: Case, device: torch.device) -> dict:
+    """One forward and one backward of ``case`` under torch.profiler: how busy the device is, with what.
 
     A sparse layer's backward is a few small kernels; when its time stays flat as the layer grows,
-    this tells launch and host time (device idle) from kernel time.
+    device time against wall time tells launch and host time (device idle) from kernel time.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    case._clear()
-    out = case.forward()
-    _harness.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        case.backward(out)
+    case._clear()
+    report, out = {}, None
+    for phase in ("forward", "backward"):
         _harness.synchronize(device)
-        wall = time.perf_counter() - start
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            if phase == "forward":
+                out = case.forward()
+            else:
+                case.backward(out)
+            _harness.synchronize(device)
+            wall = time.perf_counter() - start
+        report[phase] = _profile_summary(prof, wall)
     del out
     case._clear()
+    return report
+
+
+def _profile_summary(prof, wall_s: float) -> dict:
     kernels = {}
     for event in prof.key_averages():
         if str(getattr(event, "device_type", "")).endswith("CUDA"):  # kernels and copies, not host ops
             busy = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
             kernels[event.key] = {"calls": event.count, "device_us": round(float(busy), 1)}
     top = dict(sorted(kernels.items(), key=lambda item: -item[1]["device_us"])[:12])
-    return {"wall_us_under_profiler": round(wall * 1e6, 1),
+    return {"wall_us_under_profiler": round(wall_s * 1e6, 1),
             "device_busy_us": round(sum(k["device_us"] for k in kernels.values()), 1),
-            "kernel_launches": sum(k["calls"] for k in kernels.values()), "top_kernels": top}
+            "device_launches": sum(k["calls"] for k in kernels.values()), "top": top}
 
 
 class Attempts:
@@ -388,7 +397,7 @@ def seed_size(hidden: int, sizes: SuiteSizes, device: torch.device, errors: dict
         for key in ("snnopt_sparse", "snnopt_exact"):
             if key in cases and "backward_ms" in out["layers"][name][key]:
                 try:
-                    out["layers"][name][key]["profile"] = profile_backward(cases[key], device)
+                    out["layers"][name][key]["profile"] = profile_case(cases[key], device)
                 except Exception as error:  # the profiler is a diagnostic: its failure costs only this entry
                     layer_errors[f"{key}.profile"] = describe(error)
         errors.update({f"{name}.{k}": v for k, v in layer_errors.items()})
@@ -817,6 +826,12 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
         if key in size_errors:
             res["error"] = size_errors[key]
         results[key] = res
+    for key in ("snnopt_sparse", "snnopt_exact", "spikingjelly"):
+        if key in cases and "step_ms" in results[key]:
+            try:
+                results[key]["profile"] = profile_case(cases[key], device)
+            except Exception as error:  # a diagnostic: its failure costs only this entry
+                size_errors[f"{key}.profile"] = describe(error)
     for key, seconds in first_calls.items():
         if "step_ms" in results[key]:  # the first call less one timed step: the compile
             results[key]["compile_s"] = seconds - results[key]["step_ms"] / 1e3

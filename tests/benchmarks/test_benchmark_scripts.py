@@ -53,7 +53,8 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
         for layer in size["layers"].values():
             for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
                 assert layer[key]["backward_ms"] > 0 and layer[key]["speedup_vs_dense"]["backward"] > 0
-            assert layer["snnopt_sparse"]["profile"]["wall_us_under_profiler"] > 0
+            profile = layer["snnopt_sparse"]["profile"]
+            assert all(profile[phase]["wall_us_under_profiler"] > 0 for phase in ("forward", "backward"))
     on_sizes = payload["open_neuromorphic"]["sizes"]
     assert on_sizes
     for size in on_sizes.values():
@@ -62,6 +63,7 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
         for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
             assert size["variants"][key]["step_ms"] > 0
         assert size["snnopt_sparse_step_ratio_vs_fastest_peer"] > 0
+        assert size["variants"]["snnopt_sparse"]["profile"]["backward"]["wall_us_under_profiler"] > 0
 
 
 def test_seed_network_quick_run_passes_its_checks(tmp_path):
