@@ -281,8 +281,7 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                 batch, steps, need_weight=need_weight and pairs, need_bias=need_bias, need_initial_v=need_initial_v,
                 in_dtype=in_dtype)
             if need_weight and not pairs:
-                x_rows = _dense_input(events, batch, steps, weight, acc).reshape(batch * steps, weight.shape[1])
-                grad_w = _dense_weight_grad(g, active_index, beta, x_rows, batch, steps, neurons)
+                grad_w = _dense_weight_grad(g, active_index, beta, events, weight, acc, batch, steps)
             return (grad_x.to(in_dtype) if grad_x is not None else empty(),
                     grad_w.to(weight.dtype) if grad_w is not None else empty(),
                     grad_b.to(weight.dtype) if grad_b is not None else empty(), empty(), empty(), empty(), empty(),
@@ -295,7 +294,11 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         flags = torch.zeros(batch * steps * neurons, dtype=torch.uint8, device=initial_v.device)
         flags[active_index] = triton_lif.FLAG_ACTIVE
         flags = flags.reshape(seq_shape)
-        x = _dense_input(events, batch, steps, weight, acc) if need_weight else None
+        if need_weight:
+            x = _dense_input(events, batch, steps, weight.shape[1],
+                             torch.bfloat16 if _input_takes_split(events, weight, batch, steps) else acc)
+        else:
+            x = None
     surr = None
     if spec.sparse:
         surr = torch.zeros(batch * steps * neurons, dtype=acc, device=initial_v.device)
@@ -354,32 +357,47 @@ lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", 
     _lif_triton_backward)
 
 
-def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, x_rows: Tensor, batch: int, steps: int,
-                       neurons: int) -> Tensor:
-    """dW = dL/dIᵀ·x with dL/dI rebuilt densely from the active entries' g (the compact layer's dense route)."""
-    split = x_rows.dtype == torch.bfloat16  # _dense_input chose the split GEMM
+def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, events, weight: Tensor, acc: torch.dtype,
+                       batch: int, steps: int) -> Tensor:
+    """dW = dL/dIᵀ·x, dL/dI rebuilt densely from the active entries' g and x from its events.
+
+    The compact layer's dense route. The reverse filter runs first, so its dense g is freed before
+    x is rebuilt: the peak holds dL/dI and x, not g as well. On the split GEMM x is rebuilt directly
+    as the GEMM's stacked operand (no separate copy to stack).
+    """
+    neurons, features = weight.shape
+    split = _input_takes_split(events, weight, batch, steps)
     grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
     if split:
-        return spike_matmul.weight_grad_from_parts(grad_current, x_rows)
+        x_stacked = _dense_input(events, batch, steps, features, torch.bfloat16, copies=spike_matmul.SPLIT_PARTS)
+        return spike_matmul.weight_grad_from_parts(grad_current, x_stacked.reshape(-1, features), stacked=True)
+    x_rows = _dense_input(events, batch, steps, features, acc).reshape(batch * steps, features)
     return grad_current.t().mm(x_rows.to(grad_current.dtype))
 
 
-def _dense_input(events, batch: int, steps: int, weight: Tensor, acc: torch.dtype) -> Tensor:
-    """The layer input rebuilt from its events (the dense route of a compact layer).
+def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:
+    """Whether the weight gradient from this input takes the split bfloat16 GEMM (its values are spikes)."""
+    values = events[2]
+    neurons, features = weight.shape
+    return (spike_matmul.applies(values, weight, (neurons, batch * steps, features))
+            and spike_matmul.is_bfloat16_exact(values))
 
-    In bfloat16 when the weight gradient will take the split GEMM and the values are spikes: half
-    the bytes of a float32 copy, and the form that GEMM reads.
+
+def _dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
+    """The layer input rebuilt from its events (the dense route of a compact layer), ``(copies, B, T, F)``.
+
+    ``copies`` > 1 writes it that many times over, back to back: the spike operand of the split
+    GEMM, stacked along its contraction (bfloat16: half the bytes of float32, exact for spikes).
     """
     offsets, pos, values = events
-    neurons, features = weight.shape
-    if (spike_matmul.applies(values, weight, (neurons, batch * steps, features))
-            and spike_matmul.is_bfloat16_exact(values)):
-        acc = torch.bfloat16
     rows = torch.repeat_interleave(torch.arange(batch, device=pos.device), offsets[::steps].diff(),
                                    output_size=pos.numel())
-    dense = torch.zeros(batch * steps * features, dtype=acc, device=pos.device)
-    dense[rows * (steps * features) + pos.to(torch.int64)] = values.to(acc)
-    return dense.reshape(batch, steps, features)
+    dense = torch.empty((copies, batch * steps * features), dtype=dtype, device=pos.device)
+    dense[0].zero_()
+    dense[0][rows * (steps * features) + pos.to(torch.int64)] = values.to(dtype)
+    if copies > 1:
+        dense[1:].copy_(dense[0].expand(copies - 1, -1))
+    return dense.reshape(copies, batch, steps, features) if copies > 1 else dense.reshape(batch, steps, features)
 
 
 @lif_triton_backward_op.register_fake

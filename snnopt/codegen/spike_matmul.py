@@ -120,17 +120,22 @@ def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
     return _mm_float32_out(left, right)
 
 
-def weight_grad_from_parts(parts: Tensor, x_rows: Tensor) -> Tensor:
+def weight_grad_from_parts(parts: Tensor, x_rows: Tensor, *, stacked: bool = False) -> Tensor:
     """``Σ_k parts[k]ᵀ @ x_rows`` in float32: a weight gradient whose dL/dI is already split.
 
     ``parts`` is ``(SPLIT_PARTS, M, N)`` bfloat16, smallest part first (written so by the compact
-    layer's reverse-filter kernel), ``x_rows`` the ``(M, K)`` spikes; one GEMM as in :func:`split_mm`.
+    layer's reverse-filter kernel), ``x_rows`` the ``(M, K)`` spikes, or with ``stacked`` the
+    ``(SPLIT_PARTS·M, K)`` bfloat16 spikes already repeated (built so by the caller, no copy here);
+    one GEMM as in :func:`split_mm`.
     """
     if parts.dim() != 3 or parts.shape[0] != SPLIT_PARTS or parts.dtype != torch.bfloat16:
         raise ValueError(f"parts: expected ({SPLIT_PARTS}, M, N) bfloat16, got {tuple(parts.shape)} {parts.dtype}")
     count, rows, neurons = parts.shape
+    if stacked and (x_rows.dtype != torch.bfloat16 or x_rows.dim() != 2 or x_rows.shape[0] != count * rows):
+        raise ValueError(f"x_rows: expected stacked ({count * rows}, K) bfloat16, got {tuple(x_rows.shape)} "
+                         f"{x_rows.dtype}")
     left = parts.reshape(count * rows, neurons).t()
-    right = _contraction_stack(x_rows.to(torch.bfloat16), 0, repeat=True)
+    right = x_rows if stacked else _contraction_stack(x_rows.to(torch.bfloat16), 0, repeat=True)
     return _mm_float32_out(left, right)
 
 

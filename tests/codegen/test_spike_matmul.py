@@ -181,6 +181,25 @@ def test_weight_grad_takes_the_split_and_matches_the_float32_product(split_every
     torch.testing.assert_close(out, grad.t() @ x.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_weight_grad_from_parts_takes_rows_or_the_stacked_operand(stacked):
+    gen = torch.Generator().manual_seed(9)
+    grad = torch.randn(150, 11, generator=gen) * torch.logspace(-4, 4, 11)
+    x = (torch.rand(150, 17, generator=gen) < 0.3).to(torch.bfloat16)
+    parts = torch.stack(spike_matmul.split_bfloat16(grad)[::-1])  # smallest first, as the kernel writes them
+    right = torch.cat([x] * spike_matmul.SPLIT_PARTS) if stacked else x
+    out = spike_matmul.weight_grad_from_parts(parts, right, stacked=stacked)
+    assert bool(((out.double() - grad.double().t() @ x.double()).abs() <= _gemm_bound(grad.t(), x.float())).all())
+
+
+def test_weight_grad_from_parts_names_a_wrong_operand():
+    parts = torch.zeros(3, 5, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="parts"):
+        spike_matmul.weight_grad_from_parts(parts[:2], torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="stacked"):
+        spike_matmul.weight_grad_from_parts(parts, torch.zeros(5, 2, dtype=torch.bfloat16), stacked=True)
+
+
 def test_route_is_not_taken_on_cpu_or_when_the_user_enabled_tf32(monkeypatch):
     big = (8000, 4096, 4096)  # the Open Neuromorphic layer at n = 4096
     x, w = torch.ones(8, 8), torch.ones(8, 8)

@@ -193,7 +193,8 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     used = []
     real, real_parts = spike_matmul.split_mm, spike_matmul.weight_grad_from_parts
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
-    monkeypatch.setattr(spike_matmul, "weight_grad_from_parts", lambda *a: (used.append("parts"), real_parts(*a))[1])
+    monkeypatch.setattr(spike_matmul, "weight_grad_from_parts",
+                        lambda *a, **k: (used.append("parts"), real_parts(*a, **k))[1])
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
     # The forward current, then the weight gradient: from dL/dI split by the reverse-filter kernel,
