@@ -435,7 +435,7 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
     GEMM, and spike_matmul's split bfloat16 GEMM with the parts stacked largest first (shipped until
     H200 run 4 measured it), smallest first, and ``split_mm`` itself. ``max_rel``: max |error| /
     max |exact|; ``bias``: mean error / mean |exact| (rounding to nearest averages out; truncation
-    does not).
+    does not); ``ms``: median of 5 calls (host clock around a synchronised call).
     """
     from snnopt.codegen import spike_matmul
 
@@ -452,9 +452,11 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
         exact = x.double() @ w.double().t()
         scale, mean_abs = exact.abs().max().clamp_min(1e-300), exact.abs().mean().clamp_min(1e-300)
         report[name] = {}
-        for route, result in _spike_gemm_routes(x, w, spike_matmul):
+        for route, compute in _spike_gemm_routes(x, w, spike_matmul):
+            result = compute()
             err = result.double() - exact
-            report[name][route] = {"max_rel": float(err.abs().max() / scale), "bias": float(err.mean() / mean_abs)}
+            report[name][route] = {"max_rel": float(err.abs().max() / scale), "bias": float(err.mean() / mean_abs),
+                                   "ms": _median_ms(compute, device)}
             del result, err
         del x, w, exact
     free_memory(device)
@@ -462,16 +464,33 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
 
 
 def _spike_gemm_routes(x, w, spike_matmul):
-    """(route, x·Wᵀ) for each route :func:`split_gemm_accuracy` compares, computed one at a time."""
-    yield "float32_gemm", x @ w.t()
+    """(route, function computing x·Wᵀ) for each route :func:`split_gemm_accuracy` compares, one at a time.
+
+    The two fixed orders time the GEMM alone (operands prepared beforehand); ``split_mm`` times
+    what a layer pays: checking nothing, stacking x, splitting W, the GEMM.
+    """
+    yield "float32_gemm", lambda: x @ w.t()
     if not x.is_cuda:
         return
     parts = spike_matmul.split_bfloat16(w.t().contiguous())  # (q × r) each, largest first
     stacked_x = torch.cat([x.to(torch.bfloat16)] * spike_matmul.SPLIT_PARTS, 1)
-    yield "split_largest_first", spike_matmul._mm_float32_out(stacked_x, torch.cat(parts, 0))
-    yield "split_smallest_first", spike_matmul._mm_float32_out(stacked_x, torch.cat(parts[::-1], 0))
+    for route, order in (("split_largest_first", parts), ("split_smallest_first", parts[::-1])):
+        stacked_w = torch.cat(order, 0)
+        yield route, lambda a=stacked_x, b=stacked_w: spike_matmul._mm_float32_out(a, b)
+        del stacked_w
     del parts, stacked_x
-    yield "split_mm (as shipped)", spike_matmul.split_mm(x, w.t(), spikes="a")
+    yield "split_mm (as shipped)", lambda: spike_matmul.split_mm(x, w.t(), spikes="a")
+
+
+def _median_ms(compute, device: torch.device, rounds: int = 5) -> float:
+    times = []
+    for _ in range(rounds):
+        _harness.synchronize(device)
+        start = time.perf_counter()
+        compute()
+        _harness.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return _harness.median(times)
 
 
 def seed_checks(cfg, x, labels, weights, device, errors) -> dict:
