@@ -54,15 +54,13 @@ def main(argv=None) -> int:
         cfg, x, weight = gpu_suite.on_problem(args.n, sizes, args, device)
         with torch.device(device):
             module = gpu_suite.on_builders(cfg, weight)[args.variant][1]()
-        if args.variant == "dense_compiled":
-            module = torch.compile(module, dynamic=False)
-        inp = x.transpose(0, 1).contiguous() if args.variant == "spikingjelly" else x
+        forward, inp = gpu_suite.on_call(args.variant, module, x)
         for stage in ("forward", "backward"):
             report["stage"] = stage
             _harness.synchronize(device)
             start = time.perf_counter()
             if stage == "forward":
-                loss = module(inp).sum()
+                loss = forward(inp).sum()
             else:
                 loss.backward()
             _harness.synchronize(device)

@@ -370,9 +370,8 @@ def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, events, we
     grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
     if split:
         x_stacked = _dense_input(events, batch, steps, features, torch.bfloat16, copies=spike_matmul.SPLIT_PARTS)
-        return spike_matmul.weight_grad_from_parts(grad_current, x_stacked.reshape(-1, features), stacked=True)
-    x_rows = _dense_input(events, batch, steps, features, acc).reshape(batch * steps, features)
-    return grad_current.t().mm(x_rows.to(grad_current.dtype))
+        return spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
+    return grad_current.t().mm(_dense_input(events, batch, steps, features, grad_current.dtype))
 
 
 def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:
@@ -384,7 +383,7 @@ def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:
 
 
 def _dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
-    """The layer input rebuilt from its events (the dense route of a compact layer), ``(copies, B, T, F)``.
+    """The layer input rebuilt from its events (the dense route of a compact layer), as ``(copies·B·T, F)`` rows.
 
     ``copies`` > 1 writes it that many times over, back to back: the spike operand of the split
     GEMM, stacked along its contraction (bfloat16: half the bytes of float32, exact for spikes).
@@ -397,7 +396,7 @@ def _dense_input(events, batch: int, steps: int, features: int, dtype: torch.dty
     dense[0][rows * (steps * features) + pos.to(torch.int64)] = values.to(dtype)
     if copies > 1:
         dense[1:].copy_(dense[0].expand(copies - 1, -1))
-    return dense.reshape(copies, batch, steps, features) if copies > 1 else dense.reshape(batch, steps, features)
+    return dense.reshape(copies * batch * steps, features)
 
 
 @lif_triton_backward_op.register_fake

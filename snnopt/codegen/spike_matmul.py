@@ -143,9 +143,9 @@ def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
     """``operand``'s :data:`SPLIT_PARTS` bfloat16 parts side by side along ``dim`` (the contraction).
 
     ``repeat``: the spike operand, the same values in every slot; else :func:`split_bfloat16`'s
-    parts, smallest first. Written in place into one buffer (no part tensors, no concatenation copy). A transposed
-    operand (Wᵀ as a view of W) is stacked in its own memory order and viewed back: contiguous
-    writes, and cuBLAS reads either order.
+    parts, smallest first. Written in place into one buffer (no part tensors, no concatenation
+    copy). A transposed operand (Wᵀ as a view of W) is stacked in its own memory order and viewed
+    back: contiguous writes, and cuBLAS reads either order.
     """
     transposed = not operand.is_contiguous() and operand.t().is_contiguous()
     base = operand.t() if transposed else operand

@@ -761,8 +761,7 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
             grad_w if grad_w is not None else nothing, grad_b if grad_b is not None else nothing,
             grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, *gs_strides,
-            GS_COMPACT=grad_is_compact,
-            NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v, BLOCK_E=128)
+            GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v, BLOCK_E=128)
     grad_x = None
     if input_active is not None:
         grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
