@@ -1,7 +1,7 @@
 """GPU benchmark suite: the seed paper's network (its Fig. 2) and the Open Neuromorphic layer benchmark.
 
-Two sections, run in this order, each written to the JSON as soon as one of its sizes is done (so
-a run cut short still leaves every finished size):
+Three sections, run in this order (seed, tuning, ON), each written to the JSON as soon as one of
+its sizes is done (so a run cut short still leaves every finished size):
 
 1. **Seed network** (Perez-Nieves & Goodman 2021, see ../shared/SEED.md): 784-H-H-10, T=100,
    B=256, latency-coded synthetic Fashion-MNIST-like images from ``seed_network.py`` (real data
@@ -19,6 +19,10 @@ a run cut short still leaves every finished size):
    multi-step ``LIFNode`` (it picks its fastest CUDA implementation itself), snnTorch ``Leaky``,
    snnopt exact and snnopt sparse. Input: Bernoulli spikes, 5 % by default (``--on-input-rate``).
    The JSON gives, per n, snnopt sparse's step time divided by the fastest peer's.
+3. **Kernel tuning** (section 2 of the run order): snnopt's layers under each launch choice of
+   ``snnopt.codegen.triton_lif.KernelTuning`` (software-pipelined sweeps, block size, relaxed
+   atomics), side by side with the shipped one: the seed network's layer 1 at the second hidden
+   size and the ON layer at the smallest n. The choices never change results, only speed.
 
 All variants share one neuron: β = exp(-1/10), θ = 1, reset by subtraction (detached), SuperSpike
 surrogate 1/(100|u|+1)² (SpikingJelly: its SoftSign(α=100), the same curve ×50), sparse window
@@ -876,6 +880,92 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
     return out
 
 
+# ------------------------------------------------------------------------- section 3: kernel tuning
+
+
+# Each trial changes some fields of snnopt.codegen.triton_lif.KernelTuning (how the kernels run,
+# never what they compute); "shipped" changes none. "as_run4" is the code H200 run 4 measured:
+# ordered (acq_rel) atomics and unpipelined sweeps.
+SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
+                      "unpipelined": {"sweep_stages": 1}, "as_run4": {"atomic_sem": "acq_rel", "sweep_stages": 1}}
+ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
+                    "max_block_128": {"max_block": 128}}
+
+
+def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
+    """snnopt's sparse layers timed under each kernel tuning, side by side in one set of rounds.
+
+    The seed network's layer 1 (784 → H, H the second hidden size; its backward is the event-pair
+    kernel with its atomics) and the ON layer at the smallest n (forward sweeps, reverse filter),
+    sparse and exact. The tunings compute the same results (tests/codegen/test_kernel_tuning.py);
+    on CPU they change nothing (the CPU backend runs), so a smoke run only checks this code.
+    """
+    from snnopt.codegen import triton_lif
+
+    out = {"shipped": asdict(triton_lif.KernelTuning())}
+    out["seed_layer1"] = _seed_layer_tuning(sizes, device, errors)
+    free_memory(device)
+    out["on"] = _on_layer_tuning(sizes, args, device, errors)
+    free_memory(device)
+    return out
+
+
+def _seed_layer_tuning(sizes: SuiteSizes, device: torch.device, errors: dict) -> dict:
+    hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
+    cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
+    x = seed.latency_code(seed.synthetic_fashion_images(cfg.batch, seed=cfg.seed), cfg).to(device)
+    weight = seed.initial_weights(cfg)[0].to(device).requires_grad_()
+    grad_out = torch.randn(cfg.batch, cfg.steps, hidden, device=device)  # its values do not change the work
+    layer = snnopt_layer(cfg, "sparse")
+    case = Case("snnopt_sparse", "snnopt sparse", lambda: layer(x, weight, None),
+                lambda spikes: torch.autograd.backward(spikes, grad_out), [weight])
+    return {"config": {"hidden": hidden, "batch": cfg.batch, "steps": cfg.steps},
+            "trials": _time_tunings({"snnopt_sparse": case}, SEED_TUNING_TRIALS, sizes, errors, device,
+                                    "kernel_tuning.seed")}
+
+
+def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
+    n = sizes.on_neurons[0]
+    cfg, x, weight = on_problem(n, sizes, args, device)
+    cases = {}
+    for key, backward in (("snnopt_sparse", "sparse"), ("snnopt_exact", "exact")):
+        with torch.device(device):
+            module = SnnoptLayer(cfg, weight, backward)
+        cases[key] = Case(key, key, lambda m=module: m(x).sum(), lambda loss: loss.backward(),
+                          list(module.parameters()))
+    return {"config": {"neurons": n, "batch": cfg.batch, "steps": cfg.steps},
+            "trials": _time_tunings(cases, ON_TUNING_TRIALS, sizes, errors, device, "kernel_tuning.on")}
+
+
+def _time_tunings(cases: dict[str, Case], trials: dict[str, dict], sizes: SuiteSizes, errors: dict,
+                  device: torch.device, label: str) -> dict:
+    """{case: {trial: summary}}: every (case, trial) pair one run of the same interleaved rounds."""
+    from snnopt.codegen import triton_lif
+
+    def run(case: Case, changes: dict) -> Callable[[], list[float]]:
+        def timed():
+            with triton_lif.tuning(**changes):
+                return case.timed()
+        return timed
+
+    runs = {(key, trial): run(case, changes) for key, case in cases.items() for trial, changes in trials.items()}
+    run_errors: dict = {}
+    samples = time_side_by_side(runs, min(sizes.repeat, 5), max(sizes.warmup, 1), run_errors, device)
+    errors.update({f"{label}.{key}.{trial}": message for (key, trial), message in run_errors.items()})
+    result = {}
+    for key in cases:
+        result[key] = {}
+        for trial, changes in trials.items():
+            entry = {"changes": changes}
+            if (key, trial) in samples:
+                summary = summarise(samples[(key, trial)])
+                entry.update({k: summary[k] for k in ("forward_ms", "backward_ms", "step_ms", "repeats")})
+            else:
+                entry["error"] = run_errors.get((key, trial), "no samples")
+            result[key][trial] = entry
+    return result
+
+
 # ------------------------------------------------------------------------------------- report
 
 
@@ -968,6 +1058,23 @@ def print_on(payload: dict) -> None:
                              ["variant", "fwd ms", "bwd ms", "step ms", "peak MiB", "step / fastest peer"], rows, notes)
 
 
+def print_tuning(payload: dict) -> None:
+    tuning = payload["kernel_tuning"]
+    for part in ("seed_layer1", "on"):
+        for key, trials in tuning.get(part, {}).get("trials", {}).items():
+            base = trials.get("shipped", {}).get("step_ms")
+            rows = []
+            for trial, v in trials.items():
+                if "step_ms" not in v:
+                    rows.append([trial, v.get("error", "-")[:70], "", "", ""])
+                    continue
+                rows.append([trial, f"{v['forward_ms']:.3f}", f"{v['backward_ms']:.3f}", f"{v['step_ms']:.3f}",
+                             f"{v['step_ms'] / base:.3f}" if base else ""])
+            _harness.print_table(f"kernel tuning, {part} {key} {tuning[part]['config']}, {payload['device']['name']}",
+                                 ["trial", "fwd ms", "bwd ms", "step ms", "step / shipped"], rows,
+                                 [f"shipped: {tuning['shipped']}"])
+
+
 def plot(path: Path, payload: dict) -> bool:
     """Fig. 2 style: per-layer backward speedup and memory ratio vs hidden size; ON step times."""
     try:
@@ -1055,7 +1162,8 @@ def parse_args(argv):
                         help="folder for gpu_suite_<device>.json/.png (default benchmarks/results/)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15; --quick 7)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3)")
-    parser.add_argument("--sections", default="seed,on", help="comma-separated: seed, on (default both)")
+    parser.add_argument("--sections", default="seed,tuning,on",
+                        help="comma-separated: seed, tuning, on (default all; they run in that order)")
     parser.add_argument("--skip", default="", help="comma-separated variant keys to leave out, e.g. dense_compiled")
     parser.add_argument("--on-input-rate", type=float, default=0.05, help="Bernoulli input spike rate (default 0.05)")
     parser.add_argument("--on-weight-gain", type=float, default=1.0,
@@ -1079,8 +1187,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if not args.sections <= {"seed", "on"}:
-        parser.error(f"--sections: expected seed and/or on, got {sorted(args.sections)}")
+    if not args.sections <= {"seed", "tuning", "on"}:
+        parser.error(f"--sections: expected some of seed, tuning, on; got {sorted(args.sections)}")
     for name in ("repeat", "warmup"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -1139,6 +1247,9 @@ def main(argv=None) -> int:
         "open_neuromorphic": {"what": "Linear(n, n, bias=False) + LIF, forward + sum loss + backward, input without "
                                       "grad; peak memory above the allocation before the forward",
                               "sizes": {}, "skipped": []},
+        "kernel_tuning": {"what": "snnopt's sparse (and ON exact) layers under each KernelTuning of "
+                                  "snnopt.codegen.triton_lif, side by side: what each launch choice is worth",
+                          "skipped": []},
         "errors": errors,
         "notes": [
             "Times: medians of interleaved rounds (CUDA events on GPU); speedups: dense ms / variant ms of the same run.",
@@ -1194,6 +1305,16 @@ def main(argv=None) -> int:
                 print(f"seed network H={hidden}: {result['wall_s']} s", file=sys.stderr)
                 save()
                 free_memory(device)
+        if "tuning" in args.sections and not over_budget("kernel_tuning", "all"):
+            t0 = time.monotonic()
+            try:
+                payload["kernel_tuning"].update(kernel_tuning(sizes, args, device, errors))
+            except Exception as error:
+                errors["kernel_tuning"] = describe(error)
+            payload["kernel_tuning"]["wall_s"] = round(time.monotonic() - t0, 1)
+            print(f"kernel tuning: {payload['kernel_tuning']['wall_s']} s", file=sys.stderr)
+            save()
+            free_memory(device)
         if "on" in args.sections:
             compile_log: dict = {}
             for n in sizes.on_neurons:
@@ -1217,6 +1338,8 @@ def main(argv=None) -> int:
         print_seed(payload)
     if payload["open_neuromorphic"]["sizes"]:
         print_on(payload)
+    if "trials" in payload["kernel_tuning"].get("on", {}):
+        print_tuning(payload)
     for key, message in errors.items():
         print(f"error {key}: {message}")
     if output is not None:

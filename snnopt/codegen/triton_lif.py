@@ -48,9 +48,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -59,6 +60,7 @@ import torch
 from torch import Tensor
 
 from snnopt.codegen import kernel_cache
+from snnopt.errors import InvalidArgumentError
 from snnopt.spec import LifSpec
 
 FLAG_SPIKE = 1
@@ -66,6 +68,64 @@ FLAG_ACTIVE = 2
 # No fused multiply-adds: each step then rounds exactly as the eager reference (and a user's loop)
 # does, so spikes near the threshold come out the same. The kernels are memory-bound; FMA buys nothing.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """Launch choices that change how fast the kernels run, never what they compute.
+
+    * ``sweep_stages``: time steps in flight in a sweep's loop (``tl.range(..., num_stages=)``). A
+      sweep is one long serial loop per (batch row, block of neurons) and its loads do not depend on
+      the recurrence, so Triton's pipeliner can issue the loads of the next steps (``cp.async`` into
+      shared memory) while this one computes; with 1 every step waits for its own load. Sweeps that
+      run one step per launch (recurrent layers) always use 1.
+    * ``max_block``: most neurons per sweep program (a power of two, 16 to 1024). Fewer means more
+      programs for the same lanes.
+    * ``atomic_sem``: memory order of the sparse weight gradient's atomic adds. They only
+      accumulate, so ``"relaxed"`` suffices and compiles to fire-and-forget ``red`` instructions;
+      Triton's default ``"acq_rel"`` waits for every add to return and orders it with the thread's
+      other memory operations.
+
+    The defaults are what snnopt ships; :func:`tuning` changes them for a block of code, so a
+    benchmark can time alternatives side by side (``benchmarks/gpu_suite.py``, ``kernel_tuning``).
+    """
+
+    sweep_stages: int = 3
+    max_block: int = 256
+    atomic_sem: str = "relaxed"
+
+    def __post_init__(self):
+        if not isinstance(self.sweep_stages, int) or not 1 <= self.sweep_stages <= 8:
+            raise InvalidArgumentError(f"sweep_stages: expected an int from 1 to 8, got {self.sweep_stages!r}")
+        if (not isinstance(self.max_block, int) or not 16 <= self.max_block <= 1024
+                or self.max_block & (self.max_block - 1)):
+            raise InvalidArgumentError(f"max_block: expected a power of two from 16 to 1024, got {self.max_block!r}")
+        if self.atomic_sem not in ("relaxed", "acq_rel"):
+            raise InvalidArgumentError(f"atomic_sem: expected 'relaxed' or 'acq_rel', got {self.atomic_sem!r}")
+
+
+_TUNING = [KernelTuning()]
+
+
+def current_tuning() -> KernelTuning:
+    """The :class:`KernelTuning` launches use now."""
+    return _TUNING[-1]
+
+
+@contextlib.contextmanager
+def tuning(**changes):
+    """Launch with some :class:`KernelTuning` fields changed inside the block (the results are the same).
+
+    Example::
+
+        >>> with tuning(sweep_stages=1):
+        ...     spikes = layer(x)   # the sweeps without software pipelining
+    """
+    _TUNING.append(replace(current_tuning(), **changes))
+    try:
+        yield current_tuning()
+    finally:
+        _TUNING.pop()
 
 
 @dataclass(frozen=True)
@@ -181,7 +241,7 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
                                g_ptr, gw_ptr, gb_ptr, gv0_ptr, steps, neurons, features,
                                gs_stride_b, gs_stride_t, gs_stride_n,
                                GS_COMPACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                               NEED_V0: tl.constexpr, BLOCK_E: tl.constexpr):
+                               NEED_V0: tl.constexpr, BLOCK_E: tl.constexpr, ATOMIC_SEM: tl.constexpr):
     # One program per active entry e = (b, t, j): g = dL/ds * surrogate; then, for every input event
     # (b, t0, i) with t0 <= t, dW[j, i] += g * x * beta_j^(t - t0); db[j] += g * sum_k<=t beta_j^k;
     # dv0[b, j] += g * beta_j^(t + 1). dL/ds is read through its strides: autograd hands a sum()
@@ -208,17 +268,17 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
             p = tl.load(evt_pos_ptr + ks, mask=m, other=0).to(tl.int64)
             val = tl.load(evt_val_ptr + ks, mask=m, other=0.0)
             decay = _powi(beta, t - p // features)
-            tl.atomic_add(gw_ptr + j * features + p % features, g * val * decay, mask=m)
+            tl.atomic_add(gw_ptr + j * features + p % features, g * val * decay, mask=m, sem=ATOMIC_SEM)
     if NEED_B:
         geometric = tl.where(beta == 1.0, (t + 1).to(ACC), (1.0 - _powi(beta, t + 1)) / (1.0 - beta))
-        tl.atomic_add(gb_ptr + j, g * geometric)
+        tl.atomic_add(gb_ptr + j, g * geometric, sem=ATOMIC_SEM)
     if NEED_V0:
-        tl.atomic_add(gv0_ptr + b * neurons + j, g * _powi(beta, t + 1))
+        tl.atomic_add(gv0_ptr + b * neurons + j, g * _powi(beta, t + 1), sem=ATOMIC_SEM)
 
 
 @triton.jit
 def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, rows_total,
-                           SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                           SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     # One program per (b, block of neurons): dL/dI[b,t,j] = beta_j * dL/dI[b,t+1,j] + g[b,t,j] for
     # t = T-1 .. 0 (g: dL/ds * surrogate, dense, zero outside the active entries). SPLIT writes it
     # as three bfloat16 parts hi + mid + lo (exact, see spike_matmul), smallest first (the order the
@@ -229,7 +289,8 @@ def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, 
     plane = rows_total.to(tl.int64) * neurons
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_N], ACC)
-    for k in range(steps):
+    # STAGES > 1 issues later steps' loads early (KernelTuning): no load here reads what this loop writes.
+    for k in tl.range(steps, num_stages=STAGES):
         row = (b * steps + (steps - 1 - k)) * neurons + offs
         acc = acc * beta + tl.load(g_ptr + row, mask=mask, other=0.0).to(ACC)
         if SPLIT:
@@ -432,7 +493,7 @@ def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
                     t_start, t_stop, steps, neurons,
                     RECORD_MEMBRANE: tl.constexpr, RECORD_SYN: tl.constexpr, COLLECT_ACTIVE: tl.constexpr,
                     COUNT_ACTIVE: tl.constexpr, WRITE_ACTIVE: tl.constexpr, STORE_SPIKES: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < neurons
@@ -442,7 +503,8 @@ def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
     v = tl.load(v_ptr + state, mask=mask, other=0.0).to(ACC)
 {_indent(fwd_state, 4)}
     s_prev = {_fire("v - theta", key)}
-    for t in range(t_start, t_stop):
+    # STAGES > 1 issues later steps' loads early (KernelTuning): no load here reads what this loop writes.
+    for t in tl.range(t_start, t_stop, num_stages=STAGES):
         row = (b * steps + t) * neurons + offs
         cur = tl.load(cur_ptr + row, mask=mask, other=0.0).to(ACC)
 {_indent(fwd_drive, 8)}
@@ -466,7 +528,7 @@ def _lif_bwd_kernel(gs_ptr, gm_ptr, gvf_ptr, gsf_ptr, mem_ptr, syn_rec_ptr, flag
                     beta_ptr, theta_ptr, alpha_ptr, v0_ptr, syn0_ptr,
                     gv_ptr, gsyn_ptr, gcur_ptr, gbeta_ptr, gtheta_ptr, galpha_ptr,
                     t_start, t_stop, steps, neurons,
-                    HAS_GRAD_MEMBRANE: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_GRAD_MEMBRANE: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     # Reverse sweep over steps t_stop-1 … t_start. gv holds Gv[t+1] entering step t, Gv[t] leaving it.
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -476,7 +538,8 @@ def _lif_bwd_kernel(gs_ptr, gm_ptr, gvf_ptr, gsf_ptr, mem_ptr, syn_rec_ptr, flag
     theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
     alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC)
 {_indent(bwd_state_load + bwd_params_load, 4)}
-    for i in range(t_start, t_stop):
+    # STAGES > 1 issues later steps' loads early (KernelTuning): no load here reads what this loop writes.
+    for i in tl.range(t_start, t_stop, num_stages=STAGES):
         t = t_stop - 1 - (i - t_start)
         row = (b * steps + t) * neurons + offs
 {_indent(bwd_step, 8)}
@@ -538,7 +601,12 @@ def _unused(dtype: torch.dtype, device) -> Tensor:
 
 def _block(neurons: int) -> int:
     # Enough programs to fill a GPU even at small batch; at least 16 lanes for a tidy layout.
-    return max(16, min(256, 1 << max(0, (int(neurons) - 1).bit_length())))
+    return max(16, min(current_tuning().max_block, 1 << max(0, (int(neurons) - 1).bit_length())))
+
+
+def _sweep_stages(one_step_per_launch: bool) -> int:
+    # A recurrent layer's sweep runs one step per launch: nothing to pipeline.
+    return 1 if one_step_per_launch else current_tuning().sweep_stages
 
 
 def _fires(u: Tensor, fire_at_threshold: bool) -> Tensor:
@@ -583,7 +651,8 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
             flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
             counts, nothing_i64, nothing_i64, nothing)
     consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
-                  COUNT_ACTIVE=compact_active, WRITE_ACTIVE=False, STORE_SPIKES=True, BLOCK_N=block, **LAUNCH_OPTIONS)
+                  COUNT_ACTIVE=compact_active, WRITE_ACTIVE=False, STORE_SPIKES=True, BLOCK_N=block,
+                  STAGES=_sweep_stages(recurrent_weight is not None), **LAUNCH_OPTIONS)
     compact = None
     if recurrent_weight is None:
         module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, **consts)
@@ -620,7 +689,8 @@ def _write_active(module, current, args, counts, v0, syn0, acc, grid, steps, neu
     if total:
         module._lif_fwd_kernel[grid](current, *fresh, 0, steps, steps, neurons, RECORD_MEMBRANE=False,
                                      RECORD_SYN=False, COLLECT_ACTIVE=False, COUNT_ACTIVE=False, WRITE_ACTIVE=True,
-                                     STORE_SPIKES=False, BLOCK_N=block, **LAUNCH_OPTIONS)
+                                     STORE_SPIKES=False, BLOCK_N=block, STAGES=_sweep_stages(False),
+                                     **LAUNCH_OPTIONS)
     per_row = torch.cat([offsets[::blocks], ends[-1:]]) if ends.numel() else torch.zeros(1, dtype=torch.int64,
                                                                                           device=device)
     return index, values, per_row
@@ -696,7 +766,8 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
             flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
             beta_a, theta_a, alpha_a, v0.contiguous(), syn0_a, gv, gsyn, gcur, gbeta, gtheta, galpha,
-            t_start, t_stop, steps, neurons, HAS_GRAD_MEMBRANE=gm is not None, BLOCK_N=block, **LAUNCH_OPTIONS)
+            t_start, t_stop, steps, neurons, HAS_GRAD_MEMBRANE=gm is not None, BLOCK_N=block,
+            STAGES=_sweep_stages(recurrent_weight is not None), **LAUNCH_OPTIONS)
 
     gs0 = nothing
     if recurrent_weight is None:
@@ -761,7 +832,8 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
             grad_w if grad_w is not None else nothing, grad_b if grad_b is not None else nothing,
             grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, *gs_strides,
-            GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v, BLOCK_E=128)
+            GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v, BLOCK_E=128,
+            ATOMIC_SEM=current_tuning().atomic_sem)
     grad_x = None
     if input_active is not None:
         grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
@@ -795,7 +867,8 @@ def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, st
         dense_out, parts_out = out, _unused(torch.bfloat16, device)
     block = _block(neurons)
     module._reverse_filter_kernel[(batch, -(-neurons // block))](
-        dense_g, beta_a, dense_out, parts_out, steps, neurons, rows, SPLIT=split, BLOCK_N=block, **LAUNCH_OPTIONS)
+        dense_g, beta_a, dense_out, parts_out, steps, neurons, rows, SPLIT=split, BLOCK_N=block,
+        STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
     return out
 
 

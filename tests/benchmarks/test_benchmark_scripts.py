@@ -64,6 +64,12 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
             assert size["variants"][key]["step_ms"] > 0
         assert size["snnopt_sparse_step_ratio_vs_fastest_peer"] > 0
         assert size["variants"]["snnopt_sparse"]["profile"]["backward"]["wall_us_under_profiler"] > 0
+    tuning = payload["kernel_tuning"]
+    assert tuning["shipped"]["sweep_stages"] >= 1
+    timed = {part: {key: {trial: v.get("step_ms") for trial, v in trials.items()}
+                    for key, trials in tuning[part]["trials"].items()} for part in ("seed_layer1", "on")}
+    assert set(timed["seed_layer1"]) == {"snnopt_sparse"} and set(timed["on"]) == {"snnopt_sparse", "snnopt_exact"}
+    assert all(ms and ms > 0 for part in timed.values() for trials in part.values() for ms in trials.values()), timed
 
 
 def test_seed_network_quick_run_passes_its_checks(tmp_path):

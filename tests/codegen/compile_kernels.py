@@ -5,6 +5,7 @@ Run as ``python -m tests.codegen.compile_kernels`` in a process without ``TRITON
 """
 
 import json
+import re
 import sys
 import traceback
 
@@ -24,14 +25,30 @@ _INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr",
 _INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
                    "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64",
                    "parts_ptr": "*bf16"}  # (and the bfloat16 parts of a split dL/dI: fixed types too)
+TUNING = triton_lif.KernelTuning()  # the shipped launch choices
+STAGES = TUNING.sweep_stages
 # The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
 COMPACT_KERNELS = {
     "_input_events_kernel": [dict(WRITE=False, BLOCK=1024), dict(WRITE=True, BLOCK=1024)],
-    "_sparse_weight_grad_kernel": [dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128),
-                                   dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=128)],
+    "_sparse_weight_grad_kernel": [
+        dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128, ATOMIC_SEM=TUNING.atomic_sem),
+        dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=128, ATOMIC_SEM=TUNING.atomic_sem)],
     "_sparse_input_grad_kernel": [dict(BLOCK_A=64)],
-    "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256), dict(SPLIT=True, BLOCK_N=256)],
+    "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
+                               dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
 }
+# The kernels with a serial time loop whose loads the launchers pipeline (KernelTuning.sweep_stages).
+SWEEP_KERNELS = {"_lif_fwd_kernel", "_lif_bwd_kernel", "_reverse_filter_kernel"}
+# PTX facts: an atomic or fence with ordering beyond relaxed (every atomic here only accumulates),
+# and asynchronous global-to-shared copies (what Triton's pipeliner emits for a loop's loads).
+_ORDERED = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red|fence)\S*\.(acq_rel|acquire|release|sc)\b|^\s*membar", re.M)
+_ASYNC_COPY = re.compile(r"^\s*(@!?%p\d+\s+)?cp\.async\.(ca|cg)\b", re.M)
+
+
+def ptx_facts(ptx: str) -> dict:
+    """Size, ordered atomics/fences and async copies of one kernel's PTX."""
+    return {"ptx_bytes": len(ptx), "ordered_atomics": len(_ORDERED.findall(ptx)),
+            "async_copies": len(_ASYNC_COPY.findall(ptx))}
 
 
 def variants():
@@ -60,33 +77,36 @@ def _signature(fn, dtype):
 
 
 def compile_variant(spec, dtype) -> dict:
-    """Compile the three kernels with the constexpr flags the launchers use; returns {kernel: PTX size}."""
+    """Compile the kernels with the constexpr flags the launchers use; returns {kernel: summed ptx_facts}."""
     module = triton_lif.kernels(spec, dtype)
     exact = not spec.sparse
-    flags = dict(COUNT_ACTIVE=False, WRITE_ACTIVE=False, STORE_SPIKES=True)
+    # A recurrent layer's sweeps run one step per launch, without pipelining (triton_lif._sweep_stages).
+    stages = 1 if spec.recurrent else STAGES
+    flags = dict(COUNT_ACTIVE=False, WRITE_ACTIVE=False, STORE_SPIKES=True, STAGES=stages)
     constants = {
         "_lif_fwd_kernel": [dict(RECORD_MEMBRANE=True, RECORD_SYN=exact and spec.cuba, COLLECT_ACTIVE=spec.sparse,
                                  BLOCK_N=256, **flags)],
-        "_lif_bwd_kernel": [dict(HAS_GRAD_MEMBRANE=True, BLOCK_N=256)],
+        "_lif_bwd_kernel": [dict(HAS_GRAD_MEMBRANE=True, BLOCK_N=256, STAGES=stages)],
         "_lif_bwd_init_kernel": [dict(BLOCK_N=256)],
     }
     if spec.sparse:  # both passes of the in-kernel compaction, and the compact backward
         constants["_lif_fwd_kernel"] += [
             dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=True,
-                 WRITE_ACTIVE=False, STORE_SPIKES=True),
+                 WRITE_ACTIVE=False, STORE_SPIKES=True, STAGES=STAGES),
             dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=False,
-                 WRITE_ACTIVE=True, STORE_SPIKES=False)]
+                 WRITE_ACTIVE=True, STORE_SPIKES=False, STAGES=STAGES)]
         constants.update(COMPACT_KERNELS)
-    sizes = {}
+    facts = {}
     for name, variants_of_kernel in constants.items():
         fn = getattr(module, name)
-        size = 0
+        total = {"ptx_bytes": 0, "ordered_atomics": 0, "async_copies": 0}
         for consts in variants_of_kernel:
             compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), constexprs=consts), target=TARGET,
                                       options=dict(triton_lif.LAUNCH_OPTIONS))
-            size += len(compiled.asm["ptx"])
-        sizes[name] = size
-    return sizes
+            for fact, value in ptx_facts(compiled.asm["ptx"]).items():
+                total[fact] += value
+        facts[name] = total
+    return facts
 
 
 def main() -> int:

@@ -1,0 +1,73 @@
+"""``triton_lif.KernelTuning`` changes how the Triton kernels run, never what they compute.
+
+Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
+ordered atomics) against the shipped one, on the paths that use it: the compact event route (the
+weight gradient's atomics), the compact dense route (reverse filter), the flag sweep of a sparse
+layer with zero reset, and the exact sweep. Triton's interpreter on CPU, the compiled kernels on a
+GPU (where the atomics' order may differ, hence a float32-rounding tolerance on the gradients).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import snnopt.functional as SF  # noqa: E402
+from snnopt.codegen import triton_lif  # noqa: E402
+from snnopt.errors import InvalidArgumentError  # noqa: E402
+from snnopt.surrogate import Surrogate  # noqa: E402
+
+TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16),
+           dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32)]
+
+
+def _run(x, w, beta, *, backward, reset, membrane_loss):
+    w = w.detach().clone().requires_grad_()
+    out = SF.linear_lif(x, w, beta=beta, reset=reset, surrogate=Surrogate("superspike", 10.0), window=0.5,
+                        backward=backward, return_membrane=membrane_loss, backend="triton")
+    spikes = out.spikes if membrane_loss else out
+    upstream = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    loss = (spikes * upstream).sum() + (out.membrane.sum() if membrane_loss else 0.0)
+    (grad_w,) = torch.autograd.grad(loss, [w])
+    return spikes.detach(), grad_w
+
+
+@pytest.mark.parametrize("backward, reset, membrane_loss", [
+    ("sparse", "subtract", False),  # compact event route: atomics
+    ("sparse", "subtract", True),   # compact dense route: reverse filter, then a GEMM
+    ("sparse", "zero", False),      # per-entry flags and the sparse sweep
+    ("exact", "subtract", False),   # exact sweep
+])
+def test_every_tuning_computes_the_same(backward, reset, membrane_loss, device, monkeypatch):
+    # Tiny shapes: the cost model would pick the dense GEMM; the event route is the one with atomics.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    gen = torch.Generator().manual_seed(0)
+    batch, steps, features, neurons = 3, 9, 12, 40  # 40 neurons: partial blocks at every block size
+    x = (torch.rand(batch, steps, features, generator=gen) < 0.4).float().to(device)
+    w = ((torch.rand(neurons, features, generator=gen) - 0.3) * 0.6).to(device)
+    beta = (torch.rand(neurons, generator=gen) * 0.3 + 0.6).to(device)
+    shipped = _run(x, w, beta, backward=backward, reset=reset, membrane_loss=membrane_loss)
+    assert shipped[0].sum() > 0 and shipped[1].abs().sum() > 0  # the layer spikes and the gradient flows
+    for changes in TUNINGS:
+        with triton_lif.tuning(**changes):
+            spikes, grad_w = _run(x, w, beta, backward=backward, reset=reset, membrane_loss=membrane_loss)
+        assert torch.equal(spikes, shipped[0]), changes
+        torch.testing.assert_close(grad_w, shipped[1], rtol=1e-6, atol=1e-6 * float(shipped[1].abs().max()),
+                                   msg=lambda m: f"{changes}: {m}")
+
+
+def test_tuning_is_scoped_and_checked():
+    shipped = triton_lif.current_tuning()
+    assert shipped == triton_lif.KernelTuning()
+    with triton_lif.tuning(sweep_stages=1) as outer:
+        assert triton_lif.current_tuning() is outer and outer.sweep_stages == 1
+        with triton_lif.tuning(max_block=64):
+            assert triton_lif.current_tuning() == triton_lif.KernelTuning(sweep_stages=1, max_block=64)
+        assert triton_lif.current_tuning() is outer
+    assert triton_lif.current_tuning() == shipped
+    for bad in (dict(sweep_stages=0), dict(max_block=48), dict(max_block=2048), dict(atomic_sem="seq_cst")):
+        with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+            triton_lif.KernelTuning(**bad)
+    with pytest.raises(InvalidArgumentError), triton_lif.tuning(sweep_stages=9):
+        pass
+    assert triton_lif.current_tuning() == shipped
