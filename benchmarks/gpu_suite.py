@@ -486,6 +486,85 @@ def _spike_gemm_routes(x, w, spike_matmul):
     yield "split_mm (as shipped)", lambda: spike_matmul.split_mm(x, w.t(), spikes="a")
 
 
+def launch_overhead(device: torch.device, calls: int = 200) -> dict:
+    """Host and device microseconds per call of back-to-back launches on tiny tensors.
+
+    A sparse layer's backward time that stays flat as the layer grows is a fixed cost per call:
+    launches (host time each, the device waiting) or kernels. This measures the first directly, for
+    a torch op, generated Triton kernels with few and many arguments (with and without the launch
+    options snnopt passes), and snnopt's launcher functions with their allocations. ``device_us``:
+    CUDA events around the same calls, so about equal to ``host_us`` means the device waited on the
+    host. Triton kernels need CUDA, or Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
+    """
+    import os
+
+    from snnopt.codegen import triton_lif
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "Triton kernels need CUDA here (or TRITON_INTERPRET=1 on CPU)"}
+    module = triton_lif.kernels(triton_lif._PLAIN_SPEC, torch.float32)
+    options = triton_lif.LAUNCH_OPTIONS
+    batch, steps, neurons, features = 1, 2, 16, 4
+    with torch.device(device):
+        a, b, c = torch.zeros(neurons), torch.ones(neurons), torch.empty(neurons)
+        beta = torch.full((neurons,), 0.9)
+        dense_g, dense_out = torch.zeros(steps * neurons), torch.empty(steps * neurons)
+        parts = torch.empty(1, dtype=torch.bfloat16)
+        active = torch.tensor([0, 5, 17])  # (t=0, j=0), (t=0, j=5), (t=1, j=1)
+        active_surr, active_offsets = torch.ones(3), torch.tensor([0, 2, 3])
+        events = (torch.tensor([0, 1, 2]), torch.tensor([1, features + 2], dtype=torch.int32), torch.ones(2))
+        weight, grad_spikes = torch.zeros(neurons, features), torch.ones(batch, steps, neurons)
+        g, grad_w, grad_b, grad_v0 = torch.empty(3), torch.zeros(neurons, features), torch.zeros(neurons), \
+            torch.zeros(batch, neurons)
+
+    def weight_grad_kernel():
+        module._sparse_weight_grad_kernel[(3,)](
+            grad_spikes, active, active_surr, beta, *events, g, grad_w, grad_b, grad_v0, steps, neurons, features,
+            *grad_spikes.stride(), GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128,
+            ATOMIC_SEM=triton_lif.current_tuning().atomic_sem)
+
+    cases = {
+        "torch.add(out=)": lambda: torch.add(a, b, out=c),
+        "_reverse_filter_kernel, 7 arguments": lambda: module._reverse_filter_kernel[(1, 1)](
+            dense_g, beta, dense_out, parts, steps, neurons, steps, SPLIT=False, BLOCK_N=16, STAGES=1, **options),
+        "same, without launch options": lambda: module._reverse_filter_kernel[(1, 1)](
+            dense_g, beta, dense_out, parts, steps, neurons, steps, SPLIT=False, BLOCK_N=16, STAGES=1),
+        "_sparse_weight_grad_kernel, 17 arguments": weight_grad_kernel,
+        "triton_lif.sparse_backward (launcher, allocations, 1 launch)": lambda: triton_lif.sparse_backward(
+            grad_spikes, False, active, active_surr, active_offsets, events, beta, weight, None, batch, steps,
+            need_weight=True, need_bias=True, need_initial_v=False, in_dtype=torch.float32),
+        "triton_lif.reverse_filter (launcher, scatter, 1 launch)": lambda: triton_lif.reverse_filter(
+            active_surr, active, beta, batch, steps, neurons, split=False),
+    }
+    report = {"calls": calls}
+    for name, call in cases.items():
+        try:
+            report[name] = _per_call_us(call, calls, device)
+        except Exception as error:  # one failing case must not hide the others
+            report[name] = {"error": describe(error)}
+    return report
+
+
+def _per_call_us(call, calls: int, device: torch.device) -> dict:
+    for _ in range(min(20, calls)):
+        call()
+    _harness.synchronize(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    began = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = time.perf_counter() - began
+    result = {"host_us": round(host / calls * 1e6, 2)}
+    if cuda:
+        end.record()
+        end.synchronize()
+        result["device_us"] = round(start.elapsed_time(end) * 1e3 / calls, 2)
+    return result
+
+
 def _median_ms(compute, rounds: int = 5) -> float:
     times = []
     for _ in range(rounds):
@@ -1290,6 +1369,11 @@ def main(argv=None) -> int:
         except Exception as error:
             errors["split_gemm_accuracy"] = describe(error)
         save()
+        try:
+            payload["launch_overhead"] = launch_overhead(device, calls=20 if mode == "smoke" else 200)
+        except Exception as error:
+            errors["launch_overhead"] = describe(error)
+        save()
         if "seed" in args.sections:
             for hidden in sizes.hidden:
                 if over_budget("seed_network", hidden, args.seed_budget):
@@ -1340,6 +1424,12 @@ def main(argv=None) -> int:
         print_on(payload)
     if "trials" in payload["kernel_tuning"].get("on", {}):
         print_tuning(payload)
+    overhead = payload.get("launch_overhead", {})
+    if "calls" in overhead:
+        _harness.print_table(f"launch overhead, back to back on tiny tensors, {payload['device']['name']}",
+                             ["call", "host us", "device us"],
+                             [[name, str(v.get("host_us", v.get("error", "-")))[:60], str(v.get("device_us", "-"))]
+                              for name, v in overhead.items() if name != "calls"], [])
     for key, message in errors.items():
         print(f"error {key}: {message}")
     if output is not None:

@@ -64,6 +64,7 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
             assert size["variants"][key]["step_ms"] > 0
         assert size["snnopt_sparse_step_ratio_vs_fastest_peer"] > 0
         assert size["variants"]["snnopt_sparse"]["profile"]["backward"]["wall_us_under_profiler"] > 0
+    assert "skipped" in payload["launch_overhead"]  # CUDA (or the interpreter) only
     tuning = payload["kernel_tuning"]
     assert tuning["shipped"]["sweep_stages"] >= 1
     timed = {part: {key: {trial: v.get("step_ms") for trial, v in trials.items()}
@@ -85,3 +86,18 @@ def test_triton_host_overhead_script_counts_the_sparse_backward_launch(tmp_path)
     pytest.importorskip("triton")
     result = _run([str(ROOT / "benchmarks" / "triton_host_overhead.py"), "--calls", "20"], tmp_path)
     assert "sparse backward" in result.stdout and "'_sparse_weight_grad_kernel': 1.0" in result.stdout
+
+
+def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path):
+    # On the GPU these launches time the host cost per call; here Triton's interpreter runs the same
+    # calls on CPU tensors, so a wrong argument list fails before GPU time is spent on it.
+    pytest.importorskip("triton")
+    code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_suite; "
+            "print(json.dumps(gpu_suite.launch_overhead(torch.device('cpu'), calls=2)))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    timed = {name: entry for name, entry in report.items() if name != "calls"}
+    assert len(timed) >= 6 and all(entry.get("host_us", 0) > 0 for entry in timed.values()), timed
