@@ -304,7 +304,7 @@ def _check_input_active(input_active: Tensor, x: Tensor) -> None:
     if input_active.device != x.device:
         raise InvalidArgumentError(f"input_active: on {input_active.device} but x is on {x.device}")
     if input_active.numel():
-        low, high = int(input_active.min()), int(input_active.max())
+        low, high = torch.stack([input_active.min(), input_active.max()]).tolist()  # one device sync, not two
         if low < 0 or high >= x.numel():
             raise InvalidArgumentError(
                 f"input_active: indices must lie in [0, {x.numel()}) (flat positions in the batch-first x of "
