@@ -21,7 +21,7 @@ its sizes is done (so a run cut short still leaves every finished size):
    The JSON gives, per n, snnopt sparse's step time divided by the fastest peer's.
 3. **Kernel tuning** (section 2 of the run order): snnopt's layers under each launch choice of
    ``snnopt.codegen.triton_lif.KernelTuning`` (software-pipelined sweeps, block size, relaxed
-   atomics), side by side with the shipped one: the seed network's layer 1 at the second hidden
+   atomics, one-sweep compaction), side by side with the shipped one: the seed network's layer 1 at the second hidden
    size and the ON layer at the smallest n. The choices never change results, only speed.
 
 All variants share one neuron: β = exp(-1/10), θ = 1, reset by subtraction (detached), SuperSpike
@@ -964,11 +964,14 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
 
 # Each trial changes some fields of snnopt.codegen.triton_lif.KernelTuning (how the kernels run,
 # never what they compute); "shipped" changes none. "as_run4" is the code H200 run 4 measured:
-# ordered (acq_rel) atomics and unpipelined sweeps.
+# ordered (acq_rel) atomics, unpipelined sweeps, the compact forward's second sweep.
+AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": False}
 SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
-                      "unpipelined": {"sweep_stages": 1}, "as_run4": {"atomic_sem": "acq_rel", "sweep_stages": 1}}
+                      "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
+                      "as_run4": AS_RUN4}
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
-                    "max_block_128": {"max_block": 128}}
+                    "max_block_128": {"max_block": 128}, "two_pass_compaction": {"one_pass_compaction": False},
+                    "as_run4": AS_RUN4}
 
 
 def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:

@@ -44,8 +44,12 @@ class _NoLaunch:
                 (args[3] if meta.get("WRITE") else args[1]).fill_(0 if meta.get("WRITE") else 1)
             elif self.name == "_lif_fwd_kernel" and meta.get("COUNT_ACTIVE"):
                 args[11].fill_(1)  # one active entry per (b, t, block)
+                if meta.get("STAGE_ACTIVE"):
+                    args[17].fill_(1)  # each program staged one (within its area: no second sweep)
             elif self.name == "_lif_fwd_kernel" and meta.get("WRITE_ACTIVE"):
                 args[13].fill_(0)  # valid flat indices
+            elif self.name == "_gather_staged_kernel":
+                args[5].fill_(0)  # valid flat indices
         return launch
 
 

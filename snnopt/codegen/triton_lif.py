@@ -26,13 +26,14 @@ time loop inside, state in registers):
   initial membrane).
 
 Feedforward sparse layers (reset by subtraction or none, no synaptic current) take the *compact
-path*: the forward counts the active entries per (b, t, block) in the kernel, torch turns the
-counts into offsets (one host read: the list's length), and a second launch reruns the recurrence
-and writes the active list (ascending flat index + surrogate value, no per-entry buffer); the input
-is kept as events (``input_events``). Its backward (``sparse_backward``) is two launches over those
-lists: the weight gradient as pairs (active entry × earlier input event of the same row) and the
-input gradient at the upstream active entries only, which goes back to a compact producer as a
-sparse COO tensor read in the producer's own list order. When the pairs would outnumber a GEMM's
+path*: the forward counts the active entries per (b, t, block) in the kernel and stages them per
+program, torch turns the counts into offsets (one host read: the list's length), and a parallel
+copy writes the active list (ascending flat index + surrogate value, no per-entry buffer); where a
+program's entries overflow its staging area, a second launch reruns the recurrence and writes them
+in place. The input is kept as events (``input_events``). Its backward (``sparse_backward``) is
+two launches over those lists: the weight gradient as pairs (active entry × earlier input event of
+the same row) and the input gradient at the upstream active entries only, which goes back to a
+compact producer as a sparse COO tensor read in the producer's own list order. When the pairs would outnumber a GEMM's
 work (dense inputs, e.g. the Open Neuromorphic configuration) or a membrane / final-state / full
 input gradient is asked for, dL/dI is rebuilt densely from the same lists and the weight gradient
 is one cuBLAS GEMM. Other sparse specs keep one uint8 flag per entry and the dense sweep.
@@ -85,6 +86,10 @@ class KernelTuning:
       accumulate, so ``"relaxed"`` suffices and compiles to fire-and-forget ``red`` instructions;
       Triton's default ``"acq_rel"`` waits for every add to return and orders it with the thread's
       other memory operations.
+    * ``one_pass_compaction``: the compact forward stages each program's active entries as it
+      finds them and a parallel copy orders them (one serial sweep over T); off, or where a
+      program's entries overflow its staging area (:data:`STAGE_FRACTION`), a second sweep reruns
+      the recurrence to write them in order.
 
     The defaults are what snnopt ships; :func:`tuning` changes them for a block of code, so a
     benchmark can time alternatives side by side (``benchmarks/gpu_suite.py``, ``kernel_tuning``).
@@ -93,6 +98,7 @@ class KernelTuning:
     sweep_stages: int = 3
     max_block: int = 256
     atomic_sem: str = "relaxed"
+    one_pass_compaction: bool = True
 
     def __post_init__(self):
         if not isinstance(self.sweep_stages, int) or not 1 <= self.sweep_stages <= 8:
@@ -102,6 +108,8 @@ class KernelTuning:
             raise InvalidArgumentError(f"max_block: expected a power of two from 16 to 1024, got {self.max_block!r}")
         if self.atomic_sem not in ("relaxed", "acq_rel"):
             raise InvalidArgumentError(f"atomic_sem: expected 'relaxed' or 'acq_rel', got {self.atomic_sem!r}")
+        if not isinstance(self.one_pass_compaction, bool):
+            raise InvalidArgumentError(f"one_pass_compaction: expected a bool, got {self.one_pass_compaction!r}")
 
 
 _TUNING = [KernelTuning()]
@@ -277,6 +285,25 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
 
 
 @triton.jit
+def _gather_staged_kernel(counts_ptr, offsets_ptr, in_program_ptr, stage_index_ptr, stage_surr_ptr, index_ptr,
+                          asurr_ptr, steps, blocks, stage_capacity, BLOCK: tl.constexpr):
+    # One program per (b, t, block) slot of the forward: its active entries, staged by the forward's
+    # program (b, block) at the slot's place among that program's entries, copied to the slot's
+    # offset in the ordered list.
+    slot = tl.program_id(0).to(tl.int64)
+    count = tl.load(counts_ptr + slot)
+    if count > 0:
+        b = slot // (steps * blocks)
+        source = (b * blocks + slot % blocks) * stage_capacity + tl.load(in_program_ptr + slot)
+        target = tl.load(offsets_ptr + slot)
+        for k in range(0, count, BLOCK):
+            ks = k + tl.arange(0, BLOCK)
+            m = ks < count
+            tl.store(index_ptr + target + ks, tl.load(stage_index_ptr + source + ks, mask=m), mask=m)
+            tl.store(asurr_ptr + target + ks, tl.load(stage_surr_ptr + source + ks, mask=m), mask=m)
+
+
+@triton.jit
 def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, rows_total,
                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     # One program per (b, block of neurons): dL/dI[b,t,j] = beta_j * dL/dI[b,t+1,j] + g[b,t,j] for
@@ -444,15 +471,27 @@ def kernel_source(spec: LifSpec, dtype: torch.dtype = torch.float32) -> str:
                  "tl.store(gsyn0_ptr + state, alpha * gsyn, mask=mask)"]
 
     if key.sparse:
-        # Compact active list without a dense buffer: a first launch counts the active entries of
-        # every (b, t, block) slot, torch turns the counts into offsets, a second launch reruns the
-        # (deterministic) recurrence and writes each entry at its slot's offset plus its rank among
-        # the slot's active lanes. Slots in (b, t, block) order give ascending flat indices.
+        # Compact active list without a dense buffer: the launch counts the active entries of every
+        # (b, t, block) slot and (STAGE_ACTIVE) appends them to its program's own staging area, in
+        # step order; torch turns the counts into offsets, and a parallel copy moves each slot's
+        # entries to its offset (``_gather_staged_kernel``). Slots in (b, t, block) order give
+        # ascending flat indices. Where a program's entries overflow its staging area (or staging is
+        # off), a second launch reruns the (deterministic) recurrence and writes each entry at its
+        # slot's offset plus its rank among the slot's active lanes (WRITE_ACTIVE).
         compact = ["if COUNT_ACTIVE or WRITE_ACTIVE:",
                    f"    active = ((tl.abs(u) < {_const(key.window)}) | (u != u)) & mask",
                    "    slot = (b * steps + t) * tl.num_programs(1) + tl.program_id(1)",
                    "    if COUNT_ACTIVE:",
-                   "        tl.store(counts_ptr + slot, tl.sum(active.to(tl.int32), axis=0))",
+                   "        counted = tl.sum(active.to(tl.int32), axis=0)",
+                   "        tl.store(counts_ptr + slot, counted)",
+                   "        if STAGE_ACTIVE:",
+                   "            local = staged + tl.cumsum(active.to(tl.int32), axis=0) - 1",
+                   "            keep = active & (local < stage_capacity)",
+                   "            sga = _surrogate(u)",
+                   "            sga = tl.where(u == u, sga, sga * 0.0)",
+                   "            tl.store(stage_index_ptr + stage_base + local, row, mask=keep)",
+                   "            tl.store(stage_surr_ptr + stage_base + local, sga, mask=keep)",
+                   "            staged += counted",
                    "    if WRITE_ACTIVE:",
                    "        pos = tl.load(offsets_ptr + slot) + tl.cumsum(active.to(tl.int64), axis=0) - 1",
                    "        sga = _surrogate(u)",
@@ -489,11 +528,11 @@ def _surrogate(u):
 @triton.jit
 def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
                     spikes_ptr, mem_ptr, syn_rec_ptr, flags_ptr, surr_ptr,
-                    counts_ptr, offsets_ptr, index_ptr, asurr_ptr,
-                    t_start, t_stop, steps, neurons,
+                    counts_ptr, offsets_ptr, index_ptr, asurr_ptr, stage_index_ptr, stage_surr_ptr, staged_ptr,
+                    t_start, t_stop, steps, neurons, stage_capacity,
                     RECORD_MEMBRANE: tl.constexpr, RECORD_SYN: tl.constexpr, COLLECT_ACTIVE: tl.constexpr,
-                    COUNT_ACTIVE: tl.constexpr, WRITE_ACTIVE: tl.constexpr, STORE_SPIKES: tl.constexpr,
-                    BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                    COUNT_ACTIVE: tl.constexpr, STAGE_ACTIVE: tl.constexpr, WRITE_ACTIVE: tl.constexpr,
+                    STORE_SPIKES: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < neurons
@@ -503,6 +542,9 @@ def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
     v = tl.load(v_ptr + state, mask=mask, other=0.0).to(ACC)
 {_indent(fwd_state, 4)}
     s_prev = {_fire("v - theta", key)}
+    program = b * tl.num_programs(1) + tl.program_id(1)
+    stage_base = program * stage_capacity  # this program's staging area (STAGE_ACTIVE)
+    staged = tl.zeros([], tl.int32)
     # STAGES > 1 issues later steps' loads early (KernelTuning): no load here reads what this loop writes.
     for t in tl.range(t_start, t_stop, num_stages=STAGES):
         row = (b * steps + t) * neurons + offs
@@ -521,6 +563,8 @@ def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
         s_prev = s
     tl.store(v_ptr + state, v, mask=mask)
 {_indent(fwd_store_state, 4)}
+    if STAGE_ACTIVE:
+        tl.store(staged_ptr + program, staged)  # may exceed stage_capacity: then the caller reruns
 
 
 @triton.jit
@@ -646,18 +690,22 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
               else _unused(torch.int32, device))
     beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
     alpha_a = alpha.to(acc).contiguous() if alpha is not None else nothing
+    stage = (_Staging.allocate(batch * blocks, steps, block, acc, device)
+             if compact_active and current_tuning().one_pass_compaction else _Staging.unused(acc, device))
     args = (beta_a, theta_a, alpha_a, v_state, syn_state, spikes,
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
             flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
-            counts, nothing_i64, nothing_i64, nothing)
+            counts, nothing_i64, nothing_i64, nothing, stage.index, stage.surr, stage.staged)
     consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
-                  COUNT_ACTIVE=compact_active, WRITE_ACTIVE=False, STORE_SPIKES=True, BLOCK_N=block,
-                  STAGES=_sweep_stages(recurrent_weight is not None), **LAUNCH_OPTIONS)
+                  COUNT_ACTIVE=compact_active, STAGE_ACTIVE=stage.capacity > 0, WRITE_ACTIVE=False,
+                  STORE_SPIKES=True, BLOCK_N=block, STAGES=_sweep_stages(recurrent_weight is not None),
+                  **LAUNCH_OPTIONS)
     compact = None
     if recurrent_weight is None:
-        module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, **consts)
+        module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, stage.capacity, **consts)
         if compact_active:
-            compact = _write_active(module, current, args, counts, v0, syn0, acc, grid, steps, neurons, block)
+            compact = _compact_active(module, current, args, counts, stage, v0, syn0, acc, grid, steps, neurons,
+                                      block)
     else:
         if compact_active:
             raise ValueError("compact_active: feedforward layers only")
@@ -666,31 +714,77 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
         for t in range(steps):
             # The recurrent input of step t needs the spikes of step t-1 from every neuron of the row.
             current[:, t].addmm_(s_prev, rec_t)
-            module._lif_fwd_kernel[grid](current, *args, t, t + 1, steps, neurons, **consts)
+            module._lif_fwd_kernel[grid](current, *args, t, t + 1, steps, neurons, 0, **consts)
             s_prev = spikes[:, t].to(acc)
     return spikes, membrane, syn_record, v_state, (syn_state if syn0 is not None else None), flags, surr, compact
 
 
-def _write_active(module, current, args, counts, v0, syn0, acc, grid, steps, neurons, block):
-    """Second pass of the in-kernel compaction: offsets from the counts (one host read: the total), then write."""
+# Staging area of the one-pass compaction, per forward program (b, block of neurons): room for this
+# fraction of its T·BLOCK_N entries (at least one step's worth). Its bytes are 12 × that fraction of
+# B·T·N (int64 index, float32 surrogate): 0.75 B·T·N bytes at 1/16, against 4 B·T·N for a float32
+# copy of the layer's output. A program with more active entries (over 6 % of its entries: the seed
+# network's layers have ~0.5 %, the ON layer ~1.5 %) makes the forward fall back to the second sweep.
+STAGE_FRACTION = 1 / 16
+
+
+@dataclass
+class _Staging:
+    """The one-pass compaction's buffers: each program's staged entries and how many it found."""
+
+    index: Tensor
+    surr: Tensor
+    staged: Tensor
+    capacity: int
+
+    @classmethod
+    def allocate(cls, programs: int, steps: int, block: int, acc: torch.dtype, device) -> "_Staging":
+        capacity = max(block, math.ceil(steps * block * STAGE_FRACTION))
+        return cls(torch.empty(programs * capacity, dtype=torch.int64, device=device),
+                   torch.empty(programs * capacity, dtype=acc, device=device),
+                   torch.empty(programs, dtype=torch.int32, device=device), capacity)
+
+    @classmethod
+    def unused(cls, acc: torch.dtype, device) -> "_Staging":
+        return cls(_unused(torch.int64, device), _unused(acc, device), _unused(torch.int32, device), 0)
+
+
+def _compact_active(module, current, args, counts, stage: _Staging, v0, syn0, acc, grid, steps, neurons, block):
+    """The active list from the first launch's counts: ordered from its staging areas, or by a second sweep.
+
+    Offsets from the counts (one host read: the total, and the most entries any program staged);
+    then one parallel copy per (b, t, block) slot from the staging areas, or, where staging is off or
+    a program overflowed its area, a rerun of the recurrence that writes each entry in place.
+    """
     batch, blocks = grid
     device = current.device
     ends = counts.cumsum(0)
-    total = int(ends[-1]) if ends.numel() else 0  # the forward's one host sync: the list's length
+    most_staged = 0
+    if not ends.numel():
+        total = 0
+    elif stage.capacity:
+        # the forward's one host sync: the list's length, and whether every program's entries fit
+        total, most_staged = torch.stack([ends[-1], stage.staged.max().to(ends.dtype)]).tolist()
+    else:
+        total = int(ends[-1])  # the forward's one host sync: the list's length
     offsets = ends - counts  # exclusive prefix sum, int64
     index = torch.empty(total, dtype=torch.int64, device=device)
     values = torch.empty(total, dtype=acc, device=device)
-    # The state buffers were advanced by the first pass; rerun from fresh copies of the initial state.
-    fresh = list(args)
-    fresh[3] = v0.to(acc, copy=True).contiguous()
-    if syn0 is not None:
-        fresh[4] = syn0.to(acc, copy=True).contiguous()
-    fresh[10:14] = [counts, offsets, index, values]
-    if total:
-        module._lif_fwd_kernel[grid](current, *fresh, 0, steps, steps, neurons, RECORD_MEMBRANE=False,
-                                     RECORD_SYN=False, COLLECT_ACTIVE=False, COUNT_ACTIVE=False, WRITE_ACTIVE=True,
-                                     STORE_SPIKES=False, BLOCK_N=block, STAGES=_sweep_stages(False),
-                                     **LAUNCH_OPTIONS)
+    if total and stage.capacity and most_staged <= stage.capacity:
+        per_slot = counts.view(batch, steps, blocks).to(torch.int64)
+        in_program = (per_slot.cumsum(1) - per_slot).reshape(-1)  # where each slot starts in its program's area
+        module._gather_staged_kernel[(counts.numel(),)](counts, offsets, in_program, stage.index, stage.surr, index,
+                                                        values, steps, blocks, stage.capacity, BLOCK=block)
+    elif total:
+        # The state buffers were advanced by the first pass; rerun from fresh copies of the initial state.
+        fresh = list(args)
+        fresh[3] = v0.to(acc, copy=True).contiguous()
+        if syn0 is not None:
+            fresh[4] = syn0.to(acc, copy=True).contiguous()
+        fresh[10:14] = [counts, offsets, index, values]
+        module._lif_fwd_kernel[grid](current, *fresh, 0, steps, steps, neurons, 0, RECORD_MEMBRANE=False,
+                                     RECORD_SYN=False, COLLECT_ACTIVE=False, COUNT_ACTIVE=False, STAGE_ACTIVE=False,
+                                     WRITE_ACTIVE=True, STORE_SPIKES=False, BLOCK_N=block,
+                                     STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
     per_row = torch.cat([offsets[::blocks], ends[-1:]]) if ends.numel() else torch.zeros(1, dtype=torch.int64,
                                                                                           device=device)
     return index, values, per_row

@@ -64,7 +64,8 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
             assert size["variants"][key]["step_ms"] > 0
         assert size["snnopt_sparse_step_ratio_vs_fastest_peer"] > 0
         assert size["variants"]["snnopt_sparse"]["profile"]["backward"]["wall_us_under_profiler"] > 0
-    assert "skipped" in payload["launch_overhead"]  # CUDA (or the interpreter) only
+    overhead = payload["launch_overhead"]  # CUDA, or Triton's interpreter when the environment turns it on
+    assert "skipped" in overhead or all(v["host_us"] > 0 for k, v in overhead.items() if k != "calls"), overhead
     tuning = payload["kernel_tuning"]
     assert tuning["shipped"]["sweep_stages"] >= 1
     timed = {part: {key: {trial: v.get("step_ms") for trial, v in trials.items()}

@@ -23,6 +23,7 @@ _POINTER_TYPES = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16
 _INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr", "gsf_ptr", "v0_ptr", "syn0_ptr",
                          "x_ptr", "w_ptr"}
 _INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
+                   "stage_index_ptr": "*i64", "staged_ptr": "*i32", "in_program_ptr": "*i64",
                    "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64",
                    "parts_ptr": "*bf16"}  # (and the bfloat16 parts of a split dL/dI: fixed types too)
 TUNING = triton_lif.KernelTuning()  # the shipped launch choices
@@ -34,6 +35,7 @@ COMPACT_KERNELS = {
         dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128, ATOMIC_SEM=TUNING.atomic_sem),
         dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=128, ATOMIC_SEM=TUNING.atomic_sem)],
     "_sparse_input_grad_kernel": [dict(BLOCK_A=64)],
+    "_gather_staged_kernel": [dict(BLOCK=256)],
     "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
                                dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
 }
@@ -82,19 +84,20 @@ def compile_variant(spec, dtype) -> dict:
     exact = not spec.sparse
     # A recurrent layer's sweeps run one step per launch, without pipelining (triton_lif._sweep_stages).
     stages = 1 if spec.recurrent else STAGES
-    flags = dict(COUNT_ACTIVE=False, WRITE_ACTIVE=False, STORE_SPIKES=True, STAGES=stages)
+    flags = dict(COUNT_ACTIVE=False, STAGE_ACTIVE=False, WRITE_ACTIVE=False, STORE_SPIKES=True, STAGES=stages)
     constants = {
         "_lif_fwd_kernel": [dict(RECORD_MEMBRANE=True, RECORD_SYN=exact and spec.cuba, COLLECT_ACTIVE=spec.sparse,
                                  BLOCK_N=256, **flags)],
         "_lif_bwd_kernel": [dict(HAS_GRAD_MEMBRANE=True, BLOCK_N=256, STAGES=stages)],
         "_lif_bwd_init_kernel": [dict(BLOCK_N=256)],
     }
-    if spec.sparse:  # both passes of the in-kernel compaction, and the compact backward
+    if spec.sparse:  # the in-kernel compaction's passes (staged, count only, rerun), and the compact backward
         constants["_lif_fwd_kernel"] += [
             dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=True,
-                 WRITE_ACTIVE=False, STORE_SPIKES=True, STAGES=STAGES),
+                 STAGE_ACTIVE=stage, WRITE_ACTIVE=False, STORE_SPIKES=True, STAGES=STAGES) for stage in (True, False)]
+        constants["_lif_fwd_kernel"].append(
             dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=False,
-                 WRITE_ACTIVE=True, STORE_SPIKES=False, STAGES=STAGES)]
+                 STAGE_ACTIVE=False, WRITE_ACTIVE=True, STORE_SPIKES=False, STAGES=STAGES))
         constants.update(COMPACT_KERNELS)
     facts = {}
     for name, variants_of_kernel in constants.items():

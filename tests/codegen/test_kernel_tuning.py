@@ -1,7 +1,7 @@
 """``triton_lif.KernelTuning`` changes how the Triton kernels run, never what they compute.
 
 Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
-ordered atomics) against the shipped one, on the paths that use it: the compact event route (the
+ordered atomics, the two-sweep compaction) against the shipped one, on the paths that use it: the compact event route (the
 weight gradient's atomics), the compact dense route (reverse filter), the flag sweep of a sparse
 layer with zero reset, and the exact sweep. Triton's interpreter on CPU, the compiled kernels on a
 GPU (where the atomics' order may differ, hence a float32-rounding tolerance on the gradients).
@@ -17,8 +17,8 @@ from snnopt.codegen import triton_lif  # noqa: E402
 from snnopt.errors import InvalidArgumentError  # noqa: E402
 from snnopt.surrogate import Surrogate  # noqa: E402
 
-TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16),
-           dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32)]
+TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
+           dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False)]
 
 
 def _run(x, w, beta, *, backward, reset, membrane_loss):
@@ -65,7 +65,8 @@ def test_tuning_is_scoped_and_checked():
             assert triton_lif.current_tuning() == triton_lif.KernelTuning(sweep_stages=1, max_block=64)
         assert triton_lif.current_tuning() is outer
     assert triton_lif.current_tuning() == shipped
-    for bad in (dict(sweep_stages=0), dict(max_block=48), dict(max_block=2048), dict(atomic_sem="seq_cst")):
+    for bad in (dict(sweep_stages=0), dict(max_block=48), dict(max_block=2048), dict(atomic_sem="seq_cst"),
+                dict(one_pass_compaction=1)):
         with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
             triton_lif.KernelTuning(**bad)
     with pytest.raises(InvalidArgumentError), triton_lif.tuning(sweep_stages=9):

@@ -122,6 +122,52 @@ def test_compaction_lists_active_entries_in_flat_order(device):
     assert offsets.diff().tolist() == (x.reshape(18, 7) != 0).sum(1).tolist()
 
 
+class _LaunchLog:
+    """A generated kernel module whose launches are logged (kernel name, and whether it was the rerun)."""
+
+    def __init__(self, module, log):
+        self._module, self._log = module, log
+
+    def __getattr__(self, name):
+        kernel = getattr(self._module, name)
+        if not name.endswith("_kernel"):
+            return kernel
+        log = self._log
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    log.append(name + (":rerun" if kwargs.get("WRITE_ACTIVE") else ""))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+
+@pytest.mark.parametrize("stage_fraction, one_pass, expected", [
+    (1.0, True, "_gather_staged_kernel"),          # every program's entries fit: one sweep, a parallel copy
+    (1e-9, True, "_lif_fwd_kernel:rerun"),         # area of one step's lanes, overflowed: the second sweep
+    (1.0, False, "_lif_fwd_kernel:rerun"),         # staging off (KernelTuning.one_pass_compaction)
+])
+def test_one_pass_compaction_lists_what_the_rerun_lists(stage_fraction, one_pass, expected, device, monkeypatch):
+    x, w, b, beta = _inputs(3, 9, 7, 40, torch.float32, device, seed=5)
+    theta = torch.ones_like(beta)
+    args = (x, w, b, None, beta, theta, None, torch.zeros(3, 40, device=device), None, None, "subtract", True,
+            "superspike", 10.0, False, "sparse", 0.1, True, True)
+    with triton_lif.tuning(one_pass_compaction=False, max_block=16):  # the reference: written by the rerun
+        reference = triton_ops.lif_triton_op(*args)
+    real, log = triton_lif.kernels, []
+    monkeypatch.setattr(triton_lif, "kernels", lambda spec, dtype=torch.float32: _LaunchLog(real(spec, dtype), log))
+    monkeypatch.setattr(triton_lif, "STAGE_FRACTION", stage_fraction)
+    with triton_lif.tuning(one_pass_compaction=one_pass, max_block=16):  # 40 neurons: 3 programs per row
+        outs = triton_ops.lif_triton_op(*args)
+    assert expected in log and ("_gather_staged_kernel" in log) != ("_lif_fwd_kernel:rerun" in log)
+    active, membrane = reference[7], reference[1]
+    assert 10 < active.numel() < membrane.numel() // 2  # some entries active, in several programs
+    assert torch.equal(active, ((membrane - 1.0).abs() < 0.1).reshape(-1).nonzero().squeeze(1))
+    for k in (0, 7, 8, 9):  # spikes, active index, surrogate values, per-(b, t) offsets
+        assert torch.equal(outs[k], reference[k]), k
+
+
 def test_membrane_loss_takes_the_dense_route(device):
     x, w, b, beta = _inputs(2, 5, 6, 4, torch.float64, device)
     _check(x, w, b, beta, membrane_loss=True, device=device)
