@@ -34,6 +34,7 @@ from snnopt.spec import LifSpec
 from snnopt.surrogate import Surrogate
 
 
+@functools.lru_cache(maxsize=64)  # a frozen value; building and validating it costs host time on every call
 def _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba,
           recurrent) -> LifSpec:
     return LifSpec(reset=reset, detach_reset=detach_reset, surrogate=Surrogate(surrogate, surrogate_param),

@@ -487,25 +487,18 @@ def kernel_source(spec: LifSpec, dtype: torch.dtype = torch.float32) -> str:
                    "        if STAGE_ACTIVE:",
                    "            local = staged + tl.cumsum(active.to(tl.int32), axis=0) - 1",
                    "            keep = active & (local < stage_capacity)",
-                   "            sga = _surrogate(u)",
-                   "            sga = tl.where(u == u, sga, sga * 0.0)",
                    "            tl.store(stage_index_ptr + stage_base + local, row, mask=keep)",
-                   "            tl.store(stage_surr_ptr + stage_base + local, sga, mask=keep)",
+                   "            tl.store(stage_surr_ptr + stage_base + local, _surrogate_at(u), mask=keep)",
                    "            staged += counted",
                    "    if WRITE_ACTIVE:",
                    "        pos = tl.load(offsets_ptr + slot) + tl.cumsum(active.to(tl.int64), axis=0) - 1",
-                   "        sga = _surrogate(u)",
-                   "        sga = tl.where(u == u, sga, sga * 0.0)",
                    "        tl.store(index_ptr + pos, row, mask=active)",
-                   "        tl.store(asurr_ptr + pos, sga, mask=active)"]
+                   "        tl.store(asurr_ptr + pos, _surrogate_at(u), mask=active)"]
         collect = ["if COLLECT_ACTIVE:",
                    f"    active = (tl.abs(u) < {_const(key.window)}) | (u != u)",
-                   "    sg = _surrogate(u)",
-                   "    # A NaN membrane is an active entry whose surrogate is σ'(NaN)·0, as in the windowed reference.",
-                   "    sg = tl.where(u == u, sg, sg * 0.0)",
                    f"    flags = tl.where(s > 0.0, {FLAG_SPIKE}, 0) + tl.where(active, {FLAG_ACTIVE}, 0)",
                    "    tl.store(flags_ptr + row, flags.to(tl.uint8), mask=mask)",
-                   "    tl.store(surr_ptr + row, tl.where(active, sg, 0.0), mask=mask)"]
+                   "    tl.store(surr_ptr + row, tl.where(active, _surrogate_at(u), 0.0), mask=mask)"]
     else:
         collect, compact = [], []
 
@@ -523,6 +516,13 @@ ACC = tl.constexpr(tl.{key.acc})
 @triton.jit
 def _surrogate(u):
 {_indent(_surrogate_lines(key), 4)}
+
+
+@triton.jit
+def _surrogate_at(u):
+    # σ'(u) at an active entry: a NaN membrane is active, with σ'(NaN)·0, as in the windowed reference.
+    sg = _surrogate(u)
+    return tl.where(u == u, sg, sg * 0.0)
 
 
 @triton.jit
