@@ -285,16 +285,16 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
 
 
 @triton.jit
-def _gather_staged_kernel(counts_ptr, offsets_ptr, in_program_ptr, stage_index_ptr, stage_surr_ptr, index_ptr,
+def _gather_staged_kernel(counts_ptr, offsets_ptr, slot_start_ptr, stage_index_ptr, stage_surr_ptr, index_ptr,
                           asurr_ptr, steps, blocks, stage_capacity, BLOCK: tl.constexpr):
     # One program per (b, t, block) slot of the forward: its active entries, staged by the forward's
-    # program (b, block) at the slot's place among that program's entries, copied to the slot's
-    # offset in the ordered list.
+    # program (b, block) at the slot's start in that program's area, copied to the slot's offset in
+    # the ordered list.
     slot = tl.program_id(0).to(tl.int64)
     count = tl.load(counts_ptr + slot)
     if count > 0:
         b = slot // (steps * blocks)
-        source = (b * blocks + slot % blocks) * stage_capacity + tl.load(in_program_ptr + slot)
+        source = (b * blocks + slot % blocks) * stage_capacity + tl.load(slot_start_ptr + slot)
         target = tl.load(offsets_ptr + slot)
         for k in range(0, count, BLOCK):
             ks = k + tl.arange(0, BLOCK)
@@ -485,6 +485,7 @@ def kernel_source(spec: LifSpec, dtype: torch.dtype = torch.float32) -> str:
                    "        counted = tl.sum(active.to(tl.int32), axis=0)",
                    "        tl.store(counts_ptr + slot, counted)",
                    "        if STAGE_ACTIVE:",
+                   "            tl.store(slot_start_ptr + slot, staged)  # where this slot's entries go in the area",
                    "            local = staged + tl.cumsum(active.to(tl.int32), axis=0) - 1",
                    "            keep = active & (local < stage_capacity)",
                    "            tl.store(stage_index_ptr + stage_base + local, row, mask=keep)",
@@ -528,7 +529,8 @@ def _surrogate_at(u):
 @triton.jit
 def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
                     spikes_ptr, mem_ptr, syn_rec_ptr, flags_ptr, surr_ptr,
-                    counts_ptr, offsets_ptr, index_ptr, asurr_ptr, stage_index_ptr, stage_surr_ptr, staged_ptr,
+                    counts_ptr, offsets_ptr, index_ptr, asurr_ptr,
+                    stage_index_ptr, stage_surr_ptr, staged_ptr, slot_start_ptr,
                     t_start, t_stop, steps, neurons, stage_capacity,
                     RECORD_MEMBRANE: tl.constexpr, RECORD_SYN: tl.constexpr, COLLECT_ACTIVE: tl.constexpr,
                     COUNT_ACTIVE: tl.constexpr, STAGE_ACTIVE: tl.constexpr, WRITE_ACTIVE: tl.constexpr,
@@ -638,9 +640,17 @@ def emit_kernels(spec: LifSpec, directory, dtype: torch.dtype = torch.float32) -
 
 
 def _unused(dtype: torch.dtype, device) -> Tensor:
-    # A placeholder for a pointer argument the kernel does not read (allocated, never converted:
-    # a cast would be one more kernel launch).
-    return torch.empty(1, dtype=dtype, device=device)
+    # A placeholder for a pointer argument the kernel neither reads nor writes (its flags say so).
+    # One per dtype and device, kept: allocating it on every call is host time, and a sparse layer
+    # on a GPU is mostly host time. Never returned to a caller, never converted.
+    key = (dtype, str(device))
+    placeholder = _PLACEHOLDERS.get(key)
+    if placeholder is None:
+        placeholder = _PLACEHOLDERS[key] = torch.empty(1, dtype=dtype, device=device)
+    return placeholder
+
+
+_PLACEHOLDERS: dict = {}
 
 
 def _block(neurons: int) -> int:
@@ -695,7 +705,7 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     args = (beta_a, theta_a, alpha_a, v_state, syn_state, spikes,
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
             flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
-            counts, nothing_i64, nothing_i64, nothing, stage.index, stage.surr, stage.staged)
+            counts, nothing_i64, nothing_i64, nothing, stage.index, stage.surr, stage.staged, stage.slot_start)
     consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
                   COUNT_ACTIVE=compact_active, STAGE_ACTIVE=stage.capacity > 0, WRITE_ACTIVE=False,
                   STORE_SPIKES=True, BLOCK_N=block, STAGES=_sweep_stages(recurrent_weight is not None),
@@ -733,7 +743,8 @@ class _Staging:
 
     index: Tensor
     surr: Tensor
-    staged: Tensor
+    staged: Tensor  # per program: how many entries it found (over capacity: it overflowed)
+    slot_start: Tensor  # per (b, t, block) slot: where its entries start in its program's area
     capacity: int
 
     @classmethod
@@ -741,11 +752,13 @@ class _Staging:
         capacity = max(block, math.ceil(steps * block * STAGE_FRACTION))
         return cls(torch.empty(programs * capacity, dtype=torch.int64, device=device),
                    torch.empty(programs * capacity, dtype=acc, device=device),
-                   torch.empty(programs, dtype=torch.int32, device=device), capacity)
+                   torch.empty(programs, dtype=torch.int32, device=device),
+                   torch.empty(programs * steps, dtype=torch.int32, device=device), capacity)
 
     @classmethod
     def unused(cls, acc: torch.dtype, device) -> "_Staging":
-        return cls(_unused(torch.int64, device), _unused(acc, device), _unused(torch.int32, device), 0)
+        placeholder = _unused(torch.int32, device)
+        return cls(_unused(torch.int64, device), _unused(acc, device), placeholder, placeholder, 0)
 
 
 def _compact_active(module, current, args, counts, stage: _Staging, v0, syn0, acc, grid, steps, neurons, block):
@@ -757,23 +770,23 @@ def _compact_active(module, current, args, counts, stage: _Staging, v0, syn0, ac
     """
     batch, blocks = grid
     device = current.device
-    ends = counts.cumsum(0)
+    # Exclusive prefix sum of the counts with the total appended: every slot's offset, and every
+    # (b, t)'s start at a stride of `blocks` (kept, so made contiguous: the kernels index it densely).
+    ends = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, dtype=torch.int64, out=ends[1:])
+    offsets = ends[:-1]
+    per_row = ends[::blocks].contiguous() if blocks > 1 else ends
     most_staged = 0
-    if not ends.numel():
-        total = 0
-    elif stage.capacity:
+    if stage.capacity and counts.numel():
         # the forward's one host sync: the list's length, and whether every program's entries fit
         total, most_staged = torch.stack([ends[-1], stage.staged.max().to(ends.dtype)]).tolist()
     else:
         total = int(ends[-1])  # the forward's one host sync: the list's length
-    offsets = ends - counts  # exclusive prefix sum, int64
     index = torch.empty(total, dtype=torch.int64, device=device)
     values = torch.empty(total, dtype=acc, device=device)
     if total and stage.capacity and most_staged <= stage.capacity:
-        per_slot = counts.view(batch, steps, blocks).to(torch.int64)
-        in_program = (per_slot.cumsum(1) - per_slot).reshape(-1)  # where each slot starts in its program's area
-        module._gather_staged_kernel[(counts.numel(),)](counts, offsets, in_program, stage.index, stage.surr, index,
-                                                        values, steps, blocks, stage.capacity, BLOCK=block)
+        module._gather_staged_kernel[(counts.numel(),)](counts, offsets, stage.slot_start, stage.index, stage.surr,
+                                                        index, values, steps, blocks, stage.capacity, BLOCK=block)
     elif total:
         # The state buffers were advanced by the first pass; rerun from fresh copies of the initial state.
         fresh = list(args)
@@ -785,8 +798,6 @@ def _compact_active(module, current, args, counts, stage: _Staging, v0, syn0, ac
                                      RECORD_SYN=False, COLLECT_ACTIVE=False, COUNT_ACTIVE=False, STAGE_ACTIVE=False,
                                      WRITE_ACTIVE=True, STORE_SPIKES=False, BLOCK_N=block,
                                      STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
-    per_row = torch.cat([offsets[::blocks], ends[-1:]]) if ends.numel() else torch.zeros(1, dtype=torch.int64,
-                                                                                          device=device)
     return index, values, per_row
 
 
