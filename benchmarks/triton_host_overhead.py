@@ -10,7 +10,9 @@ overhead only: no kernel runs, and CPU tensor ops stand in for CUDA ones.
     python benchmarks/triton_host_overhead.py --backward exact --calls 5000
 
 Prints the median and minimum time of one ``backward`` call (``retain_graph=True``, same graph)
-and the launches it makes.
+and the launches it makes; then, for one forward and one backward, the torch operations the host
+issues (top-level ATen calls, counted with ``torch.profiler``; the stubs' own writes left out). On
+a GPU each is a dispatch and often a launch, so their number is what a host-bound layer pays.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import snnopt.functional as SF  # noqa: E402
 from snnopt.codegen import triton_lif  # noqa: E402
 
 LAUNCHES: collections.Counter = collections.Counter()
+STUB_SCOPE = "stub writes"  # profiler label of the stubs' own fill_ calls (not the layer's operations)
 
 
 class _NoLaunch:
@@ -40,18 +43,22 @@ class _NoLaunch:
     def __getitem__(self, grid):
         def launch(*args, **meta):
             LAUNCHES[self.name] += 1
-            if self.name == "_input_events_kernel":
-                (args[3] if meta.get("WRITE") else args[1]).fill_(0 if meta.get("WRITE") else 1)
-            elif self.name == "_lif_fwd_kernel" and meta.get("COUNT_ACTIVE"):
-                args[11].fill_(1)  # one active entry per (b, t, block)
-                if meta.get("STAGE_ACTIVE"):
-                    args[17].fill_(1)  # each program staged one (within its area: no second sweep)
-                    args[18].fill_(0)  # slot starts within the area
-            elif self.name == "_lif_fwd_kernel" and meta.get("WRITE_ACTIVE"):
-                args[13].fill_(0)  # valid flat indices
-            elif self.name == "_gather_staged_kernel":
-                args[5].fill_(0)  # valid flat indices
+            with torch.profiler.record_function(STUB_SCOPE):
+                self._write_counts(args, meta)
         return launch
+
+    def _write_counts(self, args, meta):
+        if self.name == "_input_events_kernel":
+            (args[3] if meta.get("WRITE") else args[1]).fill_(0 if meta.get("WRITE") else 1)
+        elif self.name == "_lif_fwd_kernel" and meta.get("COUNT_ACTIVE"):
+            args[11].fill_(1)  # one active entry per (b, t, block)
+            if meta.get("STAGE_ACTIVE"):
+                args[17].fill_(1)  # each program staged one (within its area: no second sweep)
+                args[18].fill_(0)  # slot starts within the area
+        elif self.name == "_lif_fwd_kernel" and meta.get("WRITE_ACTIVE"):
+            args[13].fill_(0)  # valid flat indices
+        elif self.name == "_gather_staged_kernel":
+            args[5].fill_(0)  # valid flat indices
 
 
 def _stub_kernels():
@@ -94,7 +101,31 @@ def main(argv=None) -> int:
     print(f"{args.backward} backward, shape {tuple(args.shape)}: host time median "
           f"{statistics.median(times) * 1e6:.1f} us, min {min(times) * 1e6:.1f} us over {args.calls} calls; "
           f"launches per call {per_call}")
+    for phase, ops, launches in _operations(x, weight, upstream, args.backward):
+        print(f"{args.backward} {phase}: {sum(ops.values())} torch operations {dict(ops.most_common())}; "
+              f"launches {launches}")
     return 0
+
+
+def _operations(x, weight, upstream, backward: str):
+    """(phase, top-level ATen calls, kernel launches) of one forward and one backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    results = []
+    spikes = None
+    for phase in ("forward", "backward"):
+        LAUNCHES.clear()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            if phase == "forward":
+                spikes = SF.linear_lif(x, weight, beta=0.9, backend="triton", backward=backward)
+            else:
+                spikes.backward(upstream)
+        ops = collections.Counter(
+            event.name for event in prof.events()
+            if event.name.startswith("aten::") and not (event.cpu_parent is not None and (
+                event.cpu_parent.name.startswith("aten::") or event.cpu_parent.name == STUB_SCOPE)))
+        results.append((phase, ops, dict(LAUNCHES)))
+    return results
 
 
 if __name__ == "__main__":

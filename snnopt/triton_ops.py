@@ -73,7 +73,6 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     del current
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
     saved_membrane = membrane if exact_saves else _empty(x, acc)
-    active_offsets = _empty(x, torch.int64)
     if events is None:
         events = (_empty(x, torch.int64), _empty(x, _event_pos_dtype(x)), _empty(x, acc))
     if compact:
@@ -82,8 +81,10 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     elif flags is not None:
         active_index = torch.nonzero(flags.reshape(-1) & triton_lif.FLAG_ACTIVE).squeeze(1)
         active_surr = surr.reshape(-1)[active_index]
+        active_offsets = _empty(x, torch.int64)
     else:
         flags, active_index, active_surr = _empty(x, torch.uint8), _empty(x, torch.int64), _empty(x, acc)
+        active_offsets = _empty(x, torch.int64)
     return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
             saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
             active_surr, active_offsets, *events)

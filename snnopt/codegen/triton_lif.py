@@ -819,9 +819,9 @@ def input_events(x: Tensor, acc: torch.dtype):
     nothing = _unused(torch.int64, device)
     module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps,
                                          features, WRITE=False, BLOCK=block)
-    ends = counts.cumsum(0)
-    total = int(ends[-1])
-    offsets = torch.cat([ends.new_zeros(1), ends])
+    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # exclusive prefix sum, total appended
+    torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
+    total = int(offsets[-1])
     pos = torch.empty(total, dtype=pos_dtype, device=device)
     values = torch.empty(total, dtype=acc, device=device)
     if total:
