@@ -53,8 +53,7 @@ class _NoLaunch:
         elif self.name == "_lif_fwd_kernel" and meta.get("COUNT_ACTIVE"):
             args[11].fill_(1)  # one active entry per (b, t, block)
             if meta.get("STAGE_ACTIVE"):
-                args[17].fill_(1)  # each program staged one (within its area: no second sweep)
-                args[18].fill_(0)  # slot starts within the area
+                args[18].fill_(0)  # slot starts within the area (and no overflow: no second sweep)
         elif self.name == "_lif_fwd_kernel" and meta.get("WRITE_ACTIVE"):
             args[13].fill_(0)  # valid flat indices
         elif self.name == "_gather_staged_kernel":

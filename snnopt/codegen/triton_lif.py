@@ -530,7 +530,7 @@ def _surrogate_at(u):
 def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
                     spikes_ptr, mem_ptr, syn_rec_ptr, flags_ptr, surr_ptr,
                     counts_ptr, offsets_ptr, index_ptr, asurr_ptr,
-                    stage_index_ptr, stage_surr_ptr, staged_ptr, slot_start_ptr,
+                    stage_index_ptr, stage_surr_ptr, overflow_ptr, slot_start_ptr,
                     t_start, t_stop, steps, neurons, stage_capacity,
                     RECORD_MEMBRANE: tl.constexpr, RECORD_SYN: tl.constexpr, COLLECT_ACTIVE: tl.constexpr,
                     COUNT_ACTIVE: tl.constexpr, STAGE_ACTIVE: tl.constexpr, WRITE_ACTIVE: tl.constexpr,
@@ -565,8 +565,8 @@ def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
         s_prev = s
     tl.store(v_ptr + state, v, mask=mask)
 {_indent(fwd_store_state, 4)}
-    if STAGE_ACTIVE:
-        tl.store(staged_ptr + program, staged)  # may exceed stage_capacity: then the caller reruns
+    if STAGE_ACTIVE:  # more entries than its area holds: flag it, the caller reruns the sweep
+        tl.store(overflow_ptr, (staged > stage_capacity).to(tl.int64), mask=staged > stage_capacity)
 
 
 @triton.jit
@@ -696,16 +696,21 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     block = _block(neurons)
     blocks = -(-neurons // block)
     grid = (batch, blocks)
-    counts = (torch.empty(batch * steps * blocks, dtype=torch.int32, device=device) if compact_active
-              else _unused(torch.int32, device))
+    slots = batch * steps * blocks
+    counts = torch.empty(slots, dtype=torch.int32, device=device) if compact_active else _unused(torch.int32, device)
+    # The compact list's offsets (an exclusive prefix sum of the counts, filled later), its total,
+    # and one more entry: the flag a program raises when its staging area overflowed. One host read
+    # of the last two then tells the list's length and whether the staged entries are complete.
+    ends = torch.zeros(slots + 2, dtype=torch.int64, device=device) if compact_active else None
     beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
     alpha_a = alpha.to(acc).contiguous() if alpha is not None else nothing
     stage = (_Staging.allocate(batch * blocks, steps, block, acc, device)
              if compact_active and current_tuning().one_pass_compaction else _Staging.unused(acc, device))
+    overflow = ends[slots + 1:] if stage.capacity else nothing_i64
     args = (beta_a, theta_a, alpha_a, v_state, syn_state, spikes,
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
             flags if flags is not None else _unused(torch.uint8, device), surr if surr is not None else nothing,
-            counts, nothing_i64, nothing_i64, nothing, stage.index, stage.surr, stage.staged, stage.slot_start)
+            counts, nothing_i64, nothing_i64, nothing, stage.index, stage.surr, overflow, stage.slot_start)
     consts = dict(RECORD_MEMBRANE=record_membrane, RECORD_SYN=record_syn, COLLECT_ACTIVE=collect_active,
                   COUNT_ACTIVE=compact_active, STAGE_ACTIVE=stage.capacity > 0, WRITE_ACTIVE=False,
                   STORE_SPIKES=True, BLOCK_N=block, STAGES=_sweep_stages(recurrent_weight is not None),
@@ -714,8 +719,8 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     if recurrent_weight is None:
         module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, stage.capacity, **consts)
         if compact_active:
-            compact = _compact_active(module, current, args, counts, stage, v0, syn0, acc, grid, steps, neurons,
-                                      block)
+            compact = _compact_active(module, current, args, counts, ends, stage, v0, syn0, acc, grid, steps,
+                                      neurons, block)
     else:
         if compact_active:
             raise ValueError("compact_active: feedforward layers only")
@@ -739,11 +744,10 @@ STAGE_FRACTION = 1 / 16
 
 @dataclass
 class _Staging:
-    """The one-pass compaction's buffers: each program's staged entries and how many it found."""
+    """The one-pass compaction's buffers: each program's staged entries, and where each slot's start."""
 
     index: Tensor
     surr: Tensor
-    staged: Tensor  # per program: how many entries it found (over capacity: it overflowed)
     slot_start: Tensor  # per (b, t, block) slot: where its entries start in its program's area
     capacity: int
 
@@ -752,39 +756,31 @@ class _Staging:
         capacity = max(block, math.ceil(steps * block * STAGE_FRACTION))
         return cls(torch.empty(programs * capacity, dtype=torch.int64, device=device),
                    torch.empty(programs * capacity, dtype=acc, device=device),
-                   torch.empty(programs, dtype=torch.int32, device=device),
                    torch.empty(programs * steps, dtype=torch.int32, device=device), capacity)
 
     @classmethod
     def unused(cls, acc: torch.dtype, device) -> "_Staging":
-        placeholder = _unused(torch.int32, device)
-        return cls(_unused(torch.int64, device), _unused(acc, device), placeholder, placeholder, 0)
+        return cls(_unused(torch.int64, device), _unused(acc, device), _unused(torch.int32, device), 0)
 
 
-def _compact_active(module, current, args, counts, stage: _Staging, v0, syn0, acc, grid, steps, neurons, block):
+def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, syn0, acc, grid, steps, neurons,
+                    block):
     """The active list from the first launch's counts: ordered from its staging areas, or by a second sweep.
 
-    Offsets from the counts (one host read: the total, and the most entries any program staged);
-    then one parallel copy per (b, t, block) slot from the staging areas, or, where staging is off or
-    a program overflowed its area, a rerun of the recurrence that writes each entry in place.
+    Offsets from the counts into ``ends`` (one host read: the total and the overflow flag); then
+    one parallel copy per (b, t, block) slot from the staging areas, or, where staging is off or a
+    program overflowed its area, a rerun of the recurrence that writes each entry in place.
     """
     batch, blocks = grid
     device = current.device
-    # Exclusive prefix sum of the counts with the total appended: every slot's offset, and every
-    # (b, t)'s start at a stride of `blocks` (kept, so made contiguous: the kernels index it densely).
-    ends = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, 0, dtype=torch.int64, out=ends[1:])
-    offsets = ends[:-1]
-    per_row = ends[::blocks].contiguous() if blocks > 1 else ends
-    most_staged = 0
-    if stage.capacity and counts.numel():
-        # the forward's one host sync: the list's length, and whether every program's entries fit
-        total, most_staged = torch.stack([ends[-1], stage.staged.max().to(ends.dtype)]).tolist()
-    else:
-        total = int(ends[-1])  # the forward's one host sync: the list's length
+    slots = counts.numel()
+    torch.cumsum(counts, 0, dtype=torch.int64, out=ends[1:slots + 1])
+    total, overflowed = ends[slots:].tolist()  # the forward's one host sync
+    offsets = ends[:slots]
+    per_row = ends[:slots + 1:blocks].clone()  # every (b, t)'s start, and the total (kept for the backward)
     index = torch.empty(total, dtype=torch.int64, device=device)
     values = torch.empty(total, dtype=acc, device=device)
-    if total and stage.capacity and most_staged <= stage.capacity:
+    if total and stage.capacity and not overflowed:
         module._gather_staged_kernel[(counts.numel(),)](counts, offsets, stage.slot_start, stage.index, stage.surr,
                                                         index, values, steps, blocks, stage.capacity, BLOCK=block)
     elif total:

@@ -23,7 +23,7 @@ _POINTER_TYPES = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16
 _INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr", "gsf_ptr", "v0_ptr", "syn0_ptr",
                          "x_ptr", "w_ptr"}
 _INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
-                   "stage_index_ptr": "*i64", "staged_ptr": "*i32", "slot_start_ptr": "*i32",
+                   "stage_index_ptr": "*i64", "overflow_ptr": "*i64", "slot_start_ptr": "*i32",
                    "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64",
                    "parts_ptr": "*bf16"}  # (and the bfloat16 parts of a split dL/dI: fixed types too)
 TUNING = triton_lif.KernelTuning()  # the shipped launch choices
