@@ -520,8 +520,9 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
     def weight_grad_kernel():
         module._sparse_weight_grad_kernel[(3,)](
             grad_spikes, active, active_surr, beta, *events, g, grad_w, grad_b, grad_v0, steps, neurons, features,
-            *grad_spikes.stride(), GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128,
-            ATOMIC_SEM=triton_lif.current_tuning().atomic_sem)
+            *grad_spikes.stride(), GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True,
+            BLOCK_E=triton_lif.current_tuning().pair_block, ATOMIC_SEM=triton_lif.current_tuning().atomic_sem,
+            num_warps=triton_lif._warps(triton_lif.current_tuning().pair_block))
 
     cases = {
         "torch.add(out=)": lambda: torch.add(a, b, out=c),
@@ -965,10 +966,12 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
 # Each trial changes some fields of snnopt.codegen.triton_lif.KernelTuning (how the kernels run,
 # never what they compute); "shipped" changes none. "as_run4" is the code H200 run 4 measured:
 # ordered (acq_rel) atomics, unpipelined sweeps, the compact forward's second sweep.
+# (Run 4 also launched the input-gradient kernel with 4 warps for its 64 lanes; now 2.)
 AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": False}
 SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
-                      "as_run4": AS_RUN4}
+                      "pair_block_32": {"pair_block": 32}, "pair_block_64": {"pair_block": 64},
+                      "pair_block_256": {"pair_block": 256}, "as_run4": AS_RUN4}
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
                     "max_block_128": {"max_block": 128}, "two_pass_compaction": {"one_pass_compaction": False},
                     "as_run4": AS_RUN4}
@@ -977,15 +980,15 @@ ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": 
 def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
     """snnopt's sparse layers timed under each kernel tuning, side by side in one set of rounds.
 
-    The seed network's layer 1 (784 → H, H the second hidden size; its backward is the event-pair
-    kernel with its atomics) and the ON layer at the smallest n (forward sweeps, reverse filter),
-    sparse and exact. The tunings compute the same results (tests/codegen/test_kernel_tuning.py);
+    The seed network's two hidden layers at the second hidden size, sparse (the event-pair kernels:
+    the weight gradient's atomics, layer 2's input gradient) and the ON layer at the smallest n
+    (forward sweeps, reverse filter), sparse and exact. The tunings compute the same results (tests/codegen/test_kernel_tuning.py);
     on CPU they change nothing (the CPU backend runs), so a smoke run only checks this code.
     """
     from snnopt.codegen import triton_lif
 
     out = {"shipped": asdict(triton_lif.KernelTuning())}
-    out["seed_layer1"] = _seed_layer_tuning(sizes, device, errors)
+    out["seed"] = _seed_layer_tuning(sizes, device, errors)
     free_memory(device)
     out["on"] = _on_layer_tuning(sizes, args, device, errors)
     free_memory(device)
@@ -993,17 +996,32 @@ def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -
 
 
 def _seed_layer_tuning(sizes: SuiteSizes, device: torch.device, errors: dict) -> dict:
+    """Both hidden layers of the seed network, sparse: layer 1 (weight gradient from the input events)
+    and layer 2 (also its input gradient at layer 1's active entries)."""
     hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
     cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
     x = seed.latency_code(seed.synthetic_fashion_images(cfg.batch, seed=cfg.seed), cfg).to(device)
-    weight = seed.initial_weights(cfg)[0].to(device).requires_grad_()
-    grad_out = torch.randn(cfg.batch, cfg.steps, hidden, device=device)  # its values do not change the work
+    weights = [w.to(device) for w in seed.initial_weights(cfg)]
+    with torch.device(device):
+        dense = seed.DenseEagerSNN(cfg, unbind=True)
+    membranes = []
+    with torch.no_grad():
+        for param, weight in zip(dense.weights(), weights):
+            param.copy_(weight)
+        _, (s1, _) = dense(x, membranes)
+    active1 = ((membranes[0] - cfg.threshold).abs() < cfg.window).flatten().nonzero().squeeze(1)
+    del dense, membranes
     layer = snnopt_layer(cfg, "sparse")
-    case = Case("snnopt_sparse", "snnopt sparse", lambda: layer(x, weight, None),
-                lambda spikes: torch.autograd.backward(spikes, grad_out), [weight])
+    cases = {}
+    for key, inp, weight, upstream in (("layer1", x, weights[0], None), ("layer2", s1, weights[1], active1)):
+        w = weight.clone().requires_grad_()
+        inp = inp.clone().requires_grad_(upstream is not None)
+        grad_out = torch.randn(cfg.batch, cfg.steps, hidden, device=device)  # its values do not change the work
+        cases[key] = Case(key, f"snnopt sparse {key}", lambda inp=inp, w=w, active=upstream: layer(inp, w, active),
+                          lambda spikes, grad_out=grad_out: torch.autograd.backward(spikes, grad_out),
+                          [w, inp] if upstream is not None else [w])
     return {"config": {"hidden": hidden, "batch": cfg.batch, "steps": cfg.steps},
-            "trials": _time_tunings({"snnopt_sparse": case}, SEED_TUNING_TRIALS, sizes, errors, device,
-                                    "kernel_tuning.seed")}
+            "trials": _time_tunings(cases, SEED_TUNING_TRIALS, sizes, errors, device, "kernel_tuning.seed")}
 
 
 def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
@@ -1142,7 +1160,7 @@ def print_on(payload: dict) -> None:
 
 def print_tuning(payload: dict) -> None:
     tuning = payload["kernel_tuning"]
-    for part in ("seed_layer1", "on"):
+    for part in ("seed", "on"):
         for key, trials in tuning.get(part, {}).get("trials", {}).items():
             base = trials.get("shipped", {}).get("step_ms")
             rows = []

@@ -86,6 +86,9 @@ class KernelTuning:
       accumulate, so ``"relaxed"`` suffices and compiles to fire-and-forget ``red`` instructions;
       Triton's default ``"acq_rel"`` waits for every add to return and orders it with the thread's
       other memory operations.
+    * ``pair_block``: lanes of the sparse weight gradient's programs (one per active entry, walking
+      the input events of its batch row ``pair_block`` at a time; one warp per 32 lanes); the input
+      gradient's programs walk the active entries half as many at a time.
     * ``one_pass_compaction``: the compact forward stages each program's active entries as it
       finds them and a parallel copy orders them (one serial sweep over T); off, or where a
       program's entries overflow its staging area (:data:`STAGE_FRACTION`), a second sweep reruns
@@ -98,6 +101,7 @@ class KernelTuning:
     sweep_stages: int = 3
     max_block: int = 256
     atomic_sem: str = "relaxed"
+    pair_block: int = 128
     one_pass_compaction: bool = True
 
     def __post_init__(self):
@@ -108,6 +112,9 @@ class KernelTuning:
             raise InvalidArgumentError(f"max_block: expected a power of two from 16 to 1024, got {self.max_block!r}")
         if self.atomic_sem not in ("relaxed", "acq_rel"):
             raise InvalidArgumentError(f"atomic_sem: expected 'relaxed' or 'acq_rel', got {self.atomic_sem!r}")
+        if (not isinstance(self.pair_block, int) or not 32 <= self.pair_block <= 1024
+                or self.pair_block & (self.pair_block - 1)):
+            raise InvalidArgumentError(f"pair_block: expected a power of two from 32 to 1024, got {self.pair_block!r}")
         if not isinstance(self.one_pass_compaction, bool):
             raise InvalidArgumentError(f"one_pass_compaction: expected a bool, got {self.one_pass_compaction!r}")
 
@@ -658,6 +665,11 @@ def _block(neurons: int) -> int:
     return max(16, min(current_tuning().max_block, 1 << max(0, (int(neurons) - 1).bit_length())))
 
 
+def _warps(lanes: int) -> int:
+    # One warp per 32 lanes of a 1-D program (more would hold copies of the same lanes), 1 to 8.
+    return max(1, min(8, lanes // 32))
+
+
 def _sweep_stages(one_step_per_launch: bool) -> int:
     # A recurrent layer's sweep runs one step per launch: nothing to pipeline.
     return 1 if one_step_per_launch else current_tuning().sweep_stages
@@ -914,6 +926,7 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
     takes the dense route instead.
     """
     module = kernels(_PLAIN_SPEC, in_dtype)
+    tuning = current_tuning()
     acc = accumulation_dtype(in_dtype)
     device = active_index.device
     neurons, features = weight.shape
@@ -933,15 +946,17 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
             grad_w if grad_w is not None else nothing, grad_b if grad_b is not None else nothing,
             grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, *gs_strides,
-            GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v, BLOCK_E=128,
-            ATOMIC_SEM=current_tuning().atomic_sem)
+            GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v,
+            BLOCK_E=tuning.pair_block, ATOMIC_SEM=tuning.atomic_sem, num_warps=_warps(tuning.pair_block))
     grad_x = None
     if input_active is not None:
-        grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
-        if count and input_active.numel():
+        if count and input_active.numel():  # the kernel writes every entry
+            grad_x = torch.empty(input_active.numel(), dtype=acc, device=device)
             module._sparse_input_grad_kernel[(input_active.numel(),)](
                 input_active, g, active_index, active_offsets, beta_a, weight.contiguous(), grad_x, steps, neurons,
-                features, BLOCK_A=64)
+                features, BLOCK_A=tuning.pair_block // 2, num_warps=_warps(tuning.pair_block // 2))
+        else:
+            grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
     return grad_w, grad_b, grad_v0, grad_x, g
 
 

@@ -69,8 +69,8 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     tuning = payload["kernel_tuning"]
     assert tuning["shipped"]["sweep_stages"] >= 1
     timed = {part: {key: {trial: v.get("step_ms") for trial, v in trials.items()}
-                    for key, trials in tuning[part]["trials"].items()} for part in ("seed_layer1", "on")}
-    assert set(timed["seed_layer1"]) == {"snnopt_sparse"} and set(timed["on"]) == {"snnopt_sparse", "snnopt_exact"}
+                    for key, trials in tuning[part]["trials"].items()} for part in ("seed", "on")}
+    assert set(timed["seed"]) == {"layer1", "layer2"} and set(timed["on"]) == {"snnopt_sparse", "snnopt_exact"}
     assert all(ms and ms > 0 for part in timed.values() for trials in part.values() for ms in trials.values()), timed
 
 

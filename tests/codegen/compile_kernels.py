@@ -32,9 +32,11 @@ STAGES = TUNING.sweep_stages
 COMPACT_KERNELS = {
     "_input_events_kernel": [dict(WRITE=False, BLOCK=1024), dict(WRITE=True, BLOCK=1024)],
     "_sparse_weight_grad_kernel": [
-        dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=128, ATOMIC_SEM=TUNING.atomic_sem),
-        dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=128, ATOMIC_SEM=TUNING.atomic_sem)],
-    "_sparse_input_grad_kernel": [dict(BLOCK_A=64)],
+        dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=TUNING.pair_block,
+             ATOMIC_SEM=TUNING.atomic_sem, num_warps=TUNING.pair_block // 32),
+        dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=TUNING.pair_block,
+             ATOMIC_SEM=TUNING.atomic_sem, num_warps=TUNING.pair_block // 32)],
+    "_sparse_input_grad_kernel": [dict(BLOCK_A=TUNING.pair_block // 2, num_warps=TUNING.pair_block // 64)],
     "_gather_staged_kernel": [dict(BLOCK=256)],
     "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
                                dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
@@ -103,9 +105,11 @@ def compile_variant(spec, dtype) -> dict:
     for name, variants_of_kernel in constants.items():
         fn = getattr(module, name)
         total = {"ptx_bytes": 0, "ordered_atomics": 0, "async_copies": 0}
-        for consts in variants_of_kernel:
+        for flags_of_launch in variants_of_kernel:
+            consts = dict(flags_of_launch)
+            options = dict(triton_lif.LAUNCH_OPTIONS, num_warps=consts.pop("num_warps", 4))  # 4: Triton's default
             compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), constexprs=consts), target=TARGET,
-                                      options=dict(triton_lif.LAUNCH_OPTIONS))
+                                      options=options)
             for fact, value in ptx_facts(compiled.asm["ptx"]).items():
                 total[fact] += value
         facts[name] = total

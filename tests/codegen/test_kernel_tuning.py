@@ -18,27 +18,30 @@ from snnopt.errors import InvalidArgumentError  # noqa: E402
 from snnopt.surrogate import Surrogate  # noqa: E402
 
 TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
-           dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False)]
+           dict(pair_block=32), dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False,
+                                     pair_block=256)]
 
 
-def _run(x, w, beta, *, backward, reset, membrane_loss):
+def _run(x, w, beta, *, backward, reset, membrane_loss, input_active=None):
     w = w.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_(input_active is not None)
     out = SF.linear_lif(x, w, beta=beta, reset=reset, surrogate=Surrogate("superspike", 10.0), window=0.5,
-                        backward=backward, return_membrane=membrane_loss, backend="triton")
+                        backward=backward, return_membrane=membrane_loss, backend="triton", input_active=input_active)
     spikes = out.spikes if membrane_loss else out
     upstream = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
     loss = (spikes * upstream).sum() + (out.membrane.sum() if membrane_loss else 0.0)
-    (grad_w,) = torch.autograd.grad(loss, [w])
-    return spikes.detach(), grad_w
+    grads = torch.autograd.grad(loss, [w] + ([x] if input_active is not None else []))
+    return (spikes.detach(), *grads)
 
 
-@pytest.mark.parametrize("backward, reset, membrane_loss", [
-    ("sparse", "subtract", False),  # compact event route: atomics
-    ("sparse", "subtract", True),   # compact dense route: reverse filter, then a GEMM
-    ("sparse", "zero", False),      # per-entry flags and the sparse sweep
-    ("exact", "subtract", False),   # exact sweep
+@pytest.mark.parametrize("backward, reset, membrane_loss, restricted_input_grad", [
+    ("sparse", "subtract", False, False),  # compact event route: the weight gradient's atomics
+    ("sparse", "subtract", False, True),   # and the input gradient at listed entries
+    ("sparse", "subtract", True, False),   # compact dense route: reverse filter, then a GEMM
+    ("sparse", "zero", False, False),      # per-entry flags and the sparse sweep
+    ("exact", "subtract", False, False),   # exact sweep
 ])
-def test_every_tuning_computes_the_same(backward, reset, membrane_loss, device, monkeypatch):
+def test_every_tuning_computes_the_same(backward, reset, membrane_loss, restricted_input_grad, device, monkeypatch):
     # Tiny shapes: the cost model would pick the dense GEMM; the event route is the one with atomics.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
     gen = torch.Generator().manual_seed(0)
@@ -46,14 +49,19 @@ def test_every_tuning_computes_the_same(backward, reset, membrane_loss, device, 
     x = (torch.rand(batch, steps, features, generator=gen) < 0.4).float().to(device)
     w = ((torch.rand(neurons, features, generator=gen) - 0.3) * 0.6).to(device)
     beta = (torch.rand(neurons, generator=gen) * 0.3 + 0.6).to(device)
-    shipped = _run(x, w, beta, backward=backward, reset=reset, membrane_loss=membrane_loss)
-    assert shipped[0].sum() > 0 and shipped[1].abs().sum() > 0  # the layer spikes and the gradient flows
+    # Listed input entries (as an upstream sparse layer's active list would be): a sorted subset.
+    listed = (torch.randperm(x.numel(), generator=gen)[:40].sort().values.to(device)
+              if restricted_input_grad else None)
+    run = dict(backward=backward, reset=reset, membrane_loss=membrane_loss, input_active=listed)
+    shipped = _run(x, w, beta, **run)
+    assert shipped[0].sum() > 0 and all(g.abs().sum() > 0 for g in shipped[1:])  # it spikes, gradients flow
     for changes in TUNINGS:
         with triton_lif.tuning(**changes):
-            spikes, grad_w = _run(x, w, beta, backward=backward, reset=reset, membrane_loss=membrane_loss)
-        assert torch.equal(spikes, shipped[0]), changes
-        torch.testing.assert_close(grad_w, shipped[1], rtol=1e-6, atol=1e-6 * float(shipped[1].abs().max()),
-                                   msg=lambda m: f"{changes}: {m}")
+            result = _run(x, w, beta, **run)
+        assert torch.equal(result[0], shipped[0]), changes
+        for name, ours, theirs in zip(("dL/dW", "dL/dx"), result[1:], shipped[1:]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6 * float(theirs.abs().max()),
+                                       msg=lambda m: f"{changes} {name}: {m}")
 
 
 def test_tuning_is_scoped_and_checked():
@@ -66,7 +74,7 @@ def test_tuning_is_scoped_and_checked():
         assert triton_lif.current_tuning() is outer
     assert triton_lif.current_tuning() == shipped
     for bad in (dict(sweep_stages=0), dict(max_block=48), dict(max_block=2048), dict(atomic_sem="seq_cst"),
-                dict(one_pass_compaction=1)):
+                dict(pair_block=16), dict(pair_block=96), dict(one_pass_compaction=1)):
         with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
             triton_lif.KernelTuning(**bad)
     with pytest.raises(InvalidArgumentError), triton_lif.tuning(sweep_stages=9):
