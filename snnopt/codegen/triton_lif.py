@@ -442,6 +442,7 @@ def kernel_source(spec: LifSpec, dtype: torch.dtype = torch.float32) -> str:
         bwd_step.append("tl.store(gcur_ptr + row, gsyn, mask=mask)")
     else:
         bwd_step.append("tl.store(gcur_ptr + row, gv, mask=mask)")
+    bwd_alpha = ["alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC)"] if cuba else []
     bwd_state_load = ["gv = tl.load(gv_ptr + state, mask=mask, other=0.0)"]
     bwd_state_store = ["tl.store(gv_ptr + state, gv, mask=mask)"]
     if cuba:
@@ -589,8 +590,7 @@ def _lif_bwd_kernel(gs_ptr, gm_ptr, gvf_ptr, gsf_ptr, mem_ptr, syn_rec_ptr, flag
     state = b * neurons + offs
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
     theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
-    alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC)
-{_indent(bwd_state_load + bwd_params_load, 4)}
+{_indent(bwd_alpha + bwd_state_load + bwd_params_load, 4)}
     # STAGES > 1 issues later steps' loads early (KernelTuning): no load here reads what this loop writes.
     for i in tl.range(t_start, t_stop, num_stages=STAGES):
         t = t_stop - 1 - (i - t_start)
@@ -861,15 +861,20 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
     else:
         gs = grad_spikes.contiguous()
     state_zeros = lambda: torch.zeros((batch, neurons), dtype=acc, device=device)  # noqa: E731
+    # Buffers only some specs' kernels touch are placeholders for the others (a zero fill each is
+    # host time): the synaptic ones for CuBa, the parameter gradients for the exact backward.
+    cuba, exact = spec.cuba, not spec.sparse
     gvf = grad_v_final.contiguous() if grad_v_final is not None else state_zeros()
-    gsf = grad_syn_final.contiguous() if (grad_syn_final is not None and spec.cuba) else state_zeros()
+    gsf = grad_syn_final.contiguous() if (grad_syn_final is not None and cuba) else (
+        state_zeros() if cuba else nothing)
     gm = grad_membrane.contiguous() if grad_membrane is not None else None
-    gv, gsyn = state_zeros(), state_zeros()
+    gv, gsyn = state_zeros(), (state_zeros() if cuba else nothing)
     gcur = torch.empty(seq_shape, dtype=acc, device=device)
-    gbeta, gtheta, galpha = state_zeros(), state_zeros(), state_zeros()
+    gbeta, gtheta = (state_zeros(), state_zeros()) if exact else (nothing, nothing)
+    galpha = state_zeros() if (exact and cuba) else nothing
     beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
-    alpha_a = alpha.to(acc).contiguous() if alpha is not None else state_zeros()[0]
-    syn0_a = syn0.contiguous() if syn0 is not None else state_zeros()
+    alpha_a = alpha.to(acc).contiguous() if alpha is not None else nothing
+    syn0_a = syn0.contiguous() if syn0 is not None else (state_zeros() if cuba else nothing)
     block = _block(neurons)
     grid = (batch, -(-neurons // block))
 
@@ -892,12 +897,13 @@ def lif_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
                 gs[:, t].addmm_(gcur[:, t + 1], rec)  # dL/ds[t] += Gcur[t+1] V
             sweep(t, t + 1)
         gs0 = gcur[:, 0].mm(rec)
-    gv0, gsyn0 = torch.empty_like(gv), torch.empty_like(gv)
+    gv0, gsyn0 = torch.empty_like(gv), (torch.empty_like(gv) if cuba else nothing)
     module._lif_bwd_init_kernel[grid](gs0, beta_a, theta_a, alpha_a, v0.contiguous(), gv, gsyn, gtheta, gv0, gsyn0,
                                       neurons, BLOCK_N=block, **LAUNCH_OPTIONS)
+    gsyn0 = gsyn0 if cuba else None
     if spec.sparse:
         return gcur, gv0, gsyn0, None, None, None
-    return gcur, gv0, gsyn0, gbeta.sum(0), gtheta.sum(0), galpha.sum(0)
+    return gcur, gv0, gsyn0, gbeta.sum(0), gtheta.sum(0), galpha.sum(0) if cuba else None
 
 
 
