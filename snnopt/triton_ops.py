@@ -297,8 +297,8 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         flags[active_index] = triton_lif.FLAG_ACTIVE
         flags = flags.reshape(seq_shape)
         if need_weight:
-            x = _dense_input(events, batch, steps, weight.shape[1],
-                             torch.bfloat16 if _input_takes_split(events, weight, batch, steps) else acc)
+            x = triton_lif.dense_input(events, batch, steps, weight.shape[1],
+                                       torch.bfloat16 if _input_takes_split(events, weight, batch, steps) else acc)
         else:
             x = None
     surr = None
@@ -371,9 +371,10 @@ def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, events, we
     split = _input_takes_split(events, weight, batch, steps)
     grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
     if split:
-        x_stacked = _dense_input(events, batch, steps, features, torch.bfloat16, copies=spike_matmul.SPLIT_PARTS)
+        x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
+                                           copies=spike_matmul.SPLIT_PARTS)
         return spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
-    return grad_current.t().mm(_dense_input(events, batch, steps, features, grad_current.dtype))
+    return grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
 
 
 def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:
@@ -382,23 +383,6 @@ def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:
     neurons, features = weight.shape
     return (spike_matmul.applies(values, weight, (neurons, batch * steps, features))
             and spike_matmul.is_bfloat16_exact(values))
-
-
-def _dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
-    """The layer input rebuilt from its events (the dense route of a compact layer), as ``(copies·B·T, F)`` rows.
-
-    ``copies`` > 1 writes it that many times over, back to back: the spike operand of the split
-    GEMM, stacked along its contraction (bfloat16: half the bytes of float32, exact for spikes).
-    """
-    offsets, pos, values = events
-    rows = torch.repeat_interleave(torch.arange(batch, device=pos.device), offsets[::steps].diff(),
-                                   output_size=pos.numel())
-    dense = torch.empty((copies, batch * steps * features), dtype=dtype, device=pos.device)
-    dense[0].zero_()
-    dense[0][rows * (steps * features) + pos.to(torch.int64)] = values.to(dtype)
-    if copies > 1:
-        dense[1:].copy_(dense[0].expand(copies - 1, -1))
-    return dense.reshape(copies * batch * steps, features)
 
 
 @lif_triton_backward_op.register_fake

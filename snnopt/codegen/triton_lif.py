@@ -311,6 +311,22 @@ def _gather_staged_kernel(counts_ptr, offsets_ptr, slot_start_ptr, stage_index_p
 
 
 @triton.jit
+def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, plane, copies, BLOCK: tl.constexpr):
+    # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
+    # of every copy of the dense input (zero elsewhere beforehand): the input rebuilt from its events.
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + r)
+    stop = tl.load(offsets_ptr + r + 1)
+    for k in range(start, stop, BLOCK):
+        ks = k + tl.arange(0, BLOCK)
+        m = ks < stop
+        i = tl.load(pos_ptr + ks, mask=m, other=0).to(tl.int64) % features
+        value = tl.load(val_ptr + ks, mask=m, other=0.0).to(out_ptr.dtype.element_ty)
+        for c in range(copies):
+            tl.store(out_ptr + c * plane + r * features + i, value, mask=m)
+
+
+@triton.jit
 def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, rows_total,
                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     # One program per (b, block of neurons): dL/dI[b,t,j] = beta_j * dL/dI[b,t+1,j] + g[b,t,j] for
@@ -964,6 +980,21 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
         else:
             grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
     return grad_w, grad_b, grad_v0, grad_x, g
+
+
+def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
+    """The layer input rebuilt from its events, as ``(copies·B·T, F)`` rows of ``dtype``.
+
+    ``copies`` > 1 writes it that many times over, back to back (the spike operand of the split
+    GEMM, stacked along its contraction). One zero fill and one launch, whatever the events.
+    """
+    offsets, pos, values = events
+    rows = batch * steps
+    dense = torch.zeros((copies, rows, features), dtype=dtype, device=pos.device)
+    if pos.numel():
+        kernels(_PLAIN_SPEC, torch.float32)._scatter_events_kernel[(rows,)](
+            offsets, pos, values, dense, features, rows * features, copies, BLOCK=128)
+    return dense.reshape(copies * rows, features)
 
 
 def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, steps: int, neurons: int, *,

@@ -38,6 +38,8 @@ COMPACT_KERNELS = {
              ATOMIC_SEM=TUNING.atomic_sem, num_warps=TUNING.pair_block // 32)],
     "_sparse_input_grad_kernel": [dict(BLOCK_A=TUNING.pair_block // 2, num_warps=TUNING.pair_block // 64)],
     "_gather_staged_kernel": [dict(BLOCK=256)],
+    # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
+    "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16")],
     "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
                                dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
 }
@@ -108,8 +110,9 @@ def compile_variant(spec, dtype) -> dict:
         for flags_of_launch in variants_of_kernel:
             consts = dict(flags_of_launch)
             options = dict(triton_lif.LAUNCH_OPTIONS, num_warps=consts.pop("num_warps", 4))  # 4: Triton's default
-            compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), constexprs=consts), target=TARGET,
-                                      options=options)
+            signature = _signature(fn, dtype)
+            signature.update({name: consts.pop(name) for name in list(consts) if name.endswith("_ptr")})
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=TARGET, options=options)
             for fact, value in ptx_facts(compiled.asm["ptx"]).items():
                 total[fact] += value
         facts[name] = total

@@ -175,7 +175,7 @@ def test_linear_reads_spikiness_from_the_listed_nonzeros(split_everywhere):
 def test_weight_grad_takes_the_split_and_matches_the_float32_product(split_everywhere):
     gen = torch.Generator().manual_seed(4)
     grad = torch.randn(200, 12, generator=gen)
-    x = (torch.rand(200, 20, generator=gen) < 0.3).to(torch.bfloat16)  # as _dense_input builds it
+    x = (torch.rand(200, 20, generator=gen) < 0.3).to(torch.bfloat16)  # as triton_lif.dense_input builds it
     out = spike_matmul.weight_grad(grad, x)
     assert split_everywhere == ["b"]
     torch.testing.assert_close(out, grad.t() @ x.float(), rtol=1e-5, atol=1e-5)

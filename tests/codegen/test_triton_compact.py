@@ -339,6 +339,19 @@ def test_reverse_filter_and_its_in_kernel_split(device):
     assert bool((lo <= mid).all() and (mid <= hi).all()) and bool((lo > 0).any())
 
 
+@pytest.mark.parametrize("dtype, copies", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float64, 2)])
+def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, device):
+    # The dense weight route's x: every copy equal to the input, empty rows and all-zero input included.
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.rand(3, 5, 70, generator=gen) < 0.2).to(dtype) * torch.randint(1, 4, (3, 5, 70), generator=gen)
+    x[1, 2] = 0  # a (b, t) row without events
+    for inp in (x.to(device), torch.zeros_like(x, device=device)):
+        events = triton_lif.input_events(inp, triton_lif.accumulation_dtype(dtype))
+        rows = triton_lif.dense_input(events, 3, 5, 70, dtype, copies=copies)
+        assert rows.shape == (copies * 15, 70) and rows.dtype == dtype
+        assert torch.equal(rows, inp.reshape(15, 70).repeat(copies, 1))
+
+
 def test_weight_grad_from_parts_rejects_a_wrong_layout():
     from snnopt.codegen import spike_matmul
 
