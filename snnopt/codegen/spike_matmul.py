@@ -11,6 +11,10 @@ cores are an order of magnitude faster. This module computes the same product th
   exact in float32 and at least 8 significant bits shorter than the last (:func:`split_bfloat16`;
   exact for ``2⁻¹¹⁰ ≤ |W| ≤ 3.38·10³⁸``: below, the lost bits are under 2⁻¹³³; above, bfloat16
   overflows).
+* On CUDA the split is one Triton launch writing the parts in place
+  (:func:`snnopt.codegen.triton_lif.split_bfloat16_into`); :func:`split_bfloat16` is the torch
+  reference and the route elsewhere. Both are exact, so they agree part for part up to the rounding
+  direction of each conversion.
 * The spike operand needs no split. Every product ``x·W_k`` is then exact in the tensor cores, and
   they accumulate in float32. One GEMM with the contraction dimension tripled,
   ``[x x x]·[W₃; W₂; W₁]``, keeps one float32 accumulator: the result is a float32 GEMM's up to the
@@ -154,6 +158,13 @@ def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
     shape = list(base.shape)
     shape[stack_dim] = size * SPLIT_PARTS
     stacked = torch.empty(shape, dtype=torch.bfloat16, device=base.device)
+    if (not repeat and base.is_cuda and base.dtype == torch.float32 and base.dim() == 2 and base.is_contiguous()
+            and _triton_importable()):
+        from snnopt.codegen import triton_lif
+
+        # One launch writing the three parts in place, instead of ~9 torch ops on float32 temporaries.
+        triton_lif.split_bfloat16_into(base, stacked, stack_dim)
+        return stacked.t() if transposed else stacked
     slots = [stacked.narrow(stack_dim, k * size, size) for k in range(SPLIT_PARTS)]
     if repeat:
         slots[0].copy_(base)  # converts once (exact: the caller checked)
@@ -162,6 +173,13 @@ def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
     else:
         _split_into(base, slots[::-1])  # smallest part first along the contraction (module docstring)
     return stacked.t() if transposed else stacked
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _mm_float32_out(a: Tensor, b: Tensor) -> Tensor:

@@ -311,6 +311,25 @@ def _gather_staged_kernel(counts_ptr, offsets_ptr, slot_start_ptr, stage_index_p
 
 
 @triton.jit
+def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_stride, BLOCK: tl.constexpr):
+    # Each float32 entry of a contiguous (rows, cols) tensor as three bfloat16 parts hi + mid + lo
+    # (exact; a non-finite remainder is dropped, so inf and NaN stay whole in hi), written smallest
+    # first: lo, mid, hi at slots 0, 1, 2 of spike_matmul's stacked GEMM operand.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < total
+    x = tl.load(src_ptr + e, mask=m, other=0.0)
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    rest = tl.where(tl.abs(rest) < float("inf"), rest, 0.0)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    target = out_ptr + (e // cols) * out_row_stride + e % cols
+    tl.store(target, lo, mask=m)
+    tl.store(target + slot_stride, mid, mask=m)
+    tl.store(target + 2 * slot_stride, hi, mask=m)
+
+
+@triton.jit
 def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, plane, copies, BLOCK: tl.constexpr):
     # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
     # of every copy of the dense input (zero elsewhere beforehand): the input rebuilt from its events.
@@ -980,6 +999,22 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
         else:
             grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
     return grad_w, grad_b, grad_v0, grad_x, g
+
+
+def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int) -> None:
+    """Write the three bfloat16 parts of ``base`` (contiguous float32, 2-D) into ``stacked``, smallest first.
+
+    ``stacked`` is ``(3·R, C)`` (``stack_dim`` 0) or ``(R, 3·C)`` (``stack_dim`` 1), contiguous: the
+    split operand of ``spike_matmul``'s GEMM. One launch, no float32 temporaries (the torch version,
+    ``spike_matmul._split_into``, is the reference: both splits are exact).
+    """
+    rows, cols = base.shape
+    total = base.numel()
+    row_stride, slot_stride = (3 * cols, cols) if stack_dim == 1 else (cols, rows * cols)
+    if total:
+        block = 1024
+        kernels(_PLAIN_SPEC, torch.float32)._split_bfloat16_kernel[(-(-total // block),)](
+            base, stacked, cols, total, row_stride, slot_stride, BLOCK=block, **LAUNCH_OPTIONS)
 
 
 def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:

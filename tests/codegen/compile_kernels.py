@@ -40,6 +40,7 @@ COMPACT_KERNELS = {
     "_gather_staged_kernel": [dict(BLOCK=256)],
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
     "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16")],
+    "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split
     "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
                                dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
 }

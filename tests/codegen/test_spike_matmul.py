@@ -254,3 +254,29 @@ def test_split_gemm_on_gpu():
     grad_w = spike_matmul.weight_grad(grad, x)
     exact_w = grad.double().t() @ x.double()
     assert bool(((grad_w.double() - exact_w).abs() <= _gemm_bound(grad.t(), x)).all())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("stack_dim", [0, 1])
+def test_triton_split_writes_exact_parts_smallest_first(stack_dim):
+    # The CUDA route's one-launch split (Triton's interpreter here) against the operand itself: the
+    # parts add up to it exactly, lie in the slots the torch split uses, and keep inf / NaN whole.
+    pytest.importorskip("triton")
+    from snnopt.codegen import triton_lif
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(7, 33, generator=gen) * torch.logspace(-30, 30, 33)  # wide range of magnitudes
+    w[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
+    w[1, :2] = torch.tensor([2.0**-110, -3.3e38])  # the ends of the exact range (module docstring)
+    rows, cols = w.shape
+    stacked = torch.empty((3 * rows, cols) if stack_dim == 0 else (rows, 3 * cols), dtype=torch.bfloat16)
+    triton_lif.split_bfloat16_into(w, stacked, stack_dim)
+    lo, mid, hi = (stacked.reshape(3, rows, cols) if stack_dim == 0 else stacked.reshape(rows, 3, cols).transpose(0, 1))
+    finite = torch.isfinite(w)
+    total = hi.double() + mid.double() + lo.double()
+    assert torch.equal(total[finite], w.double()[finite])
+    assert torch.equal(hi[~finite].float(), w[~finite]) or bool(torch.isnan(w[~finite]).any())
+    assert bool((mid[~finite] == 0).all() and (lo[~finite] == 0).all())
+    assert torch.isnan(hi[0, 2]) and hi[0, 0] == float("inf") and hi[0, 1] == float("-inf")
+    lo, mid, hi = lo.float().abs()[finite], mid.float().abs()[finite], hi.float().abs()[finite]
+    assert bool((lo <= mid).all() and (mid <= hi).all()) and bool((lo > 0).any())
