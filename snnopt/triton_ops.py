@@ -62,7 +62,11 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     else:
         # One GEMM for all steps (in the input dtype, as nn.Linear would; a large spike input on
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
-        current = spike_matmul.linear(x, weight, bias, nonzeros=events[2] if events is not None else None)
+        batch, steps, features = x.shape
+        current = spike_matmul.linear(
+            x, weight, bias, nonzeros=events[2] if events is not None else None,
+            stacked_spikes=None if events is None else lambda: triton_lif.dense_input(
+                events, batch, steps, features, torch.bfloat16, spike_matmul.SPLIT_PARTS, side_by_side=True))
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse

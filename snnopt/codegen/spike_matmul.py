@@ -41,7 +41,7 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -226,12 +226,14 @@ def _float32_output_mm(device_type: str) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           nonzeros: Optional[Tensor] = None) -> Tensor:
+           nonzeros: Optional[Tensor] = None, stacked_spikes: Optional[Callable[[], Tensor]] = None) -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays.
 
     ``nonzeros``: the nonzero entries of ``x``, where the caller has them listed (a compact layer's
     input events): whether ``x`` is spikes is then read from those, a much smaller tensor, instead
-    of three passes over ``x``.
+    of three passes over ``x``. ``stacked_spikes``: builds the GEMM's left operand, ``x`` as
+    bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, where the caller
+    can do that more cheaply than from the dense ``x`` (from those events).
     """
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
@@ -242,7 +244,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         elif is_bfloat16_exact(nonzeros):
             spikes = x  # converted while stacked
     if spikes is not None:
-        out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
+        if stacked_spikes is not None:
+            out = _mm_float32_out(stacked_spikes(), _contraction_stack(weight.t(), 0, repeat=False))
+        else:
+            out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -330,9 +330,11 @@ def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_s
 
 
 @triton.jit
-def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, plane, copies, BLOCK: tl.constexpr):
+def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row_stride, copy_stride, copies,
+                           BLOCK: tl.constexpr):
     # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
     # of every copy of the dense input (zero elsewhere beforehand): the input rebuilt from its events.
+    # Copies stacked below each other (copy_stride = B*T*features) or side by side (= features).
     r = tl.program_id(0).to(tl.int64)
     start = tl.load(offsets_ptr + r)
     stop = tl.load(offsets_ptr + r + 1)
@@ -342,7 +344,7 @@ def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, pla
         i = tl.load(pos_ptr + ks, mask=m, other=0).to(tl.int64) % features
         value = tl.load(val_ptr + ks, mask=m, other=0.0).to(out_ptr.dtype.element_ty)
         for c in range(copies):
-            tl.store(out_ptr + c * plane + r * features + i, value, mask=m)
+            tl.store(out_ptr + c * copy_stride + r * row_stride + i, value, mask=m)
 
 
 @triton.jit
@@ -1017,19 +1019,23 @@ def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int) -> None:
             base, stacked, cols, total, row_stride, slot_stride, BLOCK=block, **LAUNCH_OPTIONS)
 
 
-def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
-    """The layer input rebuilt from its events, as ``(copies·B·T, F)`` rows of ``dtype``.
+def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1, *,
+                side_by_side: bool = False) -> Tensor:
+    """The layer input rebuilt from its events: ``(copies·B·T, F)`` rows of ``dtype``, or ``(B·T, copies·F)``.
 
-    ``copies`` > 1 writes it that many times over, back to back (the spike operand of the split
-    GEMM, stacked along its contraction). One zero fill and one launch, whatever the events.
+    ``copies`` > 1 writes it that many times over (the spike operand of the split GEMM, stacked along
+    its contraction: below each other for the weight gradient's, side by side, ``side_by_side``, for
+    the forward's). One zero fill and one launch, whatever the events.
     """
     offsets, pos, values = events
     rows = batch * steps
-    dense = torch.zeros((copies, rows, features), dtype=dtype, device=pos.device)
+    shape = (rows, copies * features) if side_by_side else (copies * rows, features)
+    dense = torch.zeros(shape, dtype=dtype, device=pos.device)
+    row_stride, copy_stride = (copies * features, features) if side_by_side else (features, rows * features)
     if pos.numel():
         kernels(_PLAIN_SPEC, torch.float32)._scatter_events_kernel[(rows,)](
-            offsets, pos, values, dense, features, rows * features, copies, BLOCK=128)
-    return dense.reshape(copies * rows, features)
+            offsets, pos, values, dense, features, row_stride, copy_stride, copies, BLOCK=128)
+    return dense
 
 
 def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, steps: int, neurons: int, *,

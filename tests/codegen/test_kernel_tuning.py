@@ -1,10 +1,11 @@
 """``triton_lif.KernelTuning`` changes how the Triton kernels run, never what they compute.
 
 Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
-ordered atomics, the two-sweep compaction) against the shipped one, on the paths that use it: the compact event route (the
-weight gradient's atomics), the compact dense route (reverse filter), the flag sweep of a sparse
-layer with zero reset, and the exact sweep. Triton's interpreter on CPU, the compiled kernels on a
-GPU (where the atomics' order may differ, hence a float32-rounding tolerance on the gradients).
+ordered atomics, the two-sweep compaction, other event-pair block sizes) against the shipped one,
+on the paths that use it: the compact event route (the weight gradient's atomics, the restricted
+input gradient), the compact dense route (reverse filter), the flag sweep of a sparse layer with
+zero reset, and the exact sweep. Triton's interpreter on CPU, the compiled kernels on a GPU (where
+the atomics' order may differ, hence a float32-rounding tolerance on the gradients).
 """
 
 import pytest

@@ -241,11 +241,15 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
     monkeypatch.setattr(spike_matmul, "weight_grad_from_parts",
                         lambda *a, **k: (used.append("parts"), real_parts(*a, **k))[1])
+    real_dense = triton_lif.dense_input
+    monkeypatch.setattr(triton_lif, "dense_input", lambda *a, **k: (
+        used.append("a from events") if k.get("side_by_side") else None, real_dense(*a, **k))[1])
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
-    # The forward current, then the weight gradient: from dL/dI split by the reverse-filter kernel,
-    # or (membrane loss: the full dense sweep) split afterwards.
-    assert used == ["a", "b" if membrane_loss else "parts"]
+    # The forward current (its spike operand stacked straight from the input events), then the weight
+    # gradient: from dL/dI split by the reverse-filter kernel, or (membrane loss: the full dense sweep)
+    # split afterwards.
+    assert used == ["a from events", "b" if membrane_loss else "parts"]
 
 
 def test_non_spike_input_keeps_the_float32_gemm_when_the_split_would_apply(monkeypatch, device):
@@ -339,17 +343,19 @@ def test_reverse_filter_and_its_in_kernel_split(device):
     assert bool((lo <= mid).all() and (mid <= hi).all()) and bool((lo > 0).any())
 
 
-@pytest.mark.parametrize("dtype, copies", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float64, 2)])
-def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, device):
-    # The dense weight route's x: every copy equal to the input, empty rows and all-zero input included.
+@pytest.mark.parametrize("dtype, copies, side_by_side", [(torch.float32, 1, False), (torch.bfloat16, 3, False),
+                                                          (torch.float64, 2, False), (torch.bfloat16, 3, True)])
+def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, side_by_side, device):
+    # The dense weight route's x (copies below each other) and the forward's split-GEMM operand (side
+    # by side): every copy equal to the input, empty rows and all-zero input included.
     gen = torch.Generator().manual_seed(4)
     x = (torch.rand(3, 5, 70, generator=gen) < 0.2).to(dtype) * torch.randint(1, 4, (3, 5, 70), generator=gen)
     x[1, 2] = 0  # a (b, t) row without events
     for inp in (x.to(device), torch.zeros_like(x, device=device)):
         events = triton_lif.input_events(inp, triton_lif.accumulation_dtype(dtype))
-        rows = triton_lif.dense_input(events, 3, 5, 70, dtype, copies=copies)
-        assert rows.shape == (copies * 15, 70) and rows.dtype == dtype
-        assert torch.equal(rows, inp.reshape(15, 70).repeat(copies, 1))
+        rows = triton_lif.dense_input(events, 3, 5, 70, dtype, copies=copies, side_by_side=side_by_side)
+        expected = inp.reshape(15, 70).repeat(1, copies) if side_by_side else inp.reshape(15, 70).repeat(copies, 1)
+        assert rows.dtype == dtype and torch.equal(rows, expected)
 
 
 def test_weight_grad_from_parts_rejects_a_wrong_layout():
