@@ -4,13 +4,14 @@
 # SpikingJelly and their pure-Python dependency loguru travel as wheels in .whl/ (prepared with
 # `pip download --no-deps`, see benchmarks/README.md), and snnopt runs from the source tree.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh          # about 7 minutes at most on a warm GPU
+#   OUT=/some/folder bash benchmarks/gpu_check.sh          # about 8.5 minutes at most on a warm GPU
 #
 # Steps: install the wheels into /tmp/site; print nvidia-smi and versions; the GPU suite (at most
 # 260 s: seed sizes start until 70 s, then the kernel-tuning trials, ON sizes until 200 s; 5 timed
 # rounds; torch.compile of the whole 500-step loop left out, see gpu_suite.py --with-compile;
 # torch.compile of the step is in);
-# then the GPU tests (pytest -m gpu, at most 150 s). Suite first: a lease cut short keeps the numbers.
+# then the GPU tests (pytest -m gpu, at most 150 s), then the compact-path and kernel-tuning test
+# files with the compiled kernels (at most 90 s). Suite first: a lease cut short keeps the numbers.
 # Logs: $OUT/env.log, $OUT/gpu_tests.log, $OUT/gpu_suite.log; results: $OUT/gpu_suite_<device>.json
 # (rewritten after every size, so a cut-short run keeps what finished) and .png. A failing step
 # does not stop the next one.
@@ -58,4 +59,12 @@ echo "gpu_suite exit status ${PIPESTATUS[0]} (1: a correctness check failed; 124
 echo "== GPU tests (pytest -m gpu, limit 150 s)" | tee "$OUT/gpu_tests.log"
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out)" | tee -a "$OUT/gpu_tests.log"
+
+# The interpreter suites of the compact path and the kernel tunings, run here with the compiled
+# kernels (their `device` fixture picks CUDA): every code path of the one-sweep compaction, the
+# event kernels and each tuning against the reference on the GPU, at tiny shapes.
+echo "== compiled-kernel runs of the interpreter suites (limit 90 s)" | tee "$OUT/gpu_unit_tests.log"
+timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/codegen/test_triton_compact.py \
+  tests/codegen/test_kernel_tuning.py 2>&1 | tee -a "$OUT/gpu_unit_tests.log"
+echo "pytest exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/gpu_unit_tests.log"
 ls -l "$OUT"
