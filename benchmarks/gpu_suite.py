@@ -982,8 +982,9 @@ def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -
 
     The seed network's two hidden layers at the second hidden size, sparse (the event-pair kernels:
     the weight gradient's atomics, layer 2's input gradient) and the ON layer at the smallest n
-    (forward sweeps, reverse filter), sparse and exact. The tunings compute the same results (tests/codegen/test_kernel_tuning.py);
-    on CPU they change nothing (the CPU backend runs), so a smoke run only checks this code.
+    (forward sweeps, reverse filter), sparse and exact. The tunings compute the same results
+    (tests/codegen/test_kernel_tuning.py); on CPU they change nothing (the CPU backend runs), so a
+    smoke run only checks this code.
     """
     from snnopt.codegen import triton_lif
 
@@ -1156,6 +1157,57 @@ def print_on(payload: dict) -> None:
         _harness.print_table(f"Open Neuromorphic layer, n={n} B={cfg['batch']} T={cfg['steps']}, "
                              f"{payload['device']['name']}",
                              ["variant", "fwd ms", "bwd ms", "step ms", "peak MiB", "step / fastest peer"], rows, notes)
+
+
+# Issue 3's acceptance targets (the seed paper's headline, and the Open Neuromorphic comparison).
+TARGETS = {"seed_backward_speedup": 150.0, "seed_backward_memory_ratio": 0.15, "on_step_ratio": 1 / 3}
+
+
+def targets_summary(payload: dict) -> dict:
+    """Each target against what this run measured: per hidden size and layer, and per ON size.
+
+    Seed: snnopt sparse's per-layer backward speedup over the dense paper loop, and its backward
+    memory against the loop's (``own``: without the caller's output and input gradient, as the
+    suite reports it; ``peak``: the whole backward peak). ON: snnopt sparse's step over the
+    fastest peer's. ``met`` is true only where every measured entry meets its target.
+    """
+    seed = {}
+    for hidden, res in payload["seed_network"]["sizes"].items():
+        for layer, variants in res.get("layers", {}).items():
+            sparse = variants.get("snnopt_sparse", {})
+            ratios = sparse.get("memory_ratio_vs_dense") or {}
+            seed[f"H={hidden} {LAYER_SHORT[layer]}"] = {
+                "backward_speedup": (sparse.get("speedup_vs_dense") or {}).get("backward"),
+                "memory_own": ratios.get("backward_peak_excluding_caller_tensors"),
+                "memory_peak": ratios.get("backward_peak")}
+    on = {n: res.get("snnopt_sparse_step_ratio_vs_fastest_peer")
+          for n, res in payload["open_neuromorphic"]["sizes"].items()}
+
+    def met(values, ok):
+        values = [v for v in values if v is not None]
+        return bool(values) and all(ok(v) for v in values)
+
+    return {"targets": TARGETS, "seed": seed, "on_step_ratio": on,
+            "met": {"seed_backward_speedup": met([v["backward_speedup"] for v in seed.values()],
+                                                 lambda v: v >= TARGETS["seed_backward_speedup"]),
+                    "seed_backward_memory_own": met([v["memory_own"] for v in seed.values()],
+                                                    lambda v: v <= TARGETS["seed_backward_memory_ratio"]),
+                    "seed_backward_memory_peak": met([v["memory_peak"] for v in seed.values()],
+                                                     lambda v: v <= TARGETS["seed_backward_memory_ratio"]),
+                    "on_step_ratio": met(list(on.values()), lambda v: v <= TARGETS["on_step_ratio"])}}
+
+
+def print_targets(summary: dict) -> None:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    rows = [[what, cell(v["backward_speedup"], ".1f"), cell(v["memory_own"], ".3f"), cell(v["memory_peak"], ".3f")]
+            for what, v in summary["seed"].items()]
+    rows += [[f"ON n={n} step / fastest peer", cell(ratio, ".3f"), "", ""]
+             for n, ratio in summary["on_step_ratio"].items()]
+    _harness.print_table("issue 3 targets: seed bwd >= 150x dense, bwd memory <= 0.15 of dense, ON step <= 1/3 of the "
+                         "fastest peer", ["what", "bwd x dense / ON ratio", "own mem / dense", "peak mem / dense"],
+                         rows, [f"met: {summary['met']}"])
 
 
 def print_tuning(payload: dict) -> None:
@@ -1437,6 +1489,7 @@ def main(argv=None) -> int:
                 save()
                 free_memory(device)
 
+    payload["targets"] = targets_summary(payload)
     payload["status"] = "complete"
     save()
     if payload["seed_network"]["sizes"]:
@@ -1445,6 +1498,7 @@ def main(argv=None) -> int:
         print_on(payload)
     if "trials" in payload["kernel_tuning"].get("on", {}):
         print_tuning(payload)
+    print_targets(payload["targets"])
     overhead = payload.get("launch_overhead", {})
     if "calls" in overhead:
         _harness.print_table(f"launch overhead, back to back on tiny tensors, {payload['device']['name']}",

@@ -66,6 +66,11 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
         assert size["variants"]["snnopt_sparse"]["profile"]["backward"]["wall_us_under_profiler"] > 0
     overhead = payload["launch_overhead"]  # CUDA, or Triton's interpreter when the environment turns it on
     assert "skipped" in overhead or all(v["host_us"] > 0 for k, v in overhead.items() if k != "calls"), overhead
+    targets = payload["targets"]  # computed from the entries above (on CPU, not a statement about the GPU)
+    assert set(targets["met"]) == {"seed_backward_speedup", "seed_backward_memory_own", "seed_backward_memory_peak",
+                                   "on_step_ratio"}
+    assert all(v["backward_speedup"] > 0 for v in targets["seed"].values()) and len(targets["seed"]) == 4
+    assert set(targets["on_step_ratio"]) == set(on_sizes)
     tuning = payload["kernel_tuning"]
     assert tuning["shipped"]["sweep_stages"] >= 1
     timed = {part: {key: {trial: v.get("step_ms") for trial, v in trials.items()}
