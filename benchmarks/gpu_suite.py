@@ -1,7 +1,7 @@
 """GPU benchmark suite: the seed paper's network (its Fig. 2) and the Open Neuromorphic layer benchmark.
 
-Three sections, run in this order (seed, tuning, ON), each written to the JSON as soon as one of
-its sizes is done (so a run cut short still leaves every finished size):
+Three sections, run in this order, each written to the JSON as soon as one of its sizes (or
+parts) is done, so a run cut short still leaves everything finished:
 
 1. **Seed network** (Perez-Nieves & Goodman 2021, see ../shared/SEED.md): 784-H-H-10, T=100,
    B=256, latency-coded synthetic Fashion-MNIST-like images from ``seed_network.py`` (real data
@@ -19,7 +19,7 @@ its sizes is done (so a run cut short still leaves every finished size):
    multi-step ``LIFNode`` (it picks its fastest CUDA implementation itself), snnTorch ``Leaky``,
    snnopt exact and snnopt sparse. Input: Bernoulli spikes, 5 % by default (``--on-input-rate``).
    The JSON gives, per n, snnopt sparse's step time divided by the fastest peer's.
-3. **Kernel tuning** (section 2 of the run order): snnopt's layers under each launch choice of
+3. **Kernel tuning**: snnopt's layers under each launch choice of
    ``snnopt.codegen.triton_lif.KernelTuning`` (software-pipelined sweeps, block size, relaxed
    atomics, one-sweep compaction), side by side with the shipped one: the seed network's layer 1 at the second hidden
    size and the ON layer at the smallest n. The choices never change results, only speed.
@@ -977,22 +977,24 @@ ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": 
                     "as_run4": AS_RUN4}
 
 
-def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
+def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict,
+                  part_done: Callable[[str, dict], None] = lambda part, result: None) -> dict:
     """snnopt's sparse layers timed under each kernel tuning, side by side in one set of rounds.
 
     The seed network's two hidden layers at the second hidden size, sparse (the event-pair kernels:
     the weight gradient's atomics, layer 2's input gradient) and the ON layer at the smallest n
     (forward sweeps, reverse filter), sparse and exact. The tunings compute the same results
     (tests/codegen/test_kernel_tuning.py); on CPU they change nothing (the CPU backend runs), so a
-    smoke run only checks this code.
+    smoke run only checks this code. ``part_done(part, result)`` after each part (the caller saves).
     """
     from snnopt.codegen import triton_lif
 
     out = {"shipped": asdict(triton_lif.KernelTuning())}
-    out["seed"] = _seed_layer_tuning(sizes, device, errors)
-    free_memory(device)
-    out["on"] = _on_layer_tuning(sizes, args, device, errors)
-    free_memory(device)
+    for part, measure in (("seed", lambda: _seed_layer_tuning(sizes, device, errors)),
+                          ("on", lambda: _on_layer_tuning(sizes, args, device, errors))):
+        out[part] = measure()
+        free_memory(device)
+        part_done(part, out[part])
     return out
 
 
@@ -1314,8 +1316,8 @@ def parse_args(argv):
                         help="folder for gpu_suite_<device>.json/.png (default benchmarks/results/)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15; --quick 7)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3)")
-    parser.add_argument("--sections", default="seed,tuning,on",
-                        help="comma-separated: seed, tuning, on (default all; they run in that order)")
+    parser.add_argument("--sections", default="seed,on,tuning",
+                        help="comma-separated: seed, on, tuning (default all; they run in that order)")
     parser.add_argument("--skip", default="", help="comma-separated variant keys to leave out, e.g. dense_compiled")
     parser.add_argument("--on-input-rate", type=float, default=0.05, help="Bernoulli input spike rate (default 0.05)")
     parser.add_argument("--on-weight-gain", type=float, default=1.0,
@@ -1335,6 +1337,9 @@ def parse_args(argv):
     parser.add_argument("--on-repeat", type=int, default=None,
                         help="timed rounds in the ON section (default: --repeat, at most 5: its dense peers take "
                              "0.1-0.5 s per step)")
+    parser.add_argument("--tuning-budget", type=float, default=None, metavar="SECONDS",
+                        help="start the kernel-tuning trials (run last) only before this many seconds (default: "
+                             "--budget)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the ON layer's input and weights")
     args = parser.parse_args(argv)
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
@@ -1428,7 +1433,7 @@ def main(argv=None) -> int:
             _harness.write_json(output, payload)
 
     def over_budget(section: str, size, budget=None) -> bool:
-        budget = args.budget if budget is None else min(budget, args.budget)
+        budget = args.budget if budget is None else budget
         if time.monotonic() - started <= budget:
             return False
         payload[section]["skipped"].append({"size": size, "reason": f"time budget of {budget:g} s spent"})
@@ -1462,16 +1467,6 @@ def main(argv=None) -> int:
                 print(f"seed network H={hidden}: {result['wall_s']} s", file=sys.stderr)
                 save()
                 free_memory(device)
-        if "tuning" in args.sections and not over_budget("kernel_tuning", "all"):
-            t0 = time.monotonic()
-            try:
-                payload["kernel_tuning"].update(kernel_tuning(sizes, args, device, errors))
-            except Exception as error:
-                errors["kernel_tuning"] = describe(error)
-            payload["kernel_tuning"]["wall_s"] = round(time.monotonic() - t0, 1)
-            print(f"kernel tuning: {payload['kernel_tuning']['wall_s']} s", file=sys.stderr)
-            save()
-            free_memory(device)
         if "on" in args.sections:
             compile_log: dict = {}
             for n in sizes.on_neurons:
@@ -1488,6 +1483,25 @@ def main(argv=None) -> int:
                 print(f"Open Neuromorphic n={n}: {result['wall_s']} s", file=sys.stderr)
                 save()
                 free_memory(device)
+
+        # Last: the ON sizes measure the issue's target, the tuning trials what each launch choice is
+        # worth. They may start until --tuning-budget seconds; each part is saved as it finishes.
+        if "tuning" in args.sections and not over_budget("kernel_tuning", "all", args.tuning_budget):
+            t0 = time.monotonic()
+
+            def tuning_part_done(part, result):
+                payload["kernel_tuning"][part] = result
+                payload["kernel_tuning"]["wall_s"] = round(time.monotonic() - t0, 1)
+                save()
+
+            try:
+                payload["kernel_tuning"].update(kernel_tuning(sizes, args, device, errors, tuning_part_done))
+            except Exception as error:
+                errors["kernel_tuning"] = describe(error)
+            payload["kernel_tuning"]["wall_s"] = round(time.monotonic() - t0, 1)
+            print(f"kernel tuning: {payload['kernel_tuning']['wall_s']} s", file=sys.stderr)
+            save()
+            free_memory(device)
 
     payload["targets"] = targets_summary(payload)
     payload["status"] = "complete"
