@@ -311,18 +311,23 @@ def _gather_staged_kernel(counts_ptr, offsets_ptr, slot_start_ptr, stage_index_p
 
 
 @triton.jit
-def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_stride, BLOCK: tl.constexpr):
-    # Each float32 entry of a contiguous (rows, cols) tensor as three bfloat16 parts hi + mid + lo
-    # (exact; a non-finite remainder is dropped, so inf and NaN stay whole in hi), written smallest
-    # first: lo, mid, hi at slots 0, 1, 2 of spike_matmul's stacked GEMM operand.
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = e < total
-    x = tl.load(src_ptr + e, mask=m, other=0.0)
+def _bfloat16_parts(x):
+    # float32 x as three bfloat16 parts hi + mid + lo, exactly (see spike_matmul); a non-finite
+    # remainder is dropped, so inf and NaN stay whole in hi. Returned smallest first: lo, mid, hi.
     hi = x.to(tl.bfloat16)
     rest = x - hi.to(tl.float32)
     rest = tl.where(tl.abs(rest) < float("inf"), rest, 0.0)
     mid = rest.to(tl.bfloat16)
-    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return (rest - mid.to(tl.float32)).to(tl.bfloat16), mid, hi
+
+
+@triton.jit
+def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_stride, BLOCK: tl.constexpr):
+    # Each float32 entry of a contiguous (rows, cols) tensor as its three bfloat16 parts, written
+    # smallest first: lo, mid, hi at slots 0, 1, 2 of spike_matmul's stacked GEMM operand.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < total
+    lo, mid, hi = _bfloat16_parts(tl.load(src_ptr + e, mask=m, other=0.0))
     target = out_ptr + (e // cols) * out_row_stride + e % cols
     tl.store(target, lo, mask=m)
     tl.store(target + slot_stride, mid, mask=m)
@@ -365,11 +370,7 @@ def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, 
         row = (b * steps + (steps - 1 - k)) * neurons + offs
         acc = acc * beta + tl.load(g_ptr + row, mask=mask, other=0.0).to(ACC)
         if SPLIT:
-            hi = acc.to(tl.bfloat16)
-            rest = acc - hi.to(ACC)
-            rest = tl.where(rest == rest, rest, 0.0)  # inf - inf: a non-finite value stays whole in hi
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(ACC)).to(tl.bfloat16)
+            lo, mid, hi = _bfloat16_parts(acc.to(tl.float32))  # float32 layers only (the split GEMM's)
             tl.store(parts_ptr + row, lo, mask=mask)
             tl.store(parts_ptr + plane + row, mid, mask=mask)
             tl.store(parts_ptr + 2 * plane + row, hi, mask=mask)

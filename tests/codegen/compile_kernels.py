@@ -33,10 +33,11 @@ COMPACT_KERNELS = {
     "_input_events_kernel": [dict(WRITE=False, BLOCK=1024), dict(WRITE=True, BLOCK=1024)],
     "_sparse_weight_grad_kernel": [
         dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=TUNING.pair_block,
-             ATOMIC_SEM=TUNING.atomic_sem, num_warps=TUNING.pair_block // 32),
+             ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block)),
         dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=TUNING.pair_block,
-             ATOMIC_SEM=TUNING.atomic_sem, num_warps=TUNING.pair_block // 32)],
-    "_sparse_input_grad_kernel": [dict(BLOCK_A=TUNING.pair_block // 2, num_warps=TUNING.pair_block // 64)],
+             ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))],
+    "_sparse_input_grad_kernel": [dict(BLOCK_A=TUNING.pair_block // 2,
+                                       num_warps=triton_lif._warps(TUNING.pair_block // 2))],
     "_gather_staged_kernel": [dict(BLOCK=256)],
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
     "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16")],
