@@ -11,10 +11,11 @@ from snnopt.compiler import explain, optimize
 from snnopt.errors import (InvalidArgumentError, InvalidTypeError, ModelTraceError, SnnoptError,
                            UnsupportedModelError)
 from snnopt.export import export_onnx
+from snnopt.graphs import GraphedModel, capture_graphs
 from snnopt.report import Report
 from snnopt.spec import LifSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "explain", "export_onnx", "Report", "functional", "nn", "surrogate", "LifSpec", "SnnoptError",
-           "InvalidArgumentError", "InvalidTypeError", "UnsupportedModelError", "ModelTraceError", "__version__"]
+__all__ = ["optimize", "explain", "export_onnx", "capture_graphs", "GraphedModel", "Report", "functional", "nn",
+           "surrogate", "LifSpec", "SnnoptError", "InvalidArgumentError", "InvalidTypeError", "UnsupportedModelError", "ModelTraceError", "__version__"]

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Optional
 
@@ -28,7 +29,9 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from snnopt import graphs
 from snnopt.codegen import spike_matmul, triton_lif
+from snnopt.errors import UnsupportedModelError
 from snnopt.ops import _empty
 from snnopt.spec import LifSpec
 from snnopt.surrogate import Surrogate
@@ -54,17 +57,34 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
     acc = triton_lif.accumulation_dtype(x.dtype)
     compact = needs_backward and _compact_path(spec, weight)
+    plan = graphs.active_plan()
+    site = _capture_site(plan, spec, x, weight, compact, needs_backward) if plan is not None else None
+    static = site is not None and plan.static
     # A compact layer keeps its input as events; listed first, they also tell the GEMM below
     # whether x is spikes (checking the few nonzeros instead of all of x).
-    events = triton_lif.input_events(x, acc) if compact else None
+    events = None
+    if compact:
+        events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag) if static
+                  else triton_lif.input_events(x, acc))
+        if site is not None and not static:
+            site.events_seen = max(site.events_seen, events[1].numel())
     if weight is None:
         current = x.to(acc, copy=True) if recurrent else x
     else:
         # One GEMM for all steps (in the input dtype, as nn.Linear would; a large spike input on
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
         batch, steps, features = x.shape
+        nonzeros = events[2] if events is not None else None
+        split = None  # spike_matmul decides (reading the device)
+        if static:
+            split = _recorded(site, "split_linear")
+            if site.checks_spikes():  # the routes assume spikes: say so on the device if this input is not
+                plan.flag_not_bfloat16_exact(x if nonzeros is None else nonzeros)
+        elif site is not None:
+            split = spike_matmul.linear_takes_split(x, weight, nonzeros)
+            site.split_linear = split if site.split_linear is None else (site.split_linear and split)
         current = spike_matmul.linear(
-            x, weight, bias, nonzeros=events[2] if events is not None else None,
+            x, weight, bias, nonzeros=nonzeros, split=split,
             stacked_spikes=None if events is None else lambda: triton_lif.dense_input(
                 events, batch, steps, features, torch.bfloat16, spike_matmul.SPLIT_PARTS, side_by_side=True))
         if recurrent:
@@ -73,7 +93,8 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     spikes, membrane, syn_record, v_state, syn_state, flags, surr, lists = triton_lif.lif_forward(
         current.contiguous(), beta, threshold, alpha, recurrent_weight, initial_v, initial_syn, spec,
         out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
-        collect_active=needs_backward and spec.sparse and not compact, compact_active=compact)
+        collect_active=needs_backward and spec.sparse and not compact, compact_active=compact,
+        list_capacity=site.active_capacity if (static and compact) else None, flag=plan.flag if static else None)
     del current
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
     saved_membrane = membrane if exact_saves else _empty(x, acc)
@@ -82,6 +103,8 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     if compact:
         active_index, active_surr, active_offsets = lists
         flags = _empty(x, torch.uint8)
+        if site is not None and not static:
+            site.active_seen = max(site.active_seen, active_index.numel())
     elif flags is not None:
         active_index = torch.nonzero(flags.reshape(-1) & triton_lif.FLAG_ACTIVE).squeeze(1)
         active_surr = surr.reshape(-1)[active_index]
@@ -92,6 +115,34 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
             saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
             active_surr, active_offsets, *events)
+
+
+def _capture_site(plan: graphs.CapturePlan, spec: LifSpec, x: Tensor, weight: Optional[Tensor], compact: bool,
+                  needs_backward: bool) -> graphs.CaptureSite:
+    """This call's entry in a CUDA-graph capture plan; while recording, whether it can be captured at all."""
+    batch, steps, features = x.shape
+    neurons = features if weight is None else weight.shape[0]
+    site = plan.next_site(f"linear {features} -> {neurons} + {spec.describe()}" if weight is not None
+                          else spec.describe())
+    plan.current = site
+    if not plan.static:
+        site.events_limit, site.active_limit = batch * steps * features, batch * steps * neurons
+        if needs_backward and spec.sparse and not compact:
+            site.uncapturable.append("a sparse layer that is recurrent, has a synaptic current, resets to zero or "
+                                     "has no weight lists its active entries with torch.nonzero (a host read); "
+                                     "give it backward='exact' to capture it")
+    return site
+
+
+def _recorded(site: graphs.CaptureSite, route: str) -> bool:
+    """A route the capture plan recorded for this layer (a captured step cannot read the device to choose)."""
+    value = getattr(site, route)
+    if value is None:
+        raise UnsupportedModelError(
+            f"capture_graphs: layer {site.index} ({site.description}) now needs a choice ({route}) that the recorded "
+            "steps never made: a captured model must compute the same gradients (same parameters requiring grad) "
+            "in every step")
+    return value
 
 
 def _compact_path(spec: LifSpec, weight: Optional[Tensor]) -> bool:
@@ -155,7 +206,9 @@ def _setup_context(ctx, inputs, output):
     # The restricted input gradient may travel as a sparse COO tensor to a compact producer, which
     # reads its values in the order of its own active list (no dense zero-filled (B, T, in) tensor).
     eager = not torch.compiler.is_compiling()
-    ctx.sparse_input_grad = (eager and compact and input_active is not None
+    plan = graphs.active_plan()
+    ctx.capture = (plan, plan.current) if plan is not None else None
+    ctx.sparse_input_grad = (eager and plan is None and compact and input_active is not None
                              and type(x.grad_fn).__name__.startswith(_TRITON_NODE_PREFIX)
                              and _is_producer_list(x, input_active))
 
@@ -193,14 +246,29 @@ def _backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_u
             grad_spikes, compact_grad = grad_spikes._values(), True  # one value per active entry, same order
         else:
             grad_spikes = grad_spikes.to_dense()
-    grads = list(_backward_entry(grad_spikes, saved)(
-        grad_spikes, _dense(grad_membrane), grad_v_final, grad_syn_final, *saved, ctx.steps, compact_grad,
-        *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6],
-        needs[7], needs[8]))
+    entry = _backward_entry(grad_spikes, saved)
+    if ctx.capture is not None:
+        if entry is torch.ops.snnopt.lif_triton_backward:
+            raise UnsupportedModelError(
+                "capture_graphs: the backward of a captured snnopt layer must run in plain eager autograd (not under "
+                "create_graph=True, torch.compile or a tensor subclass)")
+    token = _BACKWARD_CAPTURE.set(ctx.capture)  # the plan and site, for _lif_triton_backward
+    try:
+        grads = list(entry(
+            grad_spikes, _dense(grad_membrane), grad_v_final, grad_syn_final, *saved, ctx.steps, compact_grad,
+            *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6],
+            needs[7], needs[8]))
+    finally:
+        _BACKWARD_CAPTURE.reset(token)
     input_active = saved[8]
     if needs[0] and input_active is not None and saved[14].numel():
         grads[0] = _input_grad_from_values(grads[0], input_active, ctx.input_shape, ctx.sparse_input_grad)
     return tuple(g if need else None for g, need in zip(grads, needs[:9])) + (None,) * 10
+
+
+# (plan, site) of a captured layer's backward while it runs: a context, not an argument, as the
+# backward op's schema holds tensors and plain values only.
+_BACKWARD_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("snnopt_backward_capture", default=None)
 
 
 def _backward_entry(grad_spikes: Optional[Tensor], saved):
@@ -233,8 +301,10 @@ def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_spar
         _COO_SOURCES[grad] = input_active
         return grad
     # scatter_add_: one atomic kernel on CUDA (index_put_ with accumulate sorts the indices first).
-    dense = values.new_zeros(batch * steps * features).scatter_add_(0, input_active, values)
-    return dense.reshape(shape)
+    # One slot more for a captured graph's padded list (index B·T·F, value 0), cut off after.
+    entries = batch * steps * features
+    dense = values.new_zeros(entries + 1).scatter_add_(0, input_active, values)
+    return dense[:entries].reshape(shape)
 
 
 torch.library.register_autograd("snnopt::lif_triton", _backward, setup_context=_setup_context)
@@ -263,6 +333,10 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
     gsf = grad_syn_final if (grad_syn_final is not None and grad_syn_final.numel()) else None
     gm = grad_membrane if (grad_membrane is not None and grad_membrane.numel()) else None
     compact = active_offsets.numel() > 0
+    # Under a CUDA-graph capture plan (snnopt.graphs): routes recorded once, then followed.
+    capture = _BACKWARD_CAPTURE.get()
+    plan, site = capture if capture is not None else (None, None)
+    static = plan is not None and plan.static
 
     def empty():
         # Unneeded outputs: through the op a fresh tensor each (outputs of a custom op must not
@@ -276,18 +350,34 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         # sweep, rebuilt from the same lists.
         events = (event_offsets, event_pos, event_values)
         dense = grad_spikes is None or gm is not None or grad_v_final is not None or (need_x and not restricted)
+        if dense and site is not None:
+            site.uncapturable.append("its backward needs the dense route (a membrane or final-state gradient, or "
+                                     "the input gradient everywhere rather than at an upstream sparse layer's "
+                                     "active entries)")
         if not dense:
             # Too many input events for the pair sum: the weight gradient alone goes dense, from
             # the same g (a reverse β-filter, then one GEMM); the rest stays on the lists.
-            pairs = not need_weight or triton_lif.events_are_cheaper(
-                active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
+            if static:
+                pairs = not need_weight or _recorded(site, "pair_weight_grad")
+            else:
+                pairs = not need_weight or triton_lif.events_are_cheaper(
+                    active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
+                if site is not None and need_weight and site.pair_weight_grad is None:
+                    site.pair_weight_grad = pairs
             grad_w, grad_b, grad_v0, grad_x, g = triton_lif.sparse_backward(
                 grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
                 events if (need_weight and pairs) else None, beta, weight, input_active if restricted else None,
                 batch, steps, need_weight=need_weight and pairs, need_bias=need_bias, need_initial_v=need_initial_v,
                 in_dtype=in_dtype)
             if need_weight and not pairs:
-                grad_w = _dense_weight_grad(g, active_index, beta, events, weight, acc, batch, steps)
+                split = None
+                if static:
+                    split = _recorded(site, "split_weight_grad")
+                elif site is not None:
+                    split = _input_takes_split(events, weight, batch, steps)
+                    site.split_weight_grad = split if site.split_weight_grad is None else (
+                        site.split_weight_grad and split)
+                grad_w = _dense_weight_grad(g, active_index, beta, events, weight, acc, batch, steps, split=split)
             return (grad_x.to(in_dtype) if grad_x is not None else empty(),
                     grad_w.to(weight.dtype) if grad_w is not None else empty(),
                     grad_b.to(weight.dtype) if grad_b is not None else empty(), empty(), empty(), empty(), empty(),
@@ -323,18 +413,29 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         in_features = weight.shape[1]
         weight_acc = weight.to(acc)
         if need_weight:
-            grad_w = spike_matmul.weight_grad(rows, x.reshape(batch * steps, in_features)).to(weight.dtype)
+            x_rows = x.reshape(batch * steps, in_features)
+            split = None
+            if static:
+                split = _recorded(site, "split_weight_grad")
+            elif site is not None:
+                split = spike_matmul.weight_grad_takes_split(rows, x_rows)
+                site.split_weight_grad = split if site.split_weight_grad is None else (site.split_weight_grad and split)
+            grad_w = spike_matmul.weight_grad(rows, x_rows, split=split).to(weight.dtype)
         if need_bias:
             grad_b = rows.sum(0).to(weight.dtype)
         if need_x and input_active is not None:
             # Only where the producing layer reads it: one dot product per listed entry.
-            values = (rows[input_active // in_features] * weight_acc.t()[input_active % in_features]).sum(1)
+            entries = batch * steps * in_features
+            listed = input_active.clamp(max=entries - 1) if plan is not None else input_active  # padding: see below
+            values = (rows[listed // in_features] * weight_acc.t()[listed % in_features]).sum(1)
+            if plan is not None:
+                values = values * (input_active < entries)  # a captured graph's padded entries add nothing
             if compact:
                 grad_x = values.to(in_dtype)  # the autograd wrapper places them
             else:
-                grad_x = torch.zeros(batch * steps * in_features, dtype=acc, device=rows.device)
+                grad_x = torch.zeros(entries + 1, dtype=acc, device=rows.device)  # + the padding's slot
                 grad_x.scatter_add_(0, input_active, values)
-                grad_x = grad_x.reshape(batch, steps, in_features).to(in_dtype)
+                grad_x = grad_x[:entries].reshape(batch, steps, in_features).to(in_dtype)
         elif need_x:
             grad_x = rows.mm(weight_acc).reshape(batch, steps, in_features).to(in_dtype)
     if recurrent and need_recurrent:
@@ -364,7 +465,7 @@ lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", 
 
 
 def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, events, weight: Tensor, acc: torch.dtype,
-                       batch: int, steps: int) -> Tensor:
+                       batch: int, steps: int, split: Optional[bool] = None) -> Tensor:
     """dW = dL/dIᵀ·x, dL/dI rebuilt densely from the active entries' g and x from its events.
 
     The compact layer's dense route. The reverse filter runs first, so its dense g is freed before
@@ -372,7 +473,8 @@ def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, events, we
     as the GEMM's stacked operand (no separate copy to stack).
     """
     neurons, features = weight.shape
-    split = _input_takes_split(events, weight, batch, steps)
+    if split is None:
+        split = _input_takes_split(events, weight, batch, steps)
     grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
     if split:
         x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,

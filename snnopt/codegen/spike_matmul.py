@@ -225,20 +225,34 @@ def _float32_output_mm(device_type: str) -> bool:
         return False
 
 
+def linear_takes_split(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None) -> bool:
+    """Whether :func:`linear` would take the split GEMM for ``x`` (reads the device: the spike check)."""
+    features = x.shape[-1]
+    rows = x.numel() // max(features, 1)
+    if not applies(x, weight, (rows, features, weight.shape[0])):
+        return False
+    return is_bfloat16_exact(x if nonzeros is None else nonzeros)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           nonzeros: Optional[Tensor] = None, stacked_spikes: Optional[Callable[[], Tensor]] = None) -> Tensor:
+           nonzeros: Optional[Tensor] = None, stacked_spikes: Optional[Callable[[], Tensor]] = None,
+           split: Optional[bool] = None) -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays.
 
     ``nonzeros``: the nonzero entries of ``x``, where the caller has them listed (a compact layer's
     input events): whether ``x`` is spikes is then read from those, a much smaller tensor, instead
     of three passes over ``x``. ``stacked_spikes``: builds the GEMM's left operand, ``x`` as
     bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, where the caller
-    can do that more cheaply than from the dense ``x`` (from those events).
+    can do that more cheaply than from the dense ``x`` (from those events). ``split``: the route
+    decided by the caller (:func:`linear_takes_split`; a captured CUDA graph cannot read the
+    device), True only where ``x`` is bfloat16-exact, which the caller has checked or will check.
     """
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
     spikes = None
-    if applies(x, weight, (rows, features, weight.shape[0])):
+    if split is not None:
+        spikes = x if split else None
+    elif applies(x, weight, (rows, features, weight.shape[0])):
         if nonzeros is None:
             spikes = as_bfloat16_if_exact(x)
         elif is_bfloat16_exact(nonzeros):
@@ -254,10 +268,22 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def weight_grad(grad_rows: Tensor, x_rows: Tensor) -> Tensor:
-    """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; split GEMM when ``x_rows`` is spikes."""
+def weight_grad_takes_split(grad_rows: Tensor, x_rows: Tensor) -> bool:
+    """Whether :func:`weight_grad` would take the split GEMM (reads the device: the spike check)."""
     shape = (grad_rows.shape[1], grad_rows.shape[0], x_rows.shape[1])
-    spikes = as_bfloat16_if_exact(x_rows) if applies(x_rows, grad_rows, shape) else None
+    return applies(x_rows, grad_rows, shape) and is_bfloat16_exact(x_rows)
+
+
+def weight_grad(grad_rows: Tensor, x_rows: Tensor, *, split: Optional[bool] = None) -> Tensor:
+    """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; split GEMM when ``x_rows`` is spikes.
+
+    ``split``: the route decided by the caller, as in :func:`linear`.
+    """
+    shape = (grad_rows.shape[1], grad_rows.shape[0], x_rows.shape[1])
+    if split is not None:
+        spikes = x_rows if split else None
+    else:
+        spikes = as_bfloat16_if_exact(x_rows) if applies(x_rows, grad_rows, shape) else None
     if spikes is not None:
         return split_mm(grad_rows.t(), spikes, spikes="b")
     return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

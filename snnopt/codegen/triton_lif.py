@@ -55,7 +55,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -224,11 +224,12 @@ def _powi(base, n):
     return tl.where(base < 0, tl.where((n % 2) == 1, -magnitude, magnitude), magnitude)
 
 
-@triton.jit
-def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, steps, features,
+@triton.jit(do_not_specialize=["capacity"])
+def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, steps, features, capacity,
                          WRITE: tl.constexpr, BLOCK: tl.constexpr):
     # One program per (b, t) row of the input: counts its nonzeros, or (WRITE) lists them as
     # (t * features + i, value) at the row's offset. Rows in order, so events are grouped by b, then t.
+    # Events at or past `capacity` are not written (a captured graph's fixed list; the caller flags it).
     r = tl.program_id(0).to(tl.int64)
     t = r % steps
     base = tl.zeros([], tl.int64)
@@ -242,8 +243,9 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, steps
         nz = (xv != 0) & m
         if WRITE:
             pos = base + tl.cumsum(nz.to(tl.int64), axis=0) - 1
-            tl.store(pos_ptr + pos, (t * features + offs).to(pos_ptr.dtype.element_ty), mask=nz)
-            tl.store(val_ptr + pos, xv.to(ACC), mask=nz)
+            keep = nz & (pos < capacity)
+            tl.store(pos_ptr + pos, (t * features + offs).to(pos_ptr.dtype.element_ty), mask=keep)
+            tl.store(val_ptr + pos, xv.to(ACC), mask=keep)
             base += tl.sum(nz.to(tl.int64), axis=0)
         else:
             total += tl.sum(nz.to(tl.int32), axis=0)
@@ -251,9 +253,9 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, steps
         tl.store(counts_ptr + r, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["entries"])
 def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_ptr, evt_pos_ptr, evt_val_ptr,
-                               g_ptr, gw_ptr, gb_ptr, gv0_ptr, steps, neurons, features,
+                               g_ptr, gw_ptr, gb_ptr, gv0_ptr, steps, neurons, features, entries,
                                gs_stride_b, gs_stride_t, gs_stride_n,
                                GS_COMPACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                                NEED_V0: tl.constexpr, BLOCK_E: tl.constexpr, ATOMIC_SEM: tl.constexpr):
@@ -261,8 +263,11 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
     # (b, t0, i) with t0 <= t, dW[j, i] += g * x * beta_j^(t - t0); db[j] += g * sum_k<=t beta_j^k;
     # dv0[b, j] += g * beta_j^(t + 1). dL/ds is read through its strides: autograd hands a sum()
     # loss's gradient over as an expanded view (stride 0), one stored value for all B*T*N entries.
+    # An index outside [0, entries) is padding (a captured graph's list past its length): g = 0, no work.
     e = tl.program_id(0).to(tl.int64)
     flat = tl.load(index_ptr + e)
+    valid = (flat >= 0) & (flat < entries)
+    flat = tl.where(valid, flat, 0)
     j = flat % neurons
     bt = flat // neurons
     t = bt % steps
@@ -271,12 +276,12 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
         gs = tl.load(gs_ptr + e).to(ACC)
     else:
         gs = tl.load(gs_ptr + b * gs_stride_b + t * gs_stride_t + j * gs_stride_n).to(ACC)
-    g = gs * tl.load(asurr_ptr + e)
+    g = tl.where(valid, gs * tl.load(asurr_ptr + e), 0.0)
     tl.store(g_ptr + e, g)
     beta = tl.load(beta_ptr + j).to(ACC)
     if NEED_W:
         start = tl.load(evt_off_ptr + b * steps)
-        stop = tl.load(evt_off_ptr + bt + 1)
+        stop = tl.where(valid, tl.load(evt_off_ptr + bt + 1), start)
         for k in range(start, stop, BLOCK_E):
             ks = k + tl.arange(0, BLOCK_E)
             m = ks < stop
@@ -286,9 +291,9 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
             tl.atomic_add(gw_ptr + j * features + p % features, g * val * decay, mask=m, sem=ATOMIC_SEM)
     if NEED_B:
         geometric = tl.where(beta == 1.0, (t + 1).to(ACC), (1.0 - _powi(beta, t + 1)) / (1.0 - beta))
-        tl.atomic_add(gb_ptr + j, g * geometric, sem=ATOMIC_SEM)
+        tl.atomic_add(gb_ptr + j, g * geometric, mask=valid, sem=ATOMIC_SEM)
     if NEED_V0:
-        tl.atomic_add(gv0_ptr + b * neurons + j, g * _powi(beta, t + 1), sem=ATOMIC_SEM)
+        tl.atomic_add(gv0_ptr + b * neurons + j, g * _powi(beta, t + 1), mask=valid, sem=ATOMIC_SEM)
 
 
 @triton.jit
@@ -378,19 +383,22 @@ def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, 
             tl.store(out_ptr + row, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["input_entries"])
 def _sparse_input_grad_kernel(input_active_ptr, g_ptr, index_ptr, act_off_ptr, beta_ptr, w_ptr, out_ptr,
-                              steps, neurons, features, BLOCK_A: tl.constexpr):
+                              steps, neurons, features, input_entries, BLOCK_A: tl.constexpr):
     # One program per listed input entry u = (b, t, i): dL/dx = sum over this layer's active entries
     # (b, t', j) with t' >= t of g * beta_j^(t' - t) * W[j, i] (they are contiguous: sorted by b, t).
+    # An index outside [0, input_entries) is padding (a captured graph's list): its value is 0.
     u = tl.program_id(0).to(tl.int64)
     flat = tl.load(input_active_ptr + u)
+    valid = (flat >= 0) & (flat < input_entries)
+    flat = tl.where(valid, flat, 0)
     i = flat % features
     bt = flat // features
     t = bt % steps
     b = bt // steps
     start = tl.load(act_off_ptr + bt)
-    stop = tl.load(act_off_ptr + (b + 1) * steps)
+    stop = tl.where(valid, tl.load(act_off_ptr + (b + 1) * steps), start)
     acc = tl.zeros([BLOCK_A], ACC)
     for k in range(start, stop, BLOCK_A):
         ks = k + tl.arange(0, BLOCK_A)
@@ -539,8 +547,9 @@ def kernel_source(spec: LifSpec, dtype: torch.dtype = torch.float32) -> str:
                    "            staged += counted",
                    "    if WRITE_ACTIVE:",
                    "        pos = tl.load(offsets_ptr + slot) + tl.cumsum(active.to(tl.int64), axis=0) - 1",
-                   "        tl.store(index_ptr + pos, row, mask=active)",
-                   "        tl.store(asurr_ptr + pos, _surrogate_at(u), mask=active)"]
+                   "        keep = active & (pos < list_capacity)  # a captured graph's fixed list",
+                   "        tl.store(index_ptr + pos, row, mask=keep)",
+                   "        tl.store(asurr_ptr + pos, _surrogate_at(u), mask=keep)"]
         collect = ["if COLLECT_ACTIVE:",
                    f"    active = (tl.abs(u) < {_const(key.window)}) | (u != u)",
                    f"    flags = tl.where(s > 0.0, {FLAG_SPIKE}, 0) + tl.where(active, {FLAG_ACTIVE}, 0)",
@@ -572,12 +581,12 @@ def _surrogate_at(u):
     return tl.where(u == u, sg, sg * 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["list_capacity"])
 def _lif_fwd_kernel(cur_ptr, beta_ptr, theta_ptr, alpha_ptr, v_ptr, syn_ptr,
                     spikes_ptr, mem_ptr, syn_rec_ptr, flags_ptr, surr_ptr,
                     counts_ptr, offsets_ptr, index_ptr, asurr_ptr,
                     stage_index_ptr, stage_surr_ptr, overflow_ptr, slot_start_ptr,
-                    t_start, t_stop, steps, neurons, stage_capacity,
+                    t_start, t_stop, steps, neurons, stage_capacity, list_capacity,
                     RECORD_MEMBRANE: tl.constexpr, RECORD_SYN: tl.constexpr, COLLECT_ACTIVE: tl.constexpr,
                     COUNT_ACTIVE: tl.constexpr, STAGE_ACTIVE: tl.constexpr, WRITE_ACTIVE: tl.constexpr,
                     STORE_SPIKES: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
@@ -719,7 +728,8 @@ def _fires(u: Tensor, fire_at_threshold: bool) -> Tensor:
 
 def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Tensor], recurrent_weight: Optional[Tensor],
                 v0: Tensor, syn0: Optional[Tensor], spec: LifSpec, *, out_dtype: torch.dtype,
-                record_membrane: bool, record_syn: bool, collect_active: bool, compact_active: bool = False):
+                record_membrane: bool, record_syn: bool, collect_active: bool, compact_active: bool = False,
+                list_capacity: Optional[int] = None, flag: Optional[Callable[[Tensor], None]] = None):
     """Run the recurrence; ``current`` is the ``(B, T, N)`` input current (a fresh tensor: recurrent layers add to it).
 
     Returns ``(spikes, membrane, syn_record, v_final, syn_final, flags, surrogate, compact)``: membrane
@@ -728,6 +738,11 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     sparse layers only) ``compact = (active_index, active_surr, active_offsets)``: the active
     entries' ascending flat indices, their surrogate values and, per (b, t), where its entries
     start (``B*T + 1`` values), built without any dense per-entry buffer.
+
+    ``list_capacity`` (a captured CUDA graph, :mod:`snnopt.graphs`): the active list has exactly
+    that many entries, padded past its length with index B·T·N and surrogate 0, its offsets
+    clamped to it, and no host read; ``flag`` is called with a device bool that holds where the
+    list overflowed.
     """
     batch, steps, neurons = current.shape
     acc = accumulation_dtype(out_dtype)
@@ -754,8 +769,10 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     ends = torch.zeros(slots + 2, dtype=torch.int64, device=device) if compact_active else None
     beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
     alpha_a = alpha.to(acc).contiguous() if alpha is not None else nothing
+    # A fixed-capacity list takes the second sweep: the staged copy's overflow is a host decision.
     stage = (_Staging.allocate(batch * blocks, steps, block, acc, device)
-             if compact_active and current_tuning().one_pass_compaction else _Staging.unused(acc, device))
+             if compact_active and current_tuning().one_pass_compaction and list_capacity is None
+             else _Staging.unused(acc, device))
     overflow = ends[slots + 1:] if stage.capacity else nothing_i64
     args = (beta_a, theta_a, alpha_a, v_state, syn_state, spikes,
             membrane if membrane is not None else nothing, syn_record if syn_record is not None else nothing,
@@ -767,10 +784,10 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
                   **LAUNCH_OPTIONS)
     compact = None
     if recurrent_weight is None:
-        module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, stage.capacity, **consts)
+        module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, stage.capacity, 0, **consts)
         if compact_active:
             compact = _compact_active(module, current, args, counts, ends, stage, v0, syn0, acc, grid, steps,
-                                      neurons, block)
+                                      neurons, block, list_capacity, flag)
     else:
         if compact_active:
             raise ValueError("compact_active: feedforward layers only")
@@ -779,7 +796,7 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
         for t in range(steps):
             # The recurrent input of step t needs the spikes of step t-1 from every neuron of the row.
             current[:, t].addmm_(s_prev, rec_t)
-            module._lif_fwd_kernel[grid](current, *args, t, t + 1, steps, neurons, 0, **consts)
+            module._lif_fwd_kernel[grid](current, *args, t, t + 1, steps, neurons, 0, 0, **consts)
             s_prev = spikes[:, t].to(acc)
     return spikes, membrane, syn_record, v_state, (syn_state if syn0 is not None else None), flags, surr, compact
 
@@ -814,22 +831,31 @@ class _Staging:
 
 
 def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, syn0, acc, grid, steps, neurons,
-                    block):
+                    block, list_capacity: Optional[int] = None, flag=None):
     """The active list from the first launch's counts: ordered from its staging areas, or by a second sweep.
 
     Offsets from the counts into ``ends`` (one host read: the total and the overflow flag); then
     one parallel copy per (b, t, block) slot from the staging areas, or, where staging is off or a
     program overflowed its area, a rerun of the recurrence that writes each entry in place.
+    With ``list_capacity`` no host read: a list of that length, padded, always from the rerun.
     """
     batch, blocks = grid
     device = current.device
     slots = counts.numel()
     torch.cumsum(counts, 0, dtype=torch.int64, out=ends[1:slots + 1])
-    total, overflowed = ends[slots:].tolist()  # the forward's one host sync
     offsets = ends[:slots]
-    per_row = ends[:slots + 1:blocks].clone()  # every (b, t)'s start, and the total (kept for the backward)
-    index = torch.empty(total, dtype=torch.int64, device=device)
-    values = torch.empty(total, dtype=acc, device=device)
+    if list_capacity is not None:
+        flag(ends[slots] > list_capacity)
+        index = torch.full((list_capacity,), batch * steps * neurons, dtype=torch.int64, device=device)
+        values = torch.zeros(list_capacity, dtype=acc, device=device)
+        # Every (b, t)'s start, and the length, within the list (the entries past it were dropped).
+        per_row = ends[:slots + 1:blocks].clamp(max=list_capacity)
+        total, overflowed = list_capacity, True
+    else:
+        total, overflowed = ends[slots:].tolist()  # the forward's one host sync
+        per_row = ends[:slots + 1:blocks].clone()  # every (b, t)'s start, and the total (kept for the backward)
+        index = torch.empty(total, dtype=torch.int64, device=device)
+        values = torch.empty(total, dtype=acc, device=device)
     if total and stage.capacity and not overflowed:
         module._gather_staged_kernel[(counts.numel(),)](counts, offsets, stage.slot_start, stage.index, stage.surr,
                                                         index, values, steps, blocks, stage.capacity, BLOCK=block)
@@ -840,19 +866,22 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         if syn0 is not None:
             fresh[4] = syn0.to(acc, copy=True).contiguous()
         fresh[10:14] = [counts, offsets, index, values]
-        module._lif_fwd_kernel[grid](current, *fresh, 0, steps, steps, neurons, 0, RECORD_MEMBRANE=False,
+        module._lif_fwd_kernel[grid](current, *fresh, 0, steps, steps, neurons, 0, total, RECORD_MEMBRANE=False,
                                      RECORD_SYN=False, COLLECT_ACTIVE=False, COUNT_ACTIVE=False, STAGE_ACTIVE=False,
                                      WRITE_ACTIVE=True, STORE_SPIKES=False, BLOCK_N=block,
                                      STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
     return index, values, per_row
 
 
-def input_events(x: Tensor, acc: torch.dtype):
+def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
+                 flag: Optional[Callable[[Tensor], None]] = None):
     """The nonzero entries of ``x`` ``(B, T, F)`` as events grouped by (b, t): ``(offsets, pos, values)``.
 
     ``offsets`` has ``B*T + 1`` entries (row (b, t) holds events ``offsets[bT+t] … offsets[bT+t+1]``),
     ``pos = t * F + i`` and ``values`` the entries themselves in ``acc`` (1.0 for spikes), so any input
     is represented exactly; a spiking input at a few percent costs a few percent of the dense bytes.
+    ``capacity`` (a captured CUDA graph): ``pos`` and ``values`` hold that many entries (values 0
+    past the length), the offsets are clamped to it, no host read; ``flag`` gets the overflow.
     """
     batch, steps, features = x.shape
     module = kernels(_PLAIN_SPEC, x.dtype)
@@ -864,15 +893,23 @@ def input_events(x: Tensor, acc: torch.dtype):
     block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
     nothing = _unused(torch.int64, device)
     module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps,
-                                         features, WRITE=False, BLOCK=block)
+                                         features, 0, WRITE=False, BLOCK=block)
     offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # exclusive prefix sum, total appended
     torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
-    total = int(offsets[-1])
-    pos = torch.empty(total, dtype=pos_dtype, device=device)
-    values = torch.empty(total, dtype=acc, device=device)
+    if capacity is not None:
+        total = capacity
+        pos = torch.empty(total, dtype=pos_dtype, device=device)  # read only below the (clamped) offsets
+        values = torch.zeros(total, dtype=acc, device=device)      # all of it is checked for spikes
+    else:
+        total = int(offsets[-1])
+        pos = torch.empty(total, dtype=pos_dtype, device=device)
+        values = torch.empty(total, dtype=acc, device=device)
     if total:
-        module._input_events_kernel[(rows,)](x, counts, offsets, pos, values, steps, features, WRITE=True,
+        module._input_events_kernel[(rows,)](x, counts, offsets, pos, values, steps, features, total, WRITE=True,
                                              BLOCK=block)
+    if capacity is not None:
+        flag(offsets[-1] > capacity)
+        offsets.clamp_(max=capacity)
     return offsets, pos, values
 
 
@@ -989,7 +1026,8 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
         module._sparse_weight_grad_kernel[(count,)](
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
             grad_w if grad_w is not None else nothing, grad_b if grad_b is not None else nothing,
-            grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, *gs_strides,
+            grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, batch * steps * neurons,
+            *gs_strides,
             GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v,
             BLOCK_E=tuning.pair_block, ATOMIC_SEM=tuning.atomic_sem, num_warps=_warps(tuning.pair_block))
     grad_x = None
@@ -998,7 +1036,8 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             grad_x = torch.empty(input_active.numel(), dtype=acc, device=device)
             module._sparse_input_grad_kernel[(input_active.numel(),)](
                 input_active, g, active_index, active_offsets, beta_a, weight.contiguous(), grad_x, steps, neurons,
-                features, BLOCK_A=tuning.pair_block // 2, num_warps=_warps(tuning.pair_block // 2))
+                features, batch * steps * features, BLOCK_A=tuning.pair_block // 2,
+                num_warps=_warps(tuning.pair_block // 2))
         else:
             grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
     return grad_w, grad_b, grad_v0, grad_x, g
@@ -1051,7 +1090,8 @@ def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, st
     module = kernels(_PLAIN_SPEC, g.dtype)
     device = g.device
     rows = batch * steps
-    dense_g = torch.zeros(rows * neurons, dtype=g.dtype, device=device)
+    # One slot more: a captured graph's padded list points its padding there (index B·T·N, g = 0).
+    dense_g = torch.zeros(rows * neurons + 1, dtype=g.dtype, device=device)
     dense_g[active_index] = g  # the active list holds each entry once
     beta_a = beta.to(g.dtype).contiguous()
     if split:

@@ -1,0 +1,298 @@
+"""CUDA-graph capture of a training step's snnopt Triton layers: one replay per forward and backward.
+
+Why: a sparse layer's kernels are tiny (tens of microseconds on an H100/H200 at the seed paper's
+sizes), so launched one by one from Python its time is host time, per torch operation and per
+Triton launch (run 4 of ``benchmarks/gpu_suite.py`` on an H200: a per-layer sparse backward of
+0.7–0.9 ms whatever the layer width). A CUDA graph replays the recorded launches without the host.
+
+What a graph cannot do is read the device: the compact sparse path sizes its lists from the count
+of active entries (a host read per forward), and the split bfloat16 GEMM checks that its spike
+operand is exact (another). Under a :class:`CapturePlan` the Triton op instead
+
+* gives every list a fixed capacity, measured while recording (the largest count seen in the
+  warm-up steps times ``headroom``): entries past a list's length are padding (index one past the
+  last entry, value zero), which every kernel skips, and a list that would overflow raises a flag
+  on the device instead of growing;
+* takes the GEMM routes and the backward's weight-gradient route recorded in the warm-up, and
+  checks on the device that a split GEMM's spike operand is still exact (the same flag).
+
+:func:`capture_graphs` records a plan on the example inputs, captures the forward and backward with
+``torch.cuda.make_graphed_callables``, and returns a :class:`GraphedModel`. After each replayed
+forward it reads the flag (one small device read): raised, the step is run again eagerly, so a
+batch busier than the warm-up, or an input no longer spikes, gets the same outputs and gradients as
+without graphs, only slower (``GraphedModel.fallbacks`` counts them; a warning says so once). An
+input of another shape, dtype or device runs eagerly too (a graph holds one shape).
+
+Sparse layers on the per-entry flag path (recurrent, CuBa, zero reset: their lists come from
+``torch.nonzero``), and compact layers whose backward needs the dense route (a membrane or state
+gradient, an unrestricted input gradient) cannot be captured: recording says which, by
+:class:`~snnopt.errors.UnsupportedModelError`. Exact-backward layers need no lists.
+
+Example::
+
+    >>> opt = snnopt.optimize(model, x.cuda(), backend="triton")
+    >>> step = snnopt.capture_graphs(opt, (x.cuda(),))
+    >>> loss = loss_fn(step(x.cuda()), labels); loss.backward()   # two graph replays
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from snnopt.errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
+
+# Capacities are rounded up to this many entries: a little headroom for free, and aligned buffers.
+CAPACITY_QUANTUM = 1024
+
+
+@dataclass
+class CaptureSite:
+    """What one snnopt Triton layer call of the captured step needs to run without reading the device."""
+
+    index: int
+    description: str = ""
+    events_seen: int = 0          # the largest count of input events seen while recording
+    active_seen: int = 0          # the largest count of active entries seen while recording
+    events_limit: int = 0         # the most there can be (B·T·F, B·T·N): no capacity above it
+    active_limit: int = 0
+    events_capacity: Optional[int] = None
+    active_capacity: Optional[int] = None
+    split_linear: Optional[bool] = None       # the forward GEMM on the split bfloat16 route
+    split_weight_grad: Optional[bool] = None  # the backward's weight-gradient GEMM on it
+    pair_weight_grad: Optional[bool] = None   # the compact backward's weight gradient from event pairs
+    uncapturable: list = field(default_factory=list)
+
+    def checks_spikes(self) -> bool:
+        """Whether the step relies on the layer input being bfloat16-exact (checked on the device)."""
+        return bool(self.split_linear or self.split_weight_grad)
+
+
+class CapturePlan:
+    """The per-layer choices of one model's captured step, in the order its layers run.
+
+    ``recording``: layers run as usual (reading the device) and write down their counts and routes;
+    ``static``: they run from the plan, without reading the device, raising :attr:`invalid` where
+    the plan does not hold. :meth:`begin` starts a forward (the next layer call is site 0).
+    """
+
+    def __init__(self, device: torch.device, headroom: float = 2.0):
+        self.device = device
+        self.headroom = headroom
+        self.sites: list[CaptureSite] = []
+        self.static = False
+        self._cursor = 0
+        self.current: Optional[CaptureSite] = None  # the site of the layer call running now
+        self.invalid = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def begin(self) -> None:
+        self._cursor = 0
+        if self.static:
+            self.invalid.zero_()  # recorded into the forward graph: every replay starts clean
+
+    def next_site(self, description: str) -> CaptureSite:
+        index = self._cursor
+        self._cursor += 1
+        if index < len(self.sites):
+            return self.sites[index]
+        if self.static:
+            raise UnsupportedModelError(
+                f"capture_graphs: the forward called {index + 1} snnopt layers, {len(self.sites)} while recording; "
+                "a captured model must call the same layers in the same order every step")
+        site = CaptureSite(index, description)
+        self.sites.append(site)
+        return site
+
+    def flag(self, condition: Tensor) -> None:
+        """Raise :attr:`invalid` where ``condition`` (a bool tensor, any shape) holds anywhere; no host read."""
+        torch.bitwise_or(self.invalid, condition.any().reshape(1).to(torch.int32), out=self.invalid)
+
+    def flag_not_bfloat16_exact(self, values: Tensor) -> None:
+        """Raise :attr:`invalid` unless every entry of ``values`` is a bfloat16 value (see spike_matmul)."""
+        if values.dtype != torch.bfloat16 and values.numel():
+            self.flag(values.to(torch.bfloat16).to(values.dtype) != values)
+
+    def freeze(self) -> None:
+        """Capacities from what recording saw; raises if a layer said it cannot run captured."""
+        problems = [f"layer {site.index} ({site.description}): {reason}"
+                    for site in self.sites for reason in site.uncapturable]
+        if problems:
+            raise UnsupportedModelError("capture_graphs: " + "; ".join(dict.fromkeys(problems)))
+        for site in self.sites:
+            site.events_capacity = _capacity(site.events_seen, self.headroom, site.events_limit)
+            site.active_capacity = _capacity(site.active_seen, self.headroom, site.active_limit)
+        self.static = True
+
+    def summary(self) -> list[dict]:
+        return [{"layer": site.index, "what": site.description,
+                 "active_seen": site.active_seen, "active_capacity": site.active_capacity,
+                 "events_seen": site.events_seen, "events_capacity": site.events_capacity,
+                 "split_linear": site.split_linear, "split_weight_grad": site.split_weight_grad,
+                 "pair_weight_grad": site.pair_weight_grad} for site in self.sites]
+
+
+def _capacity(seen: int, headroom: float, limit: int) -> int:
+    wanted = math.ceil(seen * headroom)
+    wanted = -(-max(wanted, 1) // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+    return max(1, min(wanted, limit)) if limit else wanted
+
+
+_PLAN: contextvars.ContextVar[Optional[CapturePlan]] = contextvars.ContextVar("snnopt_capture_plan", default=None)
+
+
+def active_plan() -> Optional[CapturePlan]:
+    """The plan the running step follows, or None (plain eager execution)."""
+    return _PLAN.get()
+
+
+@contextlib.contextmanager
+def following(plan: CapturePlan):
+    """Run snnopt layers under ``plan`` (recording or static) inside the block."""
+    token = _PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.reset(token)
+
+
+class _PlannedStep(nn.Module):
+    """The user's model or function, each call starting a plan's forward (site 0)."""
+
+    def __init__(self, model: Callable, plan: CapturePlan):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+
+    def forward(self, *inputs):
+        self.plan.begin()
+        return self.model(*inputs)
+
+
+class GraphedModel(nn.Module):
+    """A model whose forward and backward replay CUDA graphs (see :func:`capture_graphs`).
+
+    A replay reuses the same buffers, so a step's backward must run before the next replayed
+    forward, as in a training loop. While an earlier replay's output is still alive and its
+    backward has not run, a forward runs eagerly instead (counted in ``overlapping``): gradient
+    accumulation over several forwards stays correct, only slower.
+
+    ``fallbacks`` counts the calls run eagerly because the plan did not hold (a list would have
+    overflowed, a spike operand was not exact) and ``other_inputs`` those with inputs unlike the
+    captured ones (or the model switched between ``train()`` and ``eval()`` since the capture);
+    ``plan.summary()`` lists each layer's capacities and routes.
+    """
+
+    def __init__(self, model: Callable, graphed: Callable, plan: CapturePlan, example_inputs: Sequence[Tensor]):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        # Not a registered submodule: it holds `model` again (no duplicate state_dict entries).
+        object.__setattr__(self, "_graphed", graphed)
+        self._captured_training = _training(model)
+        self._signature = [_signature(t) for t in example_inputs]
+        self.fallbacks = 0
+        self.other_inputs = 0
+        self.overlapping = 0
+        self._warned = False
+        self._pending: list = []  # weak references to the outputs of a replay whose backward has not run
+
+    def forward(self, *inputs):
+        if len(inputs) != len(self._signature) or any(
+                _signature(t) != s for t, s in zip(inputs, self._signature)) or (
+                _training(self.model) != self._captured_training):  # e.g. .eval(): not what was captured
+            self.other_inputs += 1
+            return self.model(*inputs)
+        if any(ref() is not None for ref in self._pending):
+            self.overlapping += 1  # replaying now would overwrite what that backward reads
+            return self.model(*inputs)
+        self._pending = []
+        out = self._graphed(*inputs)
+        if bool(self.plan.invalid.item()):  # the one host read per step
+            self.fallbacks += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn("snnopt.capture_graphs: this step exceeded the captured plan (more active entries "
+                              "or input events than its lists hold, or an input that is no longer spikes) and "
+                              "ran eagerly, with the same results; capture again with a larger headroom if it "
+                              "keeps happening (GraphedModel.fallbacks counts them)", RuntimeWarning, stacklevel=2)
+            return self.model(*inputs)
+        self._await_backward(out)
+        return out
+
+    def _await_backward(self, out) -> None:
+        # Until a gradient reaches one of the outputs (the replayed backward follows), or they are gone.
+        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+        refs = [weakref.ref(t) for t in tensors]
+
+        def backward_started(grad):
+            if self._pending is refs:
+                self._pending = []
+            return grad
+        for t in tensors:
+            t.register_hook(backward_started)
+        self._pending = refs
+
+
+def _training(model) -> bool:
+    return model.training if isinstance(model, nn.Module) else True
+
+
+def _signature(t) -> tuple:
+    if not isinstance(t, Tensor):
+        return (type(t),)
+    return (tuple(t.shape), t.dtype, t.device, t.requires_grad, t.stride())
+
+
+def capture_graphs(model: Callable, example_inputs: Sequence[Tensor], *, headroom: float = 2.0,
+                   warmup_steps: int = 3) -> GraphedModel:
+    """Capture ``model``'s forward and backward on ``example_inputs`` as CUDA graphs; see the module docstring.
+
+    ``model``: an ``nn.Module`` (an :func:`snnopt.optimize` result, or one built from ``snnopt.nn``
+    on the Triton backend) or a function of tensors; ``example_inputs``: CUDA tensors shaped as
+    every later call's. ``headroom``: each list's capacity over the most entries seen in
+    ``warmup_steps`` recorded steps. Parameter gradients are not changed by the capture itself.
+    """
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise InvalidTypeError("example_inputs: expected a non-empty tuple of tensors")
+    for k, t in enumerate(example_inputs):
+        if not isinstance(t, Tensor):
+            raise InvalidTypeError(f"example_inputs[{k}]: expected a tensor, got {type(t).__name__}")
+    for k, t in enumerate(example_inputs):
+        if t.device.type != "cuda":
+            raise InvalidArgumentError(f"example_inputs[{k}]: CUDA graphs need CUDA tensors, got one on {t.device}; "
+                                       "move the model and inputs to a GPU, or run without capture_graphs")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not headroom >= 1.0:
+        raise InvalidArgumentError(f"headroom: expected a number >= 1, got {headroom!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise InvalidArgumentError(f"warmup_steps: expected an int >= 1, got {warmup_steps!r}")
+    plan = CapturePlan(example_inputs[0].device, float(headroom))
+    step = _PlannedStep(model, plan)
+    inputs = tuple(example_inputs)
+    with following(plan):
+        for _ in range(warmup_steps):
+            _record_step(step, inputs)
+    plan.freeze()
+    with following(plan):
+        graphed = torch.cuda.make_graphed_callables(step, inputs, allow_unused_input=True)
+    return GraphedModel(model, graphed, plan, inputs)
+
+
+def _record_step(step: nn.Module, inputs: tuple) -> None:
+    """One forward and backward that write down counts and routes; gradients are computed, not accumulated."""
+    outputs = step(*inputs)
+    outputs = [outputs] if isinstance(outputs, Tensor) else [o for o in pytree.tree_leaves(outputs)
+                                                               if isinstance(o, Tensor)]
+    differentiable = [o for o in outputs if o.requires_grad]
+    wrt = [p for p in step.parameters() if p.requires_grad] + [t for t in inputs if t.requires_grad]
+    if differentiable and wrt:
+        torch.autograd.grad(differentiable, wrt, grad_outputs=[torch.ones_like(o) for o in differentiable],
+                            allow_unused=True)

@@ -1,0 +1,267 @@
+"""CUDA-graph capture plans (snnopt.graphs) on the Triton op, in Triton's interpreter.
+
+A static plan must give the same outputs and gradients as plain eager execution, read nothing from
+the device (what a CUDA graph cannot do), and raise its flag where a list would overflow or a split
+GEMM's input is not spikes. The capture itself needs a GPU (tests/codegen/test_triton_gpu.py).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import snnopt  # noqa: E402
+import snnopt.functional as SF  # noqa: E402
+from snnopt import graphs  # noqa: E402
+from snnopt.codegen import spike_matmul, triton_lif  # noqa: E402
+from snnopt.errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError  # noqa: E402
+
+# Ways a value comes back from the device to the host (a sync on CUDA; refused while capturing).
+# Custom ops reach a TorchDispatchMode whole, so the Python entry points are watched instead.
+_TENSOR_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "any", "all")
+_TORCH_READS = ("equal", "nonzero")
+
+
+class DeviceReads:
+    """Records every host read of a tensor's values inside the block (what a CUDA graph cannot do)."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.seen, self.inside = monkeypatch, [], False
+
+    def _watch(self, owner, name):
+        real = getattr(owner, name)
+
+        def watched(*args, **kwargs):
+            result = real(*args, **kwargs)
+            # any()/all() return tensors (no read); they count only when their result is read.
+            if self.inside and name not in ("any", "all"):
+                self.seen.append(name)
+            return result
+        self.monkeypatch.setattr(owner, name, watched)
+
+    def __enter__(self):
+        for name in _TENSOR_READS:
+            self._watch(torch.Tensor, name)
+        for name in _TORCH_READS:
+            self._watch(torch, name)
+        self.inside = True
+        return self
+
+    def __exit__(self, *exc):
+        self.inside = False
+        self.monkeypatch.undo()
+
+
+def _network(x, w1, w2, w3):
+    """The seed paper's network in small: two sparse LIF layers and an exact leaky readout."""
+    h1 = SF.linear_lif(x, w1, beta=0.9, window=0.5, backend="triton")
+    h2 = SF.linear_lif(h1, w2, beta=0.85, window=0.5, backend="triton")
+    return SF.linear_leaky_integrator(h2, w3, beta=0.9, input_scale=0.1, backend="triton")
+
+
+def _problem(rate=0.3, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(3, 8, 12, generator=gen) < rate).to(dtype)
+    w1 = ((torch.rand(10, 12, generator=gen) - 0.2) * 0.9).to(dtype).requires_grad_()
+    w2 = ((torch.rand(9, 10, generator=gen) - 0.2) * 1.2).to(dtype).requires_grad_()
+    w3 = (torch.rand(4, 9, generator=gen) - 0.5).to(dtype).requires_grad_()
+    return x, w1, w2, w3
+
+
+def _step(fn, inputs):
+    x, *weights = inputs
+    out = fn(x, *weights)
+    upstream = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return [out.detach()] + list(torch.autograd.grad((out * upstream).sum(), weights))
+
+
+def _recorded_plan(inputs, headroom=2.0):
+    plan = graphs.CapturePlan(torch.device("cpu"), headroom)
+    step = graphs._PlannedStep(_network, plan)
+    with graphs.following(plan):
+        graphs._record_step(step, tuple(inputs))
+    plan.freeze()
+    return plan, step
+
+
+def _static_step(plan, step, inputs):
+    with graphs.following(plan):
+        return _step(step, inputs)
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["event_pairs", "dense_weight_route"])
+def test_static_plan_matches_eager(pairs, monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: pairs)
+    inputs = _problem()
+    expected = _step(_network, inputs)
+    plan, step = _recorded_plan(inputs)
+    assert [s.pair_weight_grad for s in plan.sites[:2]] == [pairs, pairs]
+    assert all(s.active_seen > 0 for s in plan.sites[:2]), "the layers need active entries for this test"
+    assert plan.sites[0].events_capacity >= plan.sites[0].events_seen
+    got = _static_step(plan, step, inputs)
+    assert int(plan.invalid) == 0
+    for name, a, b in zip(("output", "dW1", "dW2", "dW3"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_static_plan_on_the_split_gemm_routes(monkeypatch):
+    # The split bfloat16 GEMMs forced at a tiny size (as on a GPU for large layers): the routes come
+    # from the recording, and the static step checks the spikes on the device instead.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    inputs = _problem(seed=3)
+    expected = _step(_network, inputs)
+    plan, step = _recorded_plan(inputs)
+    assert plan.sites[0].split_linear and plan.sites[0].split_weight_grad
+    got = _static_step(plan, step, inputs)
+    assert int(plan.invalid) == 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # A later input that is not spikes: the split route would be wrong, and the flag says so.
+    x, *weights = inputs
+    _static_step(plan, step, [x * 0.3] + weights)
+    assert int(plan.invalid) == 1
+
+
+def test_static_plan_reads_nothing_from_the_device(monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    inputs = _problem(seed=1)
+    with DeviceReads(pytest.MonkeyPatch()) as eager_reads:
+        _step(_network, inputs)
+    assert {"tolist", "__int__"} <= set(eager_reads.seen), "without a plan the layers read list lengths"
+    plan, step = _recorded_plan(inputs)
+    with DeviceReads(pytest.MonkeyPatch()) as static_reads:
+        _static_step(plan, step, inputs)
+    assert static_reads.seen == []
+
+
+def test_static_plan_flags_a_list_that_would_overflow(monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    monkeypatch.setattr(graphs, "CAPACITY_QUANTUM", 1)  # capacities as recorded, not rounded up to 1024
+    quiet = _problem(rate=0.15, seed=2)
+    plan, step = _recorded_plan(quiet, headroom=1.0)
+    _static_step(plan, step, quiet)
+    assert int(plan.invalid) == 0
+    x, *weights = quiet
+    busy = (torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.6).to(x.dtype)
+    assert busy.count_nonzero() > plan.sites[0].events_capacity
+    _static_step(plan, step, [busy] + weights)
+    assert int(plan.invalid) == 1
+    _static_step(plan, step, quiet)  # each forward starts clean
+    assert int(plan.invalid) == 0
+
+
+def test_padded_lists_give_the_same_gradients_as_exact_length_lists(monkeypatch):
+    # Capacities far above the counts: most of each list is padding, which every kernel must skip.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    inputs = _problem(rate=0.2, seed=6)
+    expected = _step(_network, inputs)
+    plan, step = _recorded_plan(inputs, headroom=50.0)
+    assert plan.sites[1].active_capacity > 2 * plan.sites[1].active_seen
+    got = _static_step(plan, step, inputs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_uncapturable_layer_is_named_when_recording():
+    x, w1, _, _ = _problem()
+    recurrent = (torch.rand(10, 10) * 0.1).requires_grad_()
+    plan = graphs.CapturePlan(torch.device("cpu"))
+
+    def model(x, w1, recurrent):
+        return SF.linear_lif(x, w1, recurrent_weight=recurrent, beta=0.9, backend="triton")
+
+    with graphs.following(plan):
+        graphs._record_step(graphs._PlannedStep(model, plan), (x, w1, recurrent))
+    with pytest.raises(UnsupportedModelError, match=r"layer 0 .*torch.nonzero.*backward='exact'"):
+        plan.freeze()
+
+
+def test_capture_graphs_rejects_bad_arguments():
+    x, w1, w2, w3 = _problem()
+    with pytest.raises(InvalidArgumentError, match=r"example_inputs\[0\]: CUDA graphs need CUDA tensors"):
+        snnopt.capture_graphs(_network, (x, w1, w2, w3))
+    with pytest.raises(InvalidTypeError, match="example_inputs"):
+        snnopt.capture_graphs(_network, x)
+    with pytest.raises(InvalidTypeError, match=r"example_inputs\[1\]"):
+        snnopt.capture_graphs(_network, (x, "w1"))
+
+
+class _Replays:
+    """Stands in for the captured callable (no GPU here): runs the model and counts the calls."""
+
+    def __init__(self, model, plan, raise_flag=False):
+        self.model, self.plan, self.raise_flag, self.calls = model, plan, raise_flag, 0
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        out = self.model(*inputs)
+        if self.raise_flag:
+            self.plan.invalid.fill_(1)
+        return out
+
+
+def _graphed_model(raise_flag=False):
+    x, w1, w2, w3 = _problem()
+    plan = graphs.CapturePlan(torch.device("cpu"))
+    plan.static = True
+    replays = _Replays(_network, plan, raise_flag)
+    return graphs.GraphedModel(_network, replays, plan, (x, w1, w2, w3)), replays, (x, w1, w2, w3)
+
+
+def test_graphed_model_waits_for_a_replay_s_backward_before_the_next(monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    model, replays, inputs = _graphed_model()
+    first = model(*inputs)
+    assert replays.calls == 1
+    second = model(*inputs)  # the first replay's backward has not run and its output is alive: eager
+    assert replays.calls == 1 and model.overlapping == 1
+    (first.sum() + second.sum()).backward()
+    model(*inputs)
+    assert replays.calls == 2
+    del first, second
+    model(*inputs)  # an output dropped without a backward frees the buffers too
+    assert replays.calls == 3 and model.overlapping == 1
+
+
+def test_graphed_model_runs_eagerly_where_the_plan_did_not_hold(monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    model, replays, inputs = _graphed_model(raise_flag=True)
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        out = model(*inputs)
+    assert replays.calls == 1 and model.fallbacks == 1
+    torch.testing.assert_close(out, _network(*inputs))
+    x, *weights = inputs
+    model(x[:2], *weights)  # another batch size: no graph for it
+    assert replays.calls == 1 and model.other_inputs == 1
+
+
+def test_an_optimized_model_follows_a_static_plan(monkeypatch):
+    # What capture_graphs captures for snnopt.optimize's output: the seed network (the zoo's small copy),
+    # sparse, on the Triton backend. Under the static plan: the same outputs and gradients, no host reads.
+    from tests.compiler import style_models as zoo
+
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    case = next(c for c in zoo.STYLE_CASES if c.name == "seed_paper")
+    inputs = case.example_inputs()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    opt = snnopt.optimize(case.build(), inputs, backward="sparse", backend="triton")
+    params = [p for p in opt.parameters() if p.requires_grad]
+
+    def step(model):
+        outs = [o for o in torch.utils._pytree.tree_leaves(model(*inputs)) if o.requires_grad]
+        loss = sum((o * torch.linspace(-1.0, 1.0, o.numel()).reshape(o.shape)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, params))
+
+    expected = step(opt)
+    plan = graphs.CapturePlan(torch.device("cpu"))
+    planned = graphs._PlannedStep(opt, plan)
+    with graphs.following(plan):
+        graphs._record_step(planned, inputs)
+    plan.freeze()
+    assert len(plan.sites) == 3 and plan.sites[0].active_seen > 0
+    with graphs.following(plan), DeviceReads(pytest.MonkeyPatch()) as reads:
+        got = step(planned)
+    assert reads.seen == [] and int(plan.invalid) == 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
