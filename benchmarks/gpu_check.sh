@@ -4,9 +4,11 @@
 # SpikingJelly and their pure-Python dependency loguru travel as wheels in .whl/ (prepared with
 # `pip download --no-deps`, see benchmarks/README.md), and snnopt runs from the source tree.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh          # about 8.5 minutes at most on a warm GPU
+#   OUT=/some/folder bash benchmarks/gpu_check.sh          # about 9.5 minutes at most on a warm GPU
 #
-# Steps: install the wheels into /tmp/site; print nvidia-smi and versions; the GPU suite (at most
+# Steps: install the wheels into /tmp/site; print nvidia-smi and versions; a probe of the CUDA-graph
+# capture in its own process (at most 60 s; the suite leaves the captured variants out if it fails);
+# the GPU suite (at most
 # 270 s: seed sizes start until 70 s, ON sizes until 170 s, then the kernel-tuning trials until
 # 220 s; 5 timed rounds; torch.compile of the whole 500-step loop left out, see gpu_suite.py
 # --with-compile; torch.compile of the step is in);
@@ -50,9 +52,19 @@ for name in ("triton", "numpy", "numba", "matplotlib", "snntorch", "spikingjelly
 PY
 } 2>&1 | tee -a "$OUT/env.log"
 
+# CUDA-graph capture (snnopt.capture_graphs) has never run on a GPU before: probe it in a process
+# of its own first (a capture that fails can leave the CUDA context unusable), and leave the captured
+# variants out of the suite (--skip) if it fails.
+echo "== CUDA-graph probe (limit 60 s)" | tee "$OUT/gpu_probe.log"
+SKIP=""
+timeout 60 python3 benchmarks/gpu_probe.py --variant snnopt_sparse_graphed --n 4096 2>&1 | tee -a "$OUT/gpu_probe.log"
+if [ "${PIPESTATUS[0]}" != 0 ]; then SKIP="--skip snnopt_sparse_graphed"; fi
+echo "probe done; suite options: ${SKIP:-none}" | tee -a "$OUT/gpu_probe.log"
+
 echo "== GPU suite (limit 270 s)" | tee "$OUT/gpu_suite.log"
+# shellcheck disable=SC2086  # $SKIP is empty or two words
 timeout 270 python3 benchmarks/gpu_suite.py --device cuda:0 --out "$OUT" --repeat 5 --warmup 1 \
-  --seed-budget 70 --budget 170 --tuning-budget 220 2>&1 | tee -a "$OUT/gpu_suite.log"
+  --seed-budget 70 --budget 170 --tuning-budget 220 $SKIP 2>&1 | tee -a "$OUT/gpu_suite.log"
 echo "gpu_suite exit status ${PIPESTATUS[0]} (1: a correctness check failed; 124: timed out, partial JSON kept)" \
   | tee -a "$OUT/gpu_suite.log"
 

@@ -68,7 +68,12 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     assert "skipped" in overhead or all(v["host_us"] > 0 for k, v in overhead.items() if k != "calls"), overhead
     targets = payload["targets"]  # computed from the entries above (on CPU, not a statement about the GPU)
     assert set(targets["met"]) == {"seed_backward_speedup", "seed_backward_memory_own", "seed_backward_memory_peak",
-                                   "on_step_ratio"}
+                                   "on_step_ratio", "seed_backward_speedup_graphed", "on_step_ratio_graphed"}
+    # The CUDA-graph variants need CUDA: on CPU each says so, and the rest of the run carries on.
+    graphed_errors = [v for k, v in payload["errors"].items() if k.endswith("snnopt_sparse_graphed")]
+    assert graphed_errors and all("CUDA graphs need CUDA tensors" in v for v in graphed_errors), payload["errors"]
+    assert all("CUDA graphs need CUDA" in size["variants"]["snnopt_sparse_graphed"]["error"]
+               for size in on_sizes.values())
     assert all(v["backward_speedup"] > 0 for v in targets["seed"].values()) and len(targets["seed"]) == 4
     assert set(targets["on_step_ratio"]) == set(on_sizes)
     tuning = payload["kernel_tuning"]
