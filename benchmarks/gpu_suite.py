@@ -367,7 +367,13 @@ def _graph_facts(case) -> dict | None:
     graphed = getattr(case, "graphed", None)
     if graphed is None:
         return None
-    return {"fallbacks": graphed.fallbacks, "other_inputs": graphed.other_inputs, "plan": graphed.plan.summary()}
+    return graph_facts(graphed)
+
+
+def graph_facts(graphed) -> dict:
+    """What a captured variant did besides replaying: steps run eagerly, recaptures, and its plan."""
+    return {"fallbacks": graphed.fallbacks, "recaptures": graphed.recaptures, "other_inputs": graphed.other_inputs,
+            "overlapping": graphed.overlapping, "plan": graphed.plan.summary()}
 
 
 def layer_results(cases, samples, memory, errors) -> dict:
@@ -706,8 +712,7 @@ def seed_step(cfg, x, labels, weights, sizes, device, errors) -> dict:
         if key in step_errors:
             res["error"] = step_errors[key]
         if isinstance(v.model, _graphed_model_type()):
-            res["graphs"] = {"fallbacks": v.model.fallbacks, "other_inputs": v.model.other_inputs,
-                             "plan": v.model.plan.summary()}
+            res["graphs"] = graph_facts(v.model)
         results[key] = res
     base, unbind = results.get("dense_eager", {}), results.get("dense_eager_unbind", {})
     for res in results.values():

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import warnings
 import weakref
@@ -186,24 +187,34 @@ class GraphedModel(nn.Module):
     accumulation over several forwards stays correct, only slower.
 
     ``fallbacks`` counts the calls run eagerly because the plan did not hold (a list would have
-    overflowed, a spike operand was not exact) and ``other_inputs`` those with inputs unlike the
-    captured ones (or the model switched between ``train()`` and ``eval()`` since the capture);
-    ``plan.summary()`` lists each layer's capacities and routes.
+    overflowed, a spike operand was not exact). Activity moves as a network trains: after
+    ``recapture_after`` such calls in a row the model is recorded again on the current inputs and
+    captured anew (``recaptures`` counts it; 0 turns it off). ``other_inputs`` counts calls with
+    inputs unlike the captured ones (or after a switch between ``train()`` and ``eval()``), run
+    eagerly. ``plan.summary()`` lists each layer's capacities and routes.
     """
 
-    def __init__(self, model: Callable, graphed: Callable, plan: CapturePlan, example_inputs: Sequence[Tensor]):
+    def __init__(self, model: Callable, capture: Callable[[tuple], tuple], example_inputs: Sequence[Tensor],
+                 recapture_after: int = 3):
         super().__init__()
         self.model = model
-        self.plan = plan
-        # Not a registered submodule: it holds `model` again (no duplicate state_dict entries).
-        object.__setattr__(self, "_graphed", graphed)
-        self._captured_training = _training(model)
+        self._capture = capture  # inputs -> (graphed callable, plan): records, then captures
+        self.recapture_after = recapture_after
         self._signature = [_signature(t) for t in example_inputs]
+        self._captured_training = _training(model)
         self.fallbacks = 0
+        self.recaptures = 0
         self.other_inputs = 0
         self.overlapping = 0
+        self._streak = 0  # fallbacks in a row
         self._warned = False
         self._pending: list = []  # weak references to the outputs of a replay whose backward has not run
+        self._install(*capture(tuple(example_inputs)))
+
+    def _install(self, graphed: Callable, plan: CapturePlan) -> None:
+        # Not a registered submodule: it holds `model` again (no duplicate state_dict entries).
+        object.__setattr__(self, "_graphed", graphed)
+        self.plan = plan
 
     def forward(self, *inputs):
         if len(inputs) != len(self._signature) or any(
@@ -217,15 +228,27 @@ class GraphedModel(nn.Module):
         self._pending = []
         out = self._graphed(*inputs)
         if bool(self.plan.invalid.item()):  # the one host read per step
-            self.fallbacks += 1
-            if not self._warned:
-                self._warned = True
-                warnings.warn("snnopt.capture_graphs: this step exceeded the captured plan (more active entries "
-                              "or input events than its lists hold, or an input that is no longer spikes) and "
-                              "ran eagerly, with the same results; capture again with a larger headroom if it "
-                              "keeps happening (GraphedModel.fallbacks counts them)", RuntimeWarning, stacklevel=2)
-            return self.model(*inputs)
+            return self._fall_back(inputs)
+        self._streak = 0
         self._await_backward(out)
+        return out
+
+    def _fall_back(self, inputs):
+        self.fallbacks += 1
+        self._streak += 1
+        out = self.model(*inputs)  # this step, eagerly: the same results
+        recapture = bool(self.recapture_after) and self._streak >= self.recapture_after
+        if not self._warned:
+            self._warned = True
+            warnings.warn("snnopt.capture_graphs: a step exceeded the captured plan (more active entries or input "
+                          "events than its lists hold, or an input that is no longer spikes) and ran eagerly, with "
+                          "the same results" + (f"; after {self.recapture_after} such steps in a row the model is "
+                                                "captured again" if self.recapture_after else "")
+                          + " (GraphedModel.fallbacks, .recaptures)", RuntimeWarning, stacklevel=3)
+        if recapture:
+            self._install(*self._capture(tuple(inputs)))
+            self.recaptures += 1
+            self._streak = 0
         return out
 
     def _await_backward(self, out) -> None:
@@ -253,37 +276,50 @@ def _signature(t) -> tuple:
 
 
 def capture_graphs(model: Callable, example_inputs: Sequence[Tensor], *, headroom: float = 2.0,
-                   warmup_steps: int = 3) -> GraphedModel:
+                   warmup_steps: int = 3, recapture_after: int = 3) -> GraphedModel:
     """Capture ``model``'s forward and backward on ``example_inputs`` as CUDA graphs; see the module docstring.
 
     ``model``: an ``nn.Module`` (an :func:`snnopt.optimize` result, or one built from ``snnopt.nn``
     on the Triton backend) or a function of tensors; ``example_inputs``: CUDA tensors shaped as
     every later call's. ``headroom``: each list's capacity over the most entries seen in
-    ``warmup_steps`` recorded steps. Parameter gradients are not changed by the capture itself.
+    ``warmup_steps`` recorded steps. ``recapture_after``: record and capture again after that
+    many steps in a row exceeded the plan (0: never). Recording and capturing run the forward and
+    backward several times: parameter gradients are computed, not accumulated, but a module's
+    own state (BatchNorm's running statistics, say) moves as in any step.
     """
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise InvalidTypeError("example_inputs: expected a non-empty tuple of tensors")
     for k, t in enumerate(example_inputs):
         if not isinstance(t, Tensor):
             raise InvalidTypeError(f"example_inputs[{k}]: expected a tensor, got {type(t).__name__}")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not headroom >= 1.0:
+        raise InvalidArgumentError(f"headroom: expected a number >= 1, got {headroom!r}")
+    for name, value, least in (("warmup_steps", warmup_steps, 1), ("recapture_after", recapture_after, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InvalidArgumentError(f"{name}: expected an int >= {least}, got {value!r}")
     for k, t in enumerate(example_inputs):
         if t.device.type != "cuda":
             raise InvalidArgumentError(f"example_inputs[{k}]: CUDA graphs need CUDA tensors, got one on {t.device}; "
                                        "move the model and inputs to a GPU, or run without capture_graphs")
-    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not headroom >= 1.0:
-        raise InvalidArgumentError(f"headroom: expected a number >= 1, got {headroom!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise InvalidArgumentError(f"warmup_steps: expected an int >= 1, got {warmup_steps!r}")
-    plan = CapturePlan(example_inputs[0].device, float(headroom))
+    capture = functools.partial(_record_and_capture, model, headroom=float(headroom), warmup_steps=warmup_steps)
+    return GraphedModel(model, capture, example_inputs, recapture_after)
+
+
+def _record_and_capture(model: Callable, inputs: tuple, *, headroom: float, warmup_steps: int):
+    """A plan recorded over ``warmup_steps`` eager steps on ``inputs``, and the graphs captured under it."""
+    plan = CapturePlan(inputs[0].device, headroom)
     step = _PlannedStep(model, plan)
-    inputs = tuple(example_inputs)
     with following(plan):
         for _ in range(warmup_steps):
             _record_step(step, inputs)
     plan.freeze()
-    with following(plan):
-        graphed = torch.cuda.make_graphed_callables(step, inputs, allow_unused_input=True)
-    return GraphedModel(model, graphed, plan, inputs)
+    try:
+        with following(plan):
+            graphed = torch.cuda.make_graphed_callables(step, inputs, allow_unused_input=True)
+    except RuntimeError as error:  # CUDA's refusal of something in the step, as torch reports it
+        raise UnsupportedModelError(f"capture_graphs: capturing the step failed ({error}); run the model without "
+                                    "capture_graphs") from error
+    return graphed, plan
 
 
 def _record_step(step: nn.Module, inputs: tuple) -> None:

@@ -185,55 +185,99 @@ def test_capture_graphs_rejects_bad_arguments():
         snnopt.capture_graphs(_network, x)
     with pytest.raises(InvalidTypeError, match=r"example_inputs\[1\]"):
         snnopt.capture_graphs(_network, (x, "w1"))
+    # The other arguments are checked before the device.
+    with pytest.raises(InvalidArgumentError, match="headroom: expected a number >= 1"):
+        snnopt.capture_graphs(_network, (x,), headroom=0.5)
+    with pytest.raises(InvalidArgumentError, match="recapture_after: expected an int >= 0"):
+        snnopt.capture_graphs(_network, (x,), recapture_after=-1)
 
 
 class _Replays:
     """Stands in for the captured callable (no GPU here): runs the model and counts the calls."""
 
-    def __init__(self, model, plan, raise_flag=False):
+    def __init__(self, model, plan, raise_flag):
         self.model, self.plan, self.raise_flag, self.calls = model, plan, raise_flag, 0
 
     def __call__(self, *inputs):
         self.calls += 1
+        self.plan.invalid.zero_()  # as the captured forward does first (CapturePlan.begin)
         out = self.model(*inputs)
-        if self.raise_flag:
+        if self.raise_flag(inputs):
             self.plan.invalid.fill_(1)
         return out
 
 
-def _graphed_model(raise_flag=False):
-    x, w1, w2, w3 = _problem()
-    plan = graphs.CapturePlan(torch.device("cpu"))
-    plan.static = True
-    replays = _Replays(_network, plan, raise_flag)
-    return graphs.GraphedModel(_network, replays, plan, (x, w1, w2, w3)), replays, (x, w1, w2, w3)
+class _Captures:
+    """Stands in for record-and-capture: a fresh plan and stand-in graphs per capture, all kept."""
+
+    def __init__(self, raise_flag=lambda inputs: False):
+        self.raise_flag, self.made = raise_flag, []
+
+    def __call__(self, inputs):
+        plan = graphs.CapturePlan(torch.device("cpu"))
+        plan.static = True
+        self.made.append((inputs, _Replays(_network, plan, self.raise_flag)))
+        return self.made[-1][1], plan
+
+    @property
+    def calls(self):
+        return [replays.calls for _, replays in self.made]
+
+
+def _graphed_model(raise_flag=lambda inputs: False, recapture_after=3):
+    inputs = _problem()
+    captures = _Captures(raise_flag)
+    return graphs.GraphedModel(_network, captures, inputs, recapture_after), captures, inputs
 
 
 def test_graphed_model_waits_for_a_replay_s_backward_before_the_next(monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
-    model, replays, inputs = _graphed_model()
+    model, captures, inputs = _graphed_model()
     first = model(*inputs)
-    assert replays.calls == 1
+    assert captures.calls == [1]
     second = model(*inputs)  # the first replay's backward has not run and its output is alive: eager
-    assert replays.calls == 1 and model.overlapping == 1
+    assert captures.calls == [1] and model.overlapping == 1
     (first.sum() + second.sum()).backward()
     model(*inputs)
-    assert replays.calls == 2
+    assert captures.calls == [2]
     del first, second
     model(*inputs)  # an output dropped without a backward frees the buffers too
-    assert replays.calls == 3 and model.overlapping == 1
+    assert captures.calls == [3] and model.overlapping == 1
 
 
 def test_graphed_model_runs_eagerly_where_the_plan_did_not_hold(monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
-    model, replays, inputs = _graphed_model(raise_flag=True)
+    model, captures, inputs = _graphed_model(raise_flag=lambda inputs: True, recapture_after=0)
     with pytest.warns(RuntimeWarning, match="ran eagerly"):
         out = model(*inputs)
-    assert replays.calls == 1 and model.fallbacks == 1
+    assert captures.calls == [1] and model.fallbacks == 1
     torch.testing.assert_close(out, _network(*inputs))
     x, *weights = inputs
     model(x[:2], *weights)  # another batch size: no graph for it
-    assert replays.calls == 1 and model.other_inputs == 1
+    assert captures.calls == [1] and model.other_inputs == 1
+
+
+def test_graphed_model_captures_again_after_steps_in_a_row_exceed_the_plan(monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    x, *weights = _problem()
+    busy = (x + 1.0).clamp(max=1.0)  # every input entry spikes
+    # The stand-in graphs of the first capture (on x) overflow on busier inputs; a capture on those holds.
+    def overflows(inputs):
+        return len(captures.made) == 1 and bool(inputs[0].sum() > x.sum())
+
+    model, captures, _ = _graphed_model(raise_flag=overflows, recapture_after=2)
+    with pytest.warns(RuntimeWarning, match="captured again"):
+        model(busy, *weights)
+    assert model.fallbacks == 1 and model.recaptures == 0
+    model(x, *weights)  # within the plan: the streak ends
+    model(busy, *weights)
+    assert model.fallbacks == 2 and model.recaptures == 0
+    out = model(busy, *weights)  # second in a row: recorded and captured again on this input
+    assert model.fallbacks == 3 and model.recaptures == 1 and len(captures.made) == 2
+    assert captures.made[1][0][0] is busy
+    torch.testing.assert_close(out, _network(busy, *weights))
+    model(busy, *weights)
+    assert captures.calls == [4, 1] and model.fallbacks == 3
 
 
 def test_an_optimized_model_follows_a_static_plan(monkeypatch):
