@@ -9,7 +9,7 @@
 # Steps: install the wheels into /tmp/site; print nvidia-smi and versions; a probe of the CUDA-graph
 # capture in its own process (at most 60 s; the suite leaves the captured variants out if it fails);
 # the GPU suite (at most
-# 270 s: seed sizes start until 70 s, ON sizes until 170 s, then the kernel-tuning trials until
+# 270 s: seed sizes start until 80 s, ON sizes until 170 s, then the kernel-tuning trials until
 # 220 s; 5 timed rounds; torch.compile of the whole 500-step loop left out, see gpu_suite.py
 # --with-compile; torch.compile of the step is in);
 # then the GPU tests (pytest -m gpu, at most 150 s), then the compact-path and kernel-tuning test
@@ -64,7 +64,7 @@ echo "probe done; suite options: ${SKIP:-none}" | tee -a "$OUT/gpu_probe.log"
 echo "== GPU suite (limit 270 s)" | tee "$OUT/gpu_suite.log"
 # shellcheck disable=SC2086  # $SKIP is empty or two words
 timeout 270 python3 benchmarks/gpu_suite.py --device cuda:0 --out "$OUT" --repeat 5 --warmup 1 \
-  --seed-budget 70 --budget 170 --tuning-budget 220 $SKIP 2>&1 | tee -a "$OUT/gpu_suite.log"
+  --seed-budget 80 --budget 170 --tuning-budget 220 $SKIP 2>&1 | tee -a "$OUT/gpu_suite.log"
 echo "gpu_suite exit status ${PIPESTATUS[0]} (1: a correctness check failed; 124: timed out, partial JSON kept)" \
   | tee -a "$OUT/gpu_suite.log"
 

@@ -309,3 +309,35 @@ def test_an_optimized_model_follows_a_static_plan(monkeypatch):
     assert reads.seen == [] and int(plan.invalid) == 0
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_snnopt_nn_modules_follow_a_static_plan(monkeypatch):
+    import snnopt.nn as snn
+
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)  # the ON layer's weight route
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(snn.LinearLIF(12, 10, beta=0.9, window=0.5, backend="triton"),
+                                snn.LinearLIF(10, 9, bias=False, beta=0.85, window=0.5, backend="triton"),
+                                snn.LinearLeakyIntegrator(9, 4, beta=0.9, input_scale=0.1, backend="triton"))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+        model[1].weight.mul_(3.0)
+    x = _problem()[0]
+    params = list(model.parameters())
+
+    def step(module):
+        out = module(x)
+        return [out.detach()] + list(torch.autograd.grad(out.amax(1).logsumexp(1).sum(), params))
+
+    expected = step(model)
+    plan = graphs.CapturePlan(torch.device("cpu"))
+    planned = graphs._PlannedStep(model, plan)
+    with graphs.following(plan):
+        graphs._record_step(planned, (x,))
+    plan.freeze()
+    assert [s.pair_weight_grad for s in plan.sites[:2]] == [False, False] and plan.sites[1].active_seen > 0
+    with graphs.following(plan), DeviceReads(pytest.MonkeyPatch()) as reads:
+        got = step(planned)
+    assert reads.seen == [] and int(plan.invalid) == 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
