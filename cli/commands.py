@@ -318,6 +318,11 @@ def bench_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save a bar chart (PNG; needs matplotlib)."),
     model_name: Optional[str] = typer.Option(None, "--model", help="Name of the model (or function) in FILE."),
     inputs_name: Optional[str] = typer.Option(None, "--inputs", help="Name of the example inputs (or function)."),
+    device: str = typer.Option("cpu", "--device", help="Where to run: cpu, cuda or cuda:N (the model and inputs "
+                                                        "are moved there; CUDA runs the Triton kernels)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Also time the optimized model captured as CUDA "
+                                                                  "graphs (snnopt.capture_graphs; needs --device "
+                                                                  "cuda)."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Time the original and the optimized model side by side: forward, backward, training step, memory."""
@@ -326,13 +331,24 @@ def bench_command(
 
         _check_choice(backward, BACKWARD_CHOICES, "--backward")
         check_output_file(plot, "--plot")
+        target = _bench_device(device, cuda_graphs)
         loaded = load_model_file(file, model_name, inputs_name, batch=batch, steps=steps)
+        if target.type != "cpu":
+            loaded = _moved(loaded, target)
         started = time.perf_counter()
         optimized = _optimize(loaded, backward, window, "auto", debug)
         compile_seconds = time.perf_counter() - started
+        graphed = None
+        if cuda_graphs:
+            import snnopt
+
+            graphed = snnopt.capture_graphs(optimized, loaded.inputs)
         console = _console() if not as_json else None
-        results = run_bench(loaded, optimized, repeat, progress=not as_json)
+        results = run_bench(loaded, optimized, repeat, progress=not as_json, graphed=graphed)
         results.update(file=str(file), backward=backward, window=window, optimize_seconds=compile_seconds)
+        if graphed is not None:
+            results["cuda_graphs"] = {"fallbacks": graphed.fallbacks, "recaptures": graphed.recaptures,
+                                      "plan": graphed.plan.summary()}
         if plot is not None:
             write_output(plot, plot_results(results))
         if as_json:
@@ -343,6 +359,33 @@ def bench_command(
             print_results(results, console)
             if plot is not None:
                 console.print(f"wrote plot: {plot}")
+
+
+def _bench_device(device: str, cuda_graphs: bool):
+    """``--device`` as a torch.device, refused early (before the model loads) where it cannot run."""
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OutputError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if target.type not in ("cpu", "cuda"):
+        raise OutputError(f"--device {device}: snnopt bench runs on cpu or cuda")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise OutputError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise OutputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if cuda_graphs and target.type != "cuda":
+        raise OutputError("--cuda-graphs: CUDA graphs need a GPU; add --device cuda")
+    return target
+
+
+def _moved(loaded: LoadedModel, device) -> LoadedModel:
+    import dataclasses
+
+    return dataclasses.replace(loaded, model=loaded.model.to(device),
+                               inputs=tuple(x.to(device) for x in loaded.inputs))
 
 
 _EXAMPLES = {

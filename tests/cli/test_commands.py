@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_MODEL = REPO / "examples" / "seed_network_model.py"
@@ -169,6 +170,32 @@ def test_bench_runs_both_variants_and_writes_json_and_png(tmp_path):
     for variant in ("original", "optimized"):
         assert set(payload["variants"][variant]) == {"forward_ms", "backward_ms", "step_ms", "saved_mb"}
     assert (tmp_path / "b.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_refuses_a_device_it_cannot_use_in_one_line(tmp_path):
+    model_file = _zoo_model_file(tmp_path, "linear_per_step_two_layers")
+    assert "--device meta: snnopt bench runs on cpu or cuda" in _one_error_line(
+        _snnopt("bench", model_file, "--device", "meta", cwd=tmp_path))
+    assert "--device nowhere: not a device" in _one_error_line(
+        _snnopt("bench", model_file, "--device", "nowhere", cwd=tmp_path))
+    assert "--cuda-graphs: CUDA graphs need a GPU; add --device cuda" in _one_error_line(
+        _snnopt("bench", model_file, "--cuda-graphs", cwd=tmp_path))
+    if not torch.cuda.is_available():
+        assert "--device cuda: this machine has no CUDA GPU" in _one_error_line(
+            _snnopt("bench", model_file, "--device", "cuda", cwd=tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_a_gpu_with_cuda_graphs(tmp_path):
+    result = _snnopt("bench", SEED_MODEL, "--batch", 32, "--steps", 50, "--repeat", 2, "--device", "cuda",
+                     "--cuda-graphs", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload["variants"]) == {"original", "optimized", "optimized_cuda_graphs"}
+    assert payload["machine"]["device"].startswith("cuda") and payload["machine"]["gpu"]
+    assert payload["variants"]["optimized_cuda_graphs"]["step_ms"] > 0
+    assert payload["cuda_graphs"]["plan"] and payload["ratio_original_over_optimized_cuda_graphs"]["step_ms"] > 0
 
 
 def test_missing_file_is_one_line_exit_2(tmp_path):
