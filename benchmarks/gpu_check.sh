@@ -72,11 +72,12 @@ echo "== GPU tests (pytest -m gpu, limit 150 s)" | tee "$OUT/gpu_tests.log"
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out)" | tee -a "$OUT/gpu_tests.log"
 
-# The interpreter suites of the compact path and the kernel tunings, run here with the compiled
-# kernels (their `device` fixture picks CUDA): every code path of the one-sweep compaction, the
-# event kernels and each tuning against the reference on the GPU, at tiny shapes.
+# The interpreter suites of the capture plans, the compact path and the kernel tunings, run here
+# with the compiled kernels (they pick CUDA when present): the static plan (no host reads, padded
+# lists, overflow flag), every code path of the one-sweep compaction, the event kernels and each
+# tuning against the reference on the GPU, at tiny shapes. No -x: one failure must not hide the rest.
 echo "== compiled-kernel runs of the interpreter suites (limit 90 s)" | tee "$OUT/gpu_unit_tests.log"
-timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/codegen/test_triton_compact.py \
-  tests/codegen/test_kernel_tuning.py 2>&1 | tee -a "$OUT/gpu_unit_tests.log"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_capture_plan.py \
+  tests/codegen/test_triton_compact.py tests/codegen/test_kernel_tuning.py 2>&1 | tee -a "$OUT/gpu_unit_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/gpu_unit_tests.log"
 ls -l "$OUT"

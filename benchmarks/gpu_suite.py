@@ -338,8 +338,6 @@ def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_i
         errors[GRAPHED] = "skipped (--skip)"
         return
     try:
-        import snnopt
-
         layer = snnopt_layer(cfg, "sparse")
         w = weight.clone().requires_grad_()
         inp = x.clone().requires_grad_(needs_input_grad)
@@ -347,7 +345,7 @@ def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_i
             args, fn = (inp, w, upstream_active), layer
         else:
             args, fn = (inp, w), (lambda inp, w: layer(inp, w, None))
-        graphed = snnopt.capture_graphs(fn, args)
+        graphed = captured(fn, args)
     except Exception as error:  # no CUDA (smoke runs), or a capture failure: reported, the rest carries on
         errors[GRAPHED] = describe(error)
         return
@@ -355,6 +353,28 @@ def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_i
                 [w, inp] if needs_input_grad else [w], inputs=[inp], count_saved=False)
     case.graphed = graphed
     cases[GRAPHED] = case
+
+
+def captured(model, example_inputs):
+    """``snnopt.capture_graphs(model, example_inputs)``, with the device memory its graphs keep.
+
+    The graphs' private pool holds every tensor of the captured step for as long as the graphs
+    live: its size (``memory_reserved`` before and after, in ``graph_pool_bytes``) is that
+    variant's memory, the counterpart of the eager variants' forward and backward peaks.
+    """
+    import snnopt
+
+    device = example_inputs[0].device
+    cuda = device.type == "cuda"
+    if cuda:
+        free_memory(device)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_reserved(device)
+    graphed = snnopt.capture_graphs(model, example_inputs)
+    if cuda:
+        torch.cuda.synchronize(device)
+        graphed.graph_pool_bytes = torch.cuda.memory_reserved(device) - before
+    return graphed
 
 
 def _graphed_model_type():
@@ -373,7 +393,8 @@ def _graph_facts(case) -> dict | None:
 def graph_facts(graphed) -> dict:
     """What a captured variant did besides replaying: steps run eagerly, recaptures, and its plan."""
     return {"fallbacks": graphed.fallbacks, "recaptures": graphed.recaptures, "other_inputs": graphed.other_inputs,
-            "overlapping": graphed.overlapping, "plan": graphed.plan.summary()}
+            "overlapping": graphed.overlapping, "graph_pool_bytes": getattr(graphed, "graph_pool_bytes", None),
+            "plan": graphed.plan.summary()}
 
 
 def layer_results(cases, samples, memory, errors) -> dict:
@@ -496,12 +517,10 @@ def _add_graphed_network(variants, cfg, weights, device, errors, x) -> None:
         errors[GRAPHED_NETWORK] = "skipped (--skip)"
         return
     try:
-        import snnopt
-
         label, factory = seed.VARIANTS["snnopt_sparse"]
         with torch.device(device):
             variant = seed.Variant(GRAPHED_NETWORK, f"{label}, CUDA graphs", factory(cfg), weights, cfg)
-        variant.model = snnopt.capture_graphs(variant.model, (x,))
+        variant.model = captured(variant.model, (x,))
         variants[GRAPHED_NETWORK] = variant
     except Exception as error:  # no CUDA (smoke runs), or a capture failure
         errors[GRAPHED_NETWORK] = describe(error)
@@ -927,9 +946,7 @@ def on_call(key: str, module: nn.Module, x: torch.Tensor) -> tuple[Callable, tor
         forward = torch.compile(module, dynamic=False)
     inp = x.transpose(0, 1).contiguous() if key == "spikingjelly" else x  # its layout; made once, untimed
     if key == GRAPHED:
-        import snnopt
-
-        forward = snnopt.capture_graphs(module, (inp,))  # records a few steps, then captures (untimed)
+        forward = captured(module, (inp,))  # records a few steps, then captures (untimed)
     return forward, inp
 
 
@@ -1197,7 +1214,8 @@ def print_seed(payload: dict) -> None:
             for k, c in checks.items() if isinstance(c, dict)))
         notes.append("L1 = layer 784->H, L2 = layer H->H, each run alone; step = whole network, forward to the "
                      "loss, backward, Adam; x = dense ms / variant ms; mem / dense = backward peak (CPU: saved bytes); "
-                     "own mem = backward peak without the output and the input gradient the caller holds")
+                     "own mem = backward peak without the output and the input gradient the caller holds; "
+                     "CUDA graphs rows: 'pool' = device memory the captured graphs keep")
         rows = []
         for layer, variants in res.get("layers", {}).items():
             for key, v in variants.items():
@@ -1226,6 +1244,9 @@ def _memory_cells(v: dict) -> list[str]:
     ratio = v.get("memory_ratio_vs_dense") or {}
     shown = ratio.get("backward_peak", ratio.get("saved_activations"))
     own = ratio.get("backward_peak_excluding_caller_tensors")
+    pool = (v.get("graphs") or {}).get("graph_pool_bytes")
+    if peak is None and pool is not None:  # a captured variant: the memory its graphs keep (see captured())
+        return ["-", f"pool {pool / 2**20:.1f}", "-", "-"]
     return [f"{saved / 2**20:.1f}" if saved is not None else "-", f"{peak / 2**20:.1f}" if peak is not None else "-",
             f"{shown:.3f}" if shown is not None else "-", f"{own:.3f}" if own is not None else "-"]
 
@@ -1261,9 +1282,11 @@ def print_on(payload: dict) -> None:
                 rows.append([v["label"], v.get("error", "-")[:70], "", "", "", ""])
                 continue
             peak = (v.get("memory") or {}).get("backward_peak_bytes")
+            pool = (v.get("graphs") or {}).get("graph_pool_bytes")
             ratio = v.get("step_ratio_vs_fastest_peer")
+            shown = f"{peak / 2**20:.0f}" if peak is not None else (f"pool {pool / 2**20:.0f}" if pool else "-")
             rows.append([v["label"], f"{v['forward_ms']:.2f}", f"{v['backward_ms']:.2f}", f"{v['step_ms']:.2f}",
-                         f"{peak / 2**20:.0f}" if peak is not None else "-", f"{ratio:.3f}" if ratio else ""])
+                         shown, f"{ratio:.3f}" if ratio else ""])
         cfg = res["config"]
         _harness.print_table(f"Open Neuromorphic layer, n={n} B={cfg['batch']} T={cfg['steps']}, "
                              f"{payload['device']['name']}",

@@ -20,8 +20,12 @@ operand is exact (another). Under a :class:`CapturePlan` the Triton op instead
 ``torch.cuda.make_graphed_callables``, and returns a :class:`GraphedModel`. After each replayed
 forward it reads the flag (one small device read): raised, the step is run again eagerly, so a
 batch busier than the warm-up, or an input no longer spikes, gets the same outputs and gradients as
-without graphs, only slower (``GraphedModel.fallbacks`` counts them; a warning says so once). An
-input of another shape, dtype or device runs eagerly too (a graph holds one shape).
+without graphs, only slower (``GraphedModel.fallbacks`` counts them; a warning says so once);
+several such steps in a row record and capture the model again on the current batch. An input of
+another shape, dtype or device runs eagerly too (a graph holds one shape), and so does a forward
+while an earlier replay's backward is still to come. Tested without a GPU as far as that goes:
+the static plan in Triton's interpreter (tests/codegen/test_capture_plan.py); the capture itself
+in the ``-m gpu`` tests.
 
 Sparse layers on the per-entry flag path (recurrent, CuBa, zero reset: their lists come from
 ``torch.nonzero``), and compact layers whose backward needs the dense route (a membrane or state

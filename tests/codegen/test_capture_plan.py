@@ -1,8 +1,8 @@
-"""CUDA-graph capture plans (snnopt.graphs) on the Triton op, in Triton's interpreter.
+"""CUDA-graph capture plans (snnopt.graphs) on the Triton op: in Triton's interpreter, or compiled on a GPU.
 
 A static plan must give the same outputs and gradients as plain eager execution, read nothing from
 the device (what a CUDA graph cannot do), and raise its flag where a list would overflow or a split
-GEMM's input is not spikes. The capture itself needs a GPU (tests/codegen/test_triton_gpu.py).
+GEMM's input is not spikes. The capture itself needs a GPU (tests/codegen/test_graphs_gpu.py).
 """
 
 import pytest
@@ -59,24 +59,28 @@ def _network(x, w1, w2, w3):
     return SF.linear_leaky_integrator(h2, w3, beta=0.9, input_scale=0.1, backend="triton")
 
 
+# The compiled kernels where a GPU is present (conftest.py turns the interpreter on only without one).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _problem(rate=0.3, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(3, 8, 12, generator=gen) < rate).to(dtype)
-    w1 = ((torch.rand(10, 12, generator=gen) - 0.2) * 0.9).to(dtype).requires_grad_()
-    w2 = ((torch.rand(9, 10, generator=gen) - 0.2) * 1.2).to(dtype).requires_grad_()
-    w3 = (torch.rand(4, 9, generator=gen) - 0.5).to(dtype).requires_grad_()
+    x = (torch.rand(3, 8, 12, generator=gen) < rate).to(DEVICE, dtype)
+    w1 = ((torch.rand(10, 12, generator=gen) - 0.2) * 0.9).to(DEVICE, dtype).requires_grad_()
+    w2 = ((torch.rand(9, 10, generator=gen) - 0.2) * 1.2).to(DEVICE, dtype).requires_grad_()
+    w3 = (torch.rand(4, 9, generator=gen) - 0.5).to(DEVICE, dtype).requires_grad_()
     return x, w1, w2, w3
 
 
 def _step(fn, inputs):
     x, *weights = inputs
     out = fn(x, *weights)
-    upstream = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    upstream = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     return [out.detach()] + list(torch.autograd.grad((out * upstream).sum(), weights))
 
 
 def _recorded_plan(inputs, headroom=2.0):
-    plan = graphs.CapturePlan(torch.device("cpu"), headroom)
+    plan = graphs.CapturePlan(DEVICE, headroom)
     step = graphs._PlannedStep(_network, plan)
     with graphs.following(plan):
         graphs._record_step(step, tuple(inputs))
@@ -143,7 +147,7 @@ def test_static_plan_flags_a_list_that_would_overflow(monkeypatch):
     _static_step(plan, step, quiet)
     assert int(plan.invalid) == 0
     x, *weights = quiet
-    busy = (torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.6).to(x.dtype)
+    busy = (torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.6).to(DEVICE, x.dtype)
     assert busy.count_nonzero() > plan.sites[0].events_capacity
     _static_step(plan, step, [busy] + weights)
     assert int(plan.invalid) == 1
@@ -165,8 +169,8 @@ def test_padded_lists_give_the_same_gradients_as_exact_length_lists(monkeypatch)
 
 def test_an_uncapturable_layer_is_named_when_recording():
     x, w1, _, _ = _problem()
-    recurrent = (torch.rand(10, 10) * 0.1).requires_grad_()
-    plan = graphs.CapturePlan(torch.device("cpu"))
+    recurrent = (torch.rand(10, 10) * 0.1).to(DEVICE).requires_grad_()
+    plan = graphs.CapturePlan(DEVICE)
 
     def model(x, w1, recurrent):
         return SF.linear_lif(x, w1, recurrent_weight=recurrent, beta=0.9, backend="triton")
@@ -178,7 +182,7 @@ def test_an_uncapturable_layer_is_named_when_recording():
 
 
 def test_capture_graphs_rejects_bad_arguments():
-    x, w1, w2, w3 = _problem()
+    x, w1, w2, w3 = (t.detach().cpu() for t in _problem())
     with pytest.raises(InvalidArgumentError, match=r"example_inputs\[0\]: CUDA graphs need CUDA tensors"):
         snnopt.capture_graphs(_network, (x, w1, w2, w3))
     with pytest.raises(InvalidTypeError, match="example_inputs"):
@@ -214,7 +218,7 @@ class _Captures:
         self.raise_flag, self.made = raise_flag, []
 
     def __call__(self, inputs):
-        plan = graphs.CapturePlan(torch.device("cpu"))
+        plan = graphs.CapturePlan(DEVICE)
         plan.static = True
         self.made.append((inputs, _Replays(_network, plan, self.raise_flag)))
         return self.made[-1][1], plan
@@ -288,17 +292,17 @@ def test_an_optimized_model_follows_a_static_plan(monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
     case = next(c for c in zoo.STYLE_CASES if c.name == "seed_paper")
     inputs = case.example_inputs()
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    opt = snnopt.optimize(case.build(), inputs, backward="sparse", backend="triton")
+    inputs = tuple(t.to(DEVICE) for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
+    opt = snnopt.optimize(case.build().to(DEVICE), inputs, backward="sparse", backend="triton")
     params = [p for p in opt.parameters() if p.requires_grad]
 
     def step(model):
         outs = [o for o in torch.utils._pytree.tree_leaves(model(*inputs)) if o.requires_grad]
-        loss = sum((o * torch.linspace(-1.0, 1.0, o.numel()).reshape(o.shape)).sum() for o in outs)
+        loss = sum((o * torch.linspace(-1.0, 1.0, o.numel(), device=o.device).reshape(o.shape)).sum() for o in outs)
         return [o.detach() for o in outs] + list(torch.autograd.grad(loss, params))
 
     expected = step(opt)
-    plan = graphs.CapturePlan(torch.device("cpu"))
+    plan = graphs.CapturePlan(DEVICE)
     planned = graphs._PlannedStep(opt, plan)
     with graphs.following(plan):
         graphs._record_step(planned, inputs)
@@ -318,7 +322,7 @@ def test_snnopt_nn_modules_follow_a_static_plan(monkeypatch):
     torch.manual_seed(3)
     model = torch.nn.Sequential(snn.LinearLIF(12, 10, beta=0.9, window=0.5, backend="triton"),
                                 snn.LinearLIF(10, 9, bias=False, beta=0.85, window=0.5, backend="triton"),
-                                snn.LinearLeakyIntegrator(9, 4, beta=0.9, input_scale=0.1, backend="triton"))
+                                snn.LinearLeakyIntegrator(9, 4, beta=0.9, input_scale=0.1, backend="triton")).to(DEVICE)
     with torch.no_grad():
         model[0].weight.mul_(3.0)
         model[1].weight.mul_(3.0)
@@ -330,7 +334,7 @@ def test_snnopt_nn_modules_follow_a_static_plan(monkeypatch):
         return [out.detach()] + list(torch.autograd.grad(out.amax(1).logsumexp(1).sum(), params))
 
     expected = step(model)
-    plan = graphs.CapturePlan(torch.device("cpu"))
+    plan = graphs.CapturePlan(DEVICE)
     planned = graphs._PlannedStep(model, plan)
     with graphs.following(plan):
         graphs._record_step(planned, (x,))

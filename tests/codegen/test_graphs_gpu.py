@@ -1,0 +1,73 @@
+"""snnopt.capture_graphs on a real GPU: the replayed step against the eager one, and its eager fallbacks.
+
+Run with ``python -m pytest -m gpu``; skipped without CUDA. The plan's static path is also tested
+without a GPU, in Triton's interpreter (test_capture_plan.py).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _graph_network(x, w1, w2, w3):
+    import snnopt.functional as SF
+
+    h1 = SF.linear_lif(x, w1, beta=0.9, window=0.2)
+    h2 = SF.linear_lif(h1, w2, beta=0.9, window=0.2)
+    return SF.linear_leaky_integrator(h2, w3, beta=0.9, input_scale=0.1)
+
+
+def _graph_problem(rate=0.05, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.rand(64, 100, 784, device="cuda", generator=gen) < rate).float()
+    ws = [(torch.rand(o, i, device="cuda", generator=gen) - 0.3) * (6.0 / i) ** 0.5
+          for o, i in ((200, 784), (200, 200), (10, 200))]
+    return x, [w.requires_grad_() for w in ws]
+
+
+def _graph_step(model, x, weights):
+    out = model(x, *weights)
+    return [out.detach().clone()] + [g.clone() for g in torch.autograd.grad(out.amax(1).logsumexp(1).sum(),
+                                                                            weights)]
+
+
+def test_captured_graphs_replay_the_eager_step():
+    import snnopt
+
+    x, weights = _graph_problem()
+    expected = _graph_step(_graph_network, x, weights)
+    graphed = snnopt.capture_graphs(_graph_network, (x, *weights))
+    assert any(site["active_seen"] > 0 for site in graphed.plan.summary())
+    for _ in range(2):  # replays, not the capture run
+        got = _graph_step(graphed, x, weights)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Another batch of the same shape replays the same graphs on its own values.
+    x2 = (torch.rand(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) < 0.05).float()
+    for a, b in zip(_graph_step(graphed, x2, weights), _graph_step(_graph_network, x2, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphed.fallbacks == 0
+
+
+def test_a_busier_step_than_captured_runs_eagerly_with_the_same_results():
+    import snnopt
+
+    x, weights = _graph_problem(rate=0.02)
+    graphed = snnopt.capture_graphs(_graph_network, (x, *weights), headroom=1.0)
+    busy = (torch.rand(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)) < 0.2).float()
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        got = _graph_step(graphed, busy, weights)
+    assert graphed.fallbacks == 1
+    for a, b in zip(got, _graph_step(_graph_network, busy, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Busy steps in a row: captured again on the busy input, whose replays then hold.
+    for _ in range(graphed.recapture_after - 1):
+        _graph_step(graphed, busy, weights)
+    assert graphed.recaptures == 1 and graphed.fallbacks == graphed.recapture_after
+    for a, b in zip(_graph_step(graphed, busy, weights), _graph_step(_graph_network, busy, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphed.fallbacks == graphed.recapture_after
