@@ -850,13 +850,14 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         values = torch.zeros(list_capacity, dtype=acc, device=device)
         # Every (b, t)'s start, and the length, within the list (the entries past it were dropped).
         per_row = ends[:slots + 1:blocks].clamp(max=list_capacity)
-        total, overflowed = list_capacity, True
+        total, staged_in_full = list_capacity, False  # (nothing staged: see lif_forward)
     else:
         total, overflowed = ends[slots:].tolist()  # the forward's one host sync
+        staged_in_full = bool(stage.capacity) and not overflowed
         per_row = ends[:slots + 1:blocks].clone()  # every (b, t)'s start, and the total (kept for the backward)
         index = torch.empty(total, dtype=torch.int64, device=device)
         values = torch.empty(total, dtype=acc, device=device)
-    if total and stage.capacity and not overflowed:
+    if total and staged_in_full:
         module._gather_staged_kernel[(counts.numel(),)](counts, offsets, stage.slot_start, stage.index, stage.surr,
                                                         index, values, steps, blocks, stage.capacity, BLOCK=block)
     elif total:
