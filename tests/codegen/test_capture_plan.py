@@ -7,6 +7,8 @@ GEMM's input is not spikes. The capture itself needs a GPU (tests/codegen/test_g
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -345,3 +347,31 @@ def test_snnopt_nn_modules_follow_a_static_plan(monkeypatch):
     assert reads.seen == [] and int(plan.invalid) == 0
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 3), steps=st.integers(1, 7), features=st.integers(1, 9), hidden=st.integers(1, 8),
+       rate=st.floats(0.0, 0.9), headroom=st.floats(1.0, 40.0), pairs=st.booleans(), seed=st.integers(0, 2**16))
+def test_static_plans_keep_results_for_any_shape_activity_and_capacity(batch, steps, features, hidden, rate,
+                                                                         headroom, pairs, seed, monkeypatch):
+    # Whatever the sizes, the activity (none at all included) and how much of each list is padding:
+    # a static plan either reproduces eager execution exactly or, where a list overflows, says so.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: pairs)
+    monkeypatch.setattr(graphs, "CAPACITY_QUANTUM", 1)
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batch, steps, features, generator=gen) < rate).to(DEVICE)
+    ws = [((torch.rand(o, i, generator=gen) - 0.25) * 2.5).to(DEVICE).requires_grad_()
+          for o, i in ((hidden, features), (hidden, hidden), (2, hidden))]
+    inputs = [x.float()] + ws
+    expected = _step(_network, inputs)
+    plan, step = _recorded_plan(inputs, headroom=headroom)
+    got = _static_step(plan, step, inputs)
+    assert int(plan.invalid) == 0  # the recorded input itself always fits its own plan
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # A different input on the same plan: the same results, unless the plan says it did not hold.
+    other = (torch.rand(x.shape, generator=gen) < min(1.0, rate * 1.5 + 0.05)).float().to(DEVICE)
+    got = _static_step(plan, step, [other] + ws)
+    if not int(plan.invalid):
+        for a, b in zip(got, _step(_network, [other] + ws)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
