@@ -1391,13 +1391,13 @@ def plot(path: Path, payload: dict) -> bool:
 
     for layer, marker in (("layer1_784_to_H", "o"), ("layer2_H_to_H", "s")):
         short = layer.split("_")[0]
-        for key, style in (("snnopt_sparse", "-"), ("snnopt_exact", ":")):
+        for key, style in (("snnopt_sparse", "-"), ("snnopt_exact", ":"), (GRAPHED, "--")):
             for ref, colour in (("speedup_vs_dense", "tab:blue"), ("speedup_vs_dense_unbind", "tab:orange")):
                 ys = series(layer, key, lambda v: (v.get(ref) or {}).get("backward", np.nan))
                 if not np.all(np.isnan(ys)):
                     base = "paper loop" if ref == "speedup_vs_dense" else "unbind loop"
-                    ax_speed.plot(hidden, ys, style, marker=marker, color=colour,
-                                  label=f"{short} {key.split('_')[1]} vs {base}")
+                    what = "sparse, CUDA graphs" if key == GRAPHED else key.split("_")[1]
+                    ax_speed.plot(hidden, ys, style, marker=marker, color=colour, label=f"{short} {what} vs {base}")
             for metric, colour in (("backward_peak", "tab:red"),
                                    ("backward_peak_excluding_caller_tensors", "tab:purple"),
                                    ("saved_activations", "tab:green")):
