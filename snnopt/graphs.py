@@ -16,8 +16,11 @@ operand is exact (another). Under a :class:`CapturePlan` the Triton op instead
 * takes the GEMM routes and the backward's weight-gradient route recorded in the warm-up, and
   checks on the device that a split GEMM's spike operand is still exact (the same flag).
 
-:func:`capture_graphs` records a plan on the example inputs, captures the forward and backward with
-``torch.cuda.make_graphed_callables``, and returns a :class:`GraphedModel`. After each replayed
+:func:`capture_graphs` records a plan on the example inputs, captures the forward and backward
+(as ``torch.cuda.make_graphed_callables`` does, but the graphs read private copies of the inputs
+and every call hands out fresh outputs and gradients, so no replay overwrites what a caller holds:
+a parameter's ``.grad`` accumulates over several backwards as without graphs), and returns a
+:class:`GraphedModel`. After each replayed
 forward it reads the flag (one small device read): raised, the step is run again eagerly, so a
 batch busier than the warm-up, or an input no longer spikes, gets the same outputs and gradients as
 without graphs, only slower (``GraphedModel.fallbacks`` counts them; a warning says so once);
@@ -216,9 +219,11 @@ class GraphedModel(nn.Module):
         self._install(*capture(tuple(example_inputs)))
 
     def _install(self, graphed: Callable, plan: CapturePlan) -> None:
-        # Not a registered submodule: it holds `model` again (no duplicate state_dict entries).
-        object.__setattr__(self, "_graphed", graphed)
+        self._graphed = graphed
         self.plan = plan
+        # The graphs read the parameters where they were at capture: replaced ones (not updated in
+        # place, as optimisers and load_state_dict do) mean capturing again.
+        self._param_places = _param_places(self.model)
 
     def forward(self, *inputs):
         if len(inputs) != len(self._signature) or any(
@@ -230,6 +235,9 @@ class GraphedModel(nn.Module):
             self.overlapping += 1  # replaying now would overwrite what that backward reads
             return self.model(*inputs)
         self._pending = []
+        if _param_places(self.model) != self._param_places:
+            self._install(*self._capture(tuple(inputs)))
+            self.recaptures += 1
         out = self._graphed(*inputs)
         if bool(self.plan.invalid.item()):  # the one host read per step
             return self._fall_back(inputs)
@@ -267,6 +275,10 @@ class GraphedModel(nn.Module):
         for t in tensors:
             t.register_hook(backward_started)
         self._pending = refs
+
+
+def _param_places(model) -> tuple:
+    return tuple(p.data_ptr() for p in model.parameters()) if isinstance(model, nn.Module) else ()
 
 
 def _training(model) -> bool:
@@ -319,11 +331,99 @@ def _record_and_capture(model: Callable, inputs: tuple, *, headroom: float, warm
     plan.freeze()
     try:
         with following(plan):
-            graphed = torch.cuda.make_graphed_callables(step, inputs, allow_unused_input=True)
+            graphed = _capture(step, inputs)
     except RuntimeError as error:  # CUDA's refusal of something in the step, as torch reports it
         raise UnsupportedModelError(f"capture_graphs: capturing the step failed ({error}); run the model without "
                                     "capture_graphs") from error
     return graphed, plan
+
+
+CAPTURE_WARMUPS = 2  # static-plan steps on a side stream before capturing (kernels compiled, libraries set up)
+
+
+def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
+    """``step``'s forward and backward as two CUDA graphs, behind an autograd function that replays them.
+
+    As ``torch.cuda.make_graphed_callables`` does (warm-up on a side stream, forward then backward
+    captured into one memory pool, the backward by ``torch.autograd.grad``), with three
+    differences that keep eager semantics: the graphs read private copies of the inputs (the
+    caller's example tensors are never written); each call returns fresh outputs and the backward
+    fresh gradients (copied out of the graphs' buffers, one operation each), so nothing handed out
+    is overwritten by the next replay (with the graphs' own buffers, a parameter's ``.grad`` would
+    be one, and a second backward before ``zero_grad`` would overwrite the first's gradient instead
+    of adding to it).
+    """
+    params = tuple(step.parameters())
+    static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in example_inputs)
+    surface = static_inputs + params  # what the step reads and may differentiate
+    wants_grad = [t.requires_grad for t in surface]
+    grad_surface = [t for t in surface if t.requires_grad]
+
+    def run_once():
+        outputs = pytree.tree_leaves(step(*static_inputs))
+        differentiable = [o for o in outputs if isinstance(o, Tensor) and o.requires_grad]
+        if differentiable and grad_surface:
+            torch.autograd.grad(differentiable, grad_surface,
+                                grad_outputs=[torch.empty_like(o) for o in differentiable], allow_unused=True)
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(CAPTURE_WARMUPS):
+            run_once()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    pool = torch.cuda.graph_pool_handle()
+    forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(forward_graph, pool=pool):
+        captured_out = step(*static_inputs)
+    static_outputs, spec = pytree.tree_flatten(captured_out)
+    if not all(isinstance(o, Tensor) for o in static_outputs):
+        raise UnsupportedModelError("capture_graphs: the model must return tensors (or tuples, lists, dicts of them)")
+    differentiable = [k for k, o in enumerate(static_outputs) if o.requires_grad]
+    static_grad_outputs = [torch.empty_like(static_outputs[k]) for k in differentiable]
+    static_grads: list = [None] * len(surface)
+    if differentiable and grad_surface:
+        with torch.cuda.graph(backward_graph, pool=pool):
+            grads = torch.autograd.grad([static_outputs[k] for k in differentiable], grad_surface,
+                                        grad_outputs=static_grad_outputs, allow_unused=True)
+        it = iter(grads)
+        static_grads = [next(it) if wanted else None for wanted in wants_grad]
+    fresh_grad_slots = [k for k, g in enumerate(static_grads) if g is not None]
+    n_inputs = len(static_inputs)
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            for static, given in zip(static_inputs, args[:n_inputs]):
+                if static.data_ptr() != given.data_ptr():
+                    static.copy_(given)
+            forward_graph.replay()
+            fresh = tuple(o.clone() for o in static_outputs)  # the next replay rewrites the graph's own
+            ctx.mark_non_differentiable(*(o for k, o in enumerate(fresh) if k not in differentiable))
+            return fresh
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            for static, k in zip(static_grad_outputs, differentiable):
+                if static.data_ptr() != grads[k].data_ptr():
+                    static.copy_(grads[k])
+            backward_graph.replay()
+            out: list = [None] * len(surface)
+            if fresh_grad_slots:  # one operation for all of them: copies outside the graph's buffers
+                copies = torch._foreach_mul([static_grads[k] for k in fresh_grad_slots], 1.0)
+                for k, copy in zip(fresh_grad_slots, copies):
+                    out[k] = copy
+            return tuple(out)
+
+    def replay(*inputs):
+        flat = Replay.apply(*inputs, *params)
+        return pytree.tree_unflatten(list(flat), spec)
+
+    return replay
 
 
 def _record_step(step: nn.Module, inputs: tuple) -> None:

@@ -375,3 +375,36 @@ def test_static_plans_keep_results_for_any_shape_activity_and_capacity(batch, st
     if not int(plan.invalid):
         for a, b in zip(got, _step(_network, [other] + ws)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_graphed_model_captures_again_when_a_parameter_is_replaced(monkeypatch):
+    # Graphs read parameters where they were at capture: updates in place are seen, a new tensor is not.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    x, w1, w2, w3 = _problem()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = (torch.nn.Parameter(w.detach().clone()) for w in (w1, w2, w3))
+
+        def forward(self, x):
+            return _network(x, self.w1, self.w2, self.w3)
+
+    net = Net()
+    made = []
+
+    def capture(inputs):
+        plan = graphs.CapturePlan(DEVICE)
+        plan.static = True
+        made.append(inputs)
+        return net, plan
+
+    model = graphs.GraphedModel(net, capture, (x,), recapture_after=3)
+    model(x)
+    with torch.no_grad():
+        net.w1.mul_(1.5)  # in place: the same graphs
+    model(x)
+    assert len(made) == 1 and model.recaptures == 0
+    net.w2 = torch.nn.Parameter(net.w2.detach() * 0.5)  # a new tensor: captured again
+    model(x)
+    assert len(made) == 2 and model.recaptures == 1
