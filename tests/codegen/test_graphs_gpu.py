@@ -71,3 +71,23 @@ def test_a_busier_step_than_captured_runs_eagerly_with_the_same_results():
     for a, b in zip(_graph_step(graphed, busy, weights), _graph_step(_graph_network, busy, weights)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert graphed.fallbacks == graphed.recapture_after
+
+
+def test_replays_hand_out_fresh_outputs_and_gradients_that_accumulate():
+    import snnopt
+
+    x, weights = _graph_problem()
+    x2 = (torch.rand(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7)) < 0.05).float()
+    graphed = snnopt.capture_graphs(_graph_network, (x, *weights))
+    example = x.clone()
+    first = graphed(x2, *weights)
+    first.amax(1).logsumexp(1).sum().backward()
+    kept, grads_once = first.detach().clone(), [w.grad.clone() for w in weights]
+    second = graphed(x, *weights)  # a replay on other values: `first` and the .grad tensors stay as they were
+    second.amax(1).logsumexp(1).sum().backward()
+    assert torch.equal(first.detach(), kept) and torch.equal(x, example)
+    expected = _graph_step(_graph_network, x, weights)
+    torch.testing.assert_close(second.detach(), expected[0], rtol=1e-5, atol=1e-6)
+    for w, once, again in zip(weights, grads_once, expected[1:]):  # accumulated, as without graphs
+        torch.testing.assert_close(w.grad, once + again, rtol=1e-5, atol=1e-6)
+    assert graphed.fallbacks == 0
