@@ -641,6 +641,7 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
         "triton_lif.reverse_filter (launcher, scatter, 1 launch)": lambda: triton_lif.reverse_filter(
             active_surr, active, beta, batch, steps, neurons, split=False),
     }
+    cases.update(_layer_step_cases(device, batch, steps, features, neurons))
     report = {"calls": calls}
     for name, call in cases.items():
         try:
@@ -648,6 +649,41 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
         except Exception as error:  # one failing case must not hide the others
             report[name] = {"error": describe(error)}
     return report
+
+
+def _layer_step_cases(device: torch.device, batch: int, steps: int, features: int, neurons: int) -> dict:
+    """A whole tiny sparse layer's forward + backward, eager and replayed from CUDA graphs: the floor of each.
+
+    The graphed call includes its one flag read per forward (a sync), so its ``device_us`` is not a
+    kernel time; ``host_us`` is what one layer step costs at the least on this host.
+    """
+    import snnopt.functional as SF
+
+    with torch.device(device):
+        x = (torch.rand(batch, steps, features) < 0.5).float()
+        w = (torch.rand(neurons, features) * 2.0).requires_grad_()
+        grad = torch.ones(batch, steps, neurons)
+
+    def layer(x, w):
+        return SF.linear_lif(x, w, beta=0.9, window=0.5)
+
+    def eager_step():
+        layer(x, w).backward(grad)
+        w.grad = None
+
+    cases = {"snnopt layer step, eager (forward + backward)": eager_step}
+    if device.type != "cuda" or GRAPHED in SKIPPED:  # capture needs CUDA, and a probe that worked
+        return cases
+    graphed = {}
+
+    def graphed_step():
+        if "model" not in graphed:
+            graphed["model"] = captured(layer, (x, w))
+        graphed["model"](x, w).backward(grad)
+        w.grad = None
+
+    cases["snnopt layer step, CUDA graphs (forward + backward, one flag read)"] = graphed_step
+    return cases
 
 
 def _per_call_us(call, calls: int, device: torch.device) -> dict:
