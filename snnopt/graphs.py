@@ -94,7 +94,6 @@ class CapturePlan:
     """
 
     def __init__(self, device: torch.device, headroom: float = 2.0):
-        self.device = device
         self.headroom = headroom
         self.sites: list[CaptureSite] = []
         self.static = False
@@ -359,19 +358,12 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
     wants_grad = [t.requires_grad for t in surface]
     grad_surface = [t for t in surface if t.requires_grad]
 
-    def run_once():
-        outputs = pytree.tree_leaves(step(*static_inputs))
-        differentiable = [o for o in outputs if isinstance(o, Tensor) and o.requires_grad]
-        if differentiable and grad_surface:
-            torch.autograd.grad(differentiable, grad_surface,
-                                grad_outputs=[torch.empty_like(o) for o in differentiable], allow_unused=True)
-
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(CAPTURE_WARMUPS):
-            run_once()
+            _record_step(step, static_inputs)  # (under a static plan it records nothing)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
 
@@ -427,7 +419,10 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
 
 
 def _record_step(step: nn.Module, inputs: tuple) -> None:
-    """One forward and backward that write down counts and routes; gradients are computed, not accumulated."""
+    """One forward and backward (of ones): under a recording plan they write down counts and routes.
+
+    Gradients are computed, not accumulated into ``.grad``.
+    """
     outputs = step(*inputs)
     outputs = [outputs] if isinstance(outputs, Tensor) else [o for o in pytree.tree_leaves(outputs)
                                                                if isinstance(o, Tensor)]

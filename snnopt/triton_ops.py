@@ -75,14 +75,10 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
         batch, steps, features = x.shape
         nonzeros = events[2] if events is not None else None
-        split = None  # spike_matmul decides (reading the device)
-        if static:
-            split = _recorded(site, "split_linear")
-            if site.checks_spikes():  # the routes assume spikes: say so on the device if this input is not
-                plan.flag_not_bfloat16_exact(x if nonzeros is None else nonzeros)
-        elif site is not None:
-            split = spike_matmul.linear_takes_split(x, weight, nonzeros)
-            site.split_linear = split if site.split_linear is None else (site.split_linear and split)
+        # Without a plan spike_matmul decides (None); a captured step follows the recorded route.
+        split = _route(site, static, "split_linear", lambda: spike_matmul.linear_takes_split(x, weight, nonzeros))
+        if static and site.checks_spikes():  # the routes assume spikes: say so on the device if this input is not
+            plan.flag_not_bfloat16_exact(x if nonzeros is None else nonzeros)
         current = spike_matmul.linear(
             x, weight, bias, nonzeros=nonzeros, split=split,
             stacked_spikes=None if events is None else lambda: triton_lif.dense_input(
@@ -134,8 +130,21 @@ def _capture_site(plan: graphs.CapturePlan, spec: LifSpec, x: Tensor, weight: Op
     return site
 
 
-def _recorded(site: graphs.CaptureSite, route: str) -> bool:
-    """A route the capture plan recorded for this layer (a captured step cannot read the device to choose)."""
+def _route(site: Optional[graphs.CaptureSite], static: bool, route: str, decide) -> Optional[bool]:
+    """One of a layer's route choices (``route``: a CaptureSite field) under a capture plan.
+
+    No plan: None (the caller decides as usual). Recording: ``decide()`` (which may read the
+    device), kept as the plan's choice, False once any recorded step chose False (each route is
+    correct for any input; True only promises more speed where it held every time). Static: the
+    recorded choice, as a captured step cannot read the device to choose.
+    """
+    if site is None:
+        return None
+    if not static:
+        chosen = bool(decide())
+        recorded = getattr(site, route)
+        setattr(site, route, chosen if recorded is None else (recorded and chosen))
+        return chosen
     value = getattr(site, route)
     if value is None:
         raise UnsupportedModelError(
@@ -357,26 +366,21 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         if not dense:
             # Too many input events for the pair sum: the weight gradient alone goes dense, from
             # the same g (a reverse β-filter, then one GEMM); the rest stays on the lists.
-            if static:
-                pairs = not need_weight or _recorded(site, "pair_weight_grad")
-            else:
-                pairs = not need_weight or triton_lif.events_are_cheaper(
-                    active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
-                if site is not None and need_weight and site.pair_weight_grad is None:
-                    site.pair_weight_grad = pairs
+            def cheaper():
+                return triton_lif.events_are_cheaper(active_index.numel(), event_pos.numel(), batch, steps, neurons,
+                                                     weight.shape[1])
+            pairs = True
+            if need_weight:
+                pairs = _route(site, static, "pair_weight_grad", cheaper)
+                pairs = cheaper() if pairs is None else pairs
             grad_w, grad_b, grad_v0, grad_x, g = triton_lif.sparse_backward(
                 grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
                 events if (need_weight and pairs) else None, beta, weight, input_active if restricted else None,
                 batch, steps, need_weight=need_weight and pairs, need_bias=need_bias, need_initial_v=need_initial_v,
                 in_dtype=in_dtype)
             if need_weight and not pairs:
-                split = None
-                if static:
-                    split = _recorded(site, "split_weight_grad")
-                elif site is not None:
-                    split = _input_takes_split(events, weight, batch, steps)
-                    site.split_weight_grad = split if site.split_weight_grad is None else (
-                        site.split_weight_grad and split)
+                split = _route(site, static, "split_weight_grad",
+                               lambda: _input_takes_split(events, weight, batch, steps))
                 grad_w = _dense_weight_grad(g, active_index, beta, events, weight, acc, batch, steps, split=split)
             return (grad_x.to(in_dtype) if grad_x is not None else empty(),
                     grad_w.to(weight.dtype) if grad_w is not None else empty(),
@@ -414,12 +418,8 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         weight_acc = weight.to(acc)
         if need_weight:
             x_rows = x.reshape(batch * steps, in_features)
-            split = None
-            if static:
-                split = _recorded(site, "split_weight_grad")
-            elif site is not None:
-                split = spike_matmul.weight_grad_takes_split(rows, x_rows)
-                site.split_weight_grad = split if site.split_weight_grad is None else (site.split_weight_grad and split)
+            split = _route(site, static, "split_weight_grad",
+                           lambda: spike_matmul.weight_grad_takes_split(rows, x_rows))
             grad_w = spike_matmul.weight_grad(rows, x_rows, split=split).to(weight.dtype)
         if need_bias:
             grad_b = rows.sum(0).to(weight.dtype)
