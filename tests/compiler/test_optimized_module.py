@@ -117,8 +117,12 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, name: str, result_path: 
             torch.save({k.removeprefix("module."): v for k, v in grads.items()}, result_path)
     finally:
         dist.destroy_process_group()
-    # About one exit in four, tearing down gloo's and TBB's threads at interpreter exit aborts
-    # ("terminate called without an active exception") after all work is done; leave directly.
+    # Leave directly: in roughly one run in five, a process of torch.multiprocessing.spawn + gloo
+    # aborts at interpreter exit after all its work ("terminate called without an active
+    # exception"). A core dump showed why: a gloo worker thread of torch's c10d drops its last
+    # reference to a Python-owned tensor while the interpreter finalises, takes the GIL, is told to
+    # exit, and the unwind meets a noexcept frame. A PyTorch race, not snnopt's: it happened with
+    # numba's "tbb" and "workqueue" pools alike, and even with NUMBA_NUM_THREADS=1.
     os._exit(0)
 
 
