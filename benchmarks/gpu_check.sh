@@ -78,9 +78,11 @@ echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out
 # The interpreter suites of the capture plans, the compact path and the kernel tunings, run here
 # with the compiled kernels (they pick CUDA when present): the static plan (no host reads, padded
 # lists, overflow flag), every code path of the one-sweep compaction, the event kernels and each
-# tuning against the reference on the GPU, at tiny shapes. No -x: one failure must not hide the rest.
+# tuning against the reference on the GPU, at tiny shapes, and deterministic algorithms (no atomic
+# sums: two runs bit for bit). No -x: one failure must not hide the rest.
 echo "== compiled-kernel runs of the interpreter suites (limit 80 s)" | tee "$OUT/gpu_unit_tests.log"
 timeout 80 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_capture_plan.py \
-  tests/codegen/test_triton_compact.py tests/codegen/test_kernel_tuning.py 2>&1 | tee -a "$OUT/gpu_unit_tests.log"
+  tests/codegen/test_triton_compact.py tests/codegen/test_kernel_tuning.py tests/codegen/test_deterministic.py \
+  2>&1 | tee -a "$OUT/gpu_unit_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/gpu_unit_tests.log"
 ls -l "$OUT"

@@ -197,7 +197,9 @@ class GraphedModel(nn.Module):
     ``recapture_after`` such calls in a row the model is recorded again on the current inputs and
     captured anew (``recaptures`` counts it; 0 turns it off). ``other_inputs`` counts calls with
     inputs unlike the captured ones (or after a switch between ``train()`` and ``eval()``), run
-    eagerly. ``plan.summary()`` lists each layer's capacities and routes.
+    eagerly; so do calls after ``torch.use_deterministic_algorithms`` changed since the capture (the
+    captured routes were chosen under the setting of then). ``plan.summary()`` lists each layer's
+    capacities and routes.
     """
 
     def __init__(self, model: Callable, capture: Callable[[tuple], tuple], example_inputs: Sequence[Tensor],
@@ -223,11 +225,14 @@ class GraphedModel(nn.Module):
         # The graphs read the parameters where they were at capture: replaced ones (not updated in
         # place, as optimisers and load_state_dict do) mean capturing again.
         self._param_places = _param_places(self.model)
+        # Routes were chosen under this setting (no atomic sums under deterministic algorithms).
+        self._captured_deterministic = torch.are_deterministic_algorithms_enabled()
 
     def forward(self, *inputs):
         if len(inputs) != len(self._signature) or any(
                 _signature(t) != s for t, s in zip(inputs, self._signature)) or (
-                _training(self.model) != self._captured_training):  # e.g. .eval(): not what was captured
+                _training(self.model) != self._captured_training  # e.g. .eval(): not what was captured
+                or torch.are_deterministic_algorithms_enabled() != self._captured_deterministic):
             self.other_inputs += 1
             return self.model(*inputs)
         if any(ref() is not None for ref in self._pending):

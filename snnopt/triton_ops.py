@@ -364,24 +364,38 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                                      "the input gradient everywhere rather than at an upstream sparse layer's "
                                      "active entries)")
         if not dense:
+            # The pair sum adds into dW, db and dv0 with atomics, in an order that varies from run to
+            # run: under torch.use_deterministic_algorithms all three come from the dense route.
+            deterministic = torch.are_deterministic_algorithms_enabled()
+
             # Too many input events for the pair sum: the weight gradient alone goes dense, from
             # the same g (a reverse β-filter, then one GEMM); the rest stays on the lists.
             def cheaper():
-                return triton_lif.events_are_cheaper(active_index.numel(), event_pos.numel(), batch, steps, neurons,
-                                                     weight.shape[1])
-            pairs = True
+                return not deterministic and triton_lif.events_are_cheaper(
+                    active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
+            pairs = not deterministic
             if need_weight:
                 pairs = _route(site, static, "pair_weight_grad", cheaper)
                 pairs = cheaper() if pairs is None else pairs
             grad_w, grad_b, grad_v0, grad_x, g = triton_lif.sparse_backward(
                 grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
                 events if (need_weight and pairs) else None, beta, weight, input_active if restricted else None,
-                batch, steps, need_weight=need_weight and pairs, need_bias=need_bias, need_initial_v=need_initial_v,
-                in_dtype=in_dtype)
-            if need_weight and not pairs:
-                split = _route(site, static, "split_weight_grad",
-                               lambda: _input_takes_split(events, weight, batch, steps))
-                grad_w = _dense_weight_grad(g, active_index, beta, events, weight, acc, batch, steps, split=split)
+                batch, steps, need_weight=need_weight and pairs, need_bias=need_bias and not deterministic,
+                need_initial_v=need_initial_v and not deterministic, in_dtype=in_dtype)
+            dense_w = need_weight and not pairs
+            if dense_w or (deterministic and (need_bias or need_initial_v)):
+                split = False
+                if dense_w:
+                    def takes_split():
+                        return _input_takes_split(events, weight, batch, steps)
+                    split = _route(site, static, "split_weight_grad", takes_split)
+                    split = takes_split() if split is None else split
+                dense_grads = _dense_route_grads(
+                    g, active_index, beta, events, weight, acc, batch, steps, split=split, need_weight=dense_w,
+                    need_bias=need_bias and deterministic, need_initial_v=need_initial_v and deterministic)
+                grad_w = dense_grads[0] if dense_w else grad_w
+                if deterministic:
+                    grad_b, grad_v0 = dense_grads[1:]
             return (grad_x.to(in_dtype) if grad_x is not None else empty(),
                     grad_w.to(weight.dtype) if grad_w is not None else empty(),
                     grad_b.to(weight.dtype) if grad_b is not None else empty(), empty(), empty(), empty(), empty(),
@@ -464,23 +478,36 @@ lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", 
     _lif_triton_backward)
 
 
-def _dense_weight_grad(g: Tensor, active_index: Tensor, beta: Tensor, events, weight: Tensor, acc: torch.dtype,
-                       batch: int, steps: int, split: Optional[bool] = None) -> Tensor:
-    """dW = dL/dIᵀ·x, dL/dI rebuilt densely from the active entries' g and x from its events.
+def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, weight: Tensor, acc: torch.dtype,
+                       batch: int, steps: int, *, split: bool, need_weight: bool = True, need_bias: bool = False,
+                       need_initial_v: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dW, db, dv0)`` from dL/dI rebuilt densely from the active entries' g (unneeded ones None).
 
-    The compact layer's dense route. The reverse filter runs first, so its dense g is freed before
-    x is rebuilt: the peak holds dL/dI and x, not g as well. On the split GEMM x is rebuilt directly
-    as the GEMM's stacked operand (no separate copy to stack).
+    The compact layer's dense route: dW = dL/dIᵀ·x with x rebuilt from its events; db = Σ_{b,t}
+    dL/dI and dv0 = β·dL/dI[:, 0] (what the pair kernel's atomics add up entry by entry; taken
+    from here only under deterministic algorithms, as reductions without atomics). The reverse
+    filter runs first, so its dense g is freed before x is rebuilt: the peak holds dL/dI and x,
+    not g as well. With ``split`` (the split bfloat16 GEMM) dL/dI comes as its three exact parts,
+    smallest first, and x is rebuilt directly as the GEMM's stacked operand.
     """
     neurons, features = weight.shape
-    if split is None:
-        split = _input_takes_split(events, weight, batch, steps)
     grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
-    if split:
-        x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
-                                           copies=spike_matmul.SPLIT_PARTS)
-        return spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
-    return grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
+    grad_w = grad_b = grad_v0 = None
+    if need_bias:
+        grad_b = grad_current.sum(dim=tuple(range(grad_current.dim() - 1)), dtype=acc)
+    if need_initial_v:
+        # Rows b·T (t = 0) of every part; the parts sum back to dL/dI exactly, in any order.
+        first = grad_current.unflatten(-2, (batch, steps))[..., 0, :].to(acc)
+        first = first[0] + first[1] + first[2] if split else first
+        grad_v0 = first * beta.to(acc)
+    if need_weight:
+        if split:
+            x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
+                                               copies=spike_matmul.SPLIT_PARTS)
+            grad_w = spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
+        else:
+            grad_w = grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
+    return grad_w, grad_b, grad_v0
 
 
 def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:

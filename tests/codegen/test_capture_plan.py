@@ -263,6 +263,23 @@ def test_graphed_model_runs_eagerly_where_the_plan_did_not_hold(monkeypatch):
     assert captures.calls == [1] and model.other_inputs == 1
 
 
+def test_graphed_model_runs_eagerly_after_deterministic_algorithms_were_switched(monkeypatch):
+    # The captured backward's routes were chosen without deterministic algorithms (atomic pair sums).
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # PyTorch's condition for cuBLAS under them
+    model, captures, inputs = _graphed_model()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = model(*inputs)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert captures.calls == [0] and model.other_inputs == 1
+    torch.testing.assert_close(out, _network(*inputs))
+    model(*inputs)
+    assert captures.calls == [1] and model.other_inputs == 1
+
+
 def test_graphed_model_captures_again_after_steps_in_a_row_exceed_the_plan(monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
     x, *weights = _problem()
