@@ -49,12 +49,12 @@ def _problem(seed=0):
     return [t.to(DEVICE) for t in (x, w, b, v0, beta)]
 
 
-def _grads(problem, spy=None):
+def _grads(problem, train_weight=True):
     x, w, b, v0, beta = problem
-    w, b, v0 = (t.clone().requires_grad_() for t in (w, b, v0))
+    w, b, v0 = (t.clone().requires_grad_(train) for t, train in ((w, train_weight), (b, True), (v0, True)))
     out = SF.linear_lif(x, w, b, beta=beta, window=0.5, initial_state=v0, input_active=None, backend="triton")
     upstream = torch.linspace(-1.0, 1.0, out.numel(), device=DEVICE).reshape(out.shape)
-    grads = torch.autograd.grad((out * upstream).sum(), (w, b, v0))
+    grads = torch.autograd.grad((out * upstream).sum(), (w, b, v0) if train_weight else (b, v0))
     return [out.detach(), *grads]
 
 
@@ -86,6 +86,19 @@ def test_deterministic_algorithms_take_the_dense_route_with_the_same_gradients(s
     assert launches == [{"need_weight": False, "need_bias": False, "need_initial_v": False}]
     assert got[1].abs().max() > 0 and got[3].abs().max() > 0, "the problem needs active entries"
     for name, a, e in zip(("spikes", "dW", "db", "dv0"), got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_deterministic_bias_and_initial_state_gradients_without_the_weight_s(launches, monkeypatch):
+    # A frozen weight: no dW, and db, dv0 still without atomics (dL/dI rebuilt for them alone).
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    problem = _problem(seed=2)
+    expected = _grads(problem, train_weight=False)
+    with deterministic_algorithms():
+        got = _grads(problem, train_weight=False)
+    assert launches == [{"need_weight": False, "need_bias": True, "need_initial_v": True},
+                        {"need_weight": False, "need_bias": False, "need_initial_v": False}]
+    for name, a, e in zip(("spikes", "db", "dv0"), got, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
