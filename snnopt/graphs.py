@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from snnopt.codegen import triton_lif
 from snnopt.errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
 
 # Capacities are rounded up to this many entries: a little headroom for free, and aligned buffers.
@@ -239,12 +240,13 @@ class GraphedModel(nn.Module):
             self.overlapping += 1  # replaying now would overwrite what that backward reads
             return self.model(*inputs)
         self._pending = []
-        if _param_places(self.model) != self._param_places:
-            self._install(*self._capture(tuple(inputs)))
-            self.recaptures += 1
-        out = self._graphed(*inputs)
-        if bool(self.plan.invalid.item()):  # the one host read per step
-            return self._fall_back(inputs)
+        with _launch_device(inputs):  # graphs and captures on the inputs' GPU, whichever is current
+            if _param_places(self.model) != self._param_places:
+                self._install(*self._capture(tuple(inputs)))
+                self.recaptures += 1
+            out = self._graphed(*inputs)
+            if bool(self.plan.invalid.item()):  # the one host read per step
+                return self._fall_back(inputs)
         self._streak = 0
         self._await_backward(out)
         return out
@@ -279,6 +281,10 @@ class GraphedModel(nn.Module):
         for t in tensors:
             t.register_hook(backward_started)
         self._pending = refs
+
+
+def _launch_device(inputs):
+    return triton_lif.launch_device(inputs[0]) if inputs and isinstance(inputs[0], Tensor) else contextlib.nullcontext()
 
 
 def _param_places(model) -> tuple:
@@ -322,7 +328,8 @@ def capture_graphs(model: Callable, example_inputs: Sequence[Tensor], *, headroo
             raise InvalidArgumentError(f"example_inputs[{k}]: CUDA graphs need CUDA tensors, got one on {t.device}; "
                                        "move the model and inputs to a GPU, or run without capture_graphs")
     capture = functools.partial(_record_and_capture, model, headroom=float(headroom), warmup_steps=warmup_steps)
-    return GraphedModel(model, capture, example_inputs, recapture_after)
+    with _launch_device(example_inputs):
+        return GraphedModel(model, capture, example_inputs, recapture_after)
 
 
 def _record_and_capture(model: Callable, inputs: tuple, *, headroom: float, warmup_steps: int):

@@ -50,6 +50,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import os
 from dataclasses import dataclass, replace
@@ -705,6 +707,32 @@ def _unused(dtype: torch.dtype, device) -> Tensor:
 
 
 _PLACEHOLDERS: dict = {}
+
+
+def launch_device(t: Tensor):
+    """A context in which Triton launches go to ``t``'s GPU (no-op on CPU or where it is current).
+
+    Triton launches on the current CUDA device whatever device the tensors are on: a layer on
+    ``cuda:1`` run while ``cuda:0`` is current would run its kernels on the wrong GPU (a crash, or
+    garbage). torch's own CUDA ops guard themselves; custom ops with Triton kernels must do it.
+    """
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_device_of(argument: str):
+    """Decorator: run the function under :func:`launch_device` of its tensor argument ``argument``."""
+    def wrap(function):
+        position = list(inspect.signature(function).parameters).index(argument)
+
+        @functools.wraps(function)
+        def guarded(*args, **kwargs):
+            tensor = kwargs[argument] if argument in kwargs else args[position]
+            with launch_device(tensor):
+                return function(*args, **kwargs)
+        return guarded
+    return wrap
 
 
 def _block(neurons: int) -> int:

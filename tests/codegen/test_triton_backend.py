@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -110,3 +111,39 @@ def test_custom_op_contract_and_torch_compile(backward, device):
     grads = [torch.autograd.grad(fn(x, w).sum(), [x, w]) for fn in (layer, compiled)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+class _OnGpu:
+    """Stands in for a CUDA tensor on GPU ``index`` (what launch_device reads of it)."""
+
+    is_cuda = True
+
+    def __init__(self, index):
+        self.device = torch.device("cuda", index)
+
+
+def test_launch_device_switches_to_the_tensor_s_gpu_only_where_another_is_current(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    with triton_lif.launch_device(_OnGpu(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with triton_lif.launch_device(_OnGpu(0)), triton_lif.launch_device(torch.zeros(1)):  # current, and CPU
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors on Triton need the interpreter")
+def test_triton_layers_launch_on_their_input_s_device(monkeypatch):
+    # Triton launches on the current GPU whatever the tensors' device: the forward op runs under
+    # launch_device of its input, the backward under that of its state (same device).
+    guarded = []
+    real = triton_lif.launch_device
+    monkeypatch.setattr(triton_lif, "launch_device", lambda t: guarded.append(t) or real(t))
+    x = (torch.rand(2, 6, 5) < 0.4).float()
+    w = torch.rand(4, 5, requires_grad=True)
+    out = SF.linear_lif(x, w, beta=0.9, window=0.5, backend="triton")
+    assert len(guarded) == 1 and guarded[0] is x
+    out.sum().backward()
+    assert len(guarded) == 2 and guarded[1].shape == (2, 4)  # the initial state (B, N)

@@ -100,3 +100,22 @@ def test_large_layer_on_split_gemms_is_as_accurate_as_float32_gemms(backward, lo
                                                              monkeypatch)
     assert flips["split"] <= 2 * flips["float32"] + 2, flips
     assert errors["split"] <= max(4 * errors["float32"], 1e-6), errors
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backward", ["sparse", "exact"])
+def test_layer_on_a_second_gpu_while_the_first_is_current(backward):
+    # Triton launches on the current device: the ops switch to their tensors' GPU (launch_device).
+    import copy
+
+    torch.manual_seed(0)
+    x = (torch.rand(8, 50, 64) < 0.1).float()
+    layer = snn.LinearLIF(64, 32, beta=0.9, backward=backward)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        on_device = copy.deepcopy(layer).to(device)
+        with torch.cuda.device(0):
+            out = on_device(x.to(device))
+            out.sum().backward()
+        results.append((out.cpu(), on_device.weight.grad.cpu()))
+    torch.testing.assert_close(results[1], results[0])
