@@ -76,9 +76,14 @@ def _per_neuron(ratio: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
-    a, b = a.detach(), b.detach()
-    scale = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0, 1.0)
-    return a.shape == b.shape and float((a - b).abs().max()) <= rtol * scale if a.numel() else a.shape == b.shape
+    if a.shape != b.shape or a.is_complex() or b.is_complex():
+        return False
+    if not a.numel():
+        return True
+    # Traced values may be bool or integer (a comparison `v > θ`, a count): compared as numbers.
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1.0)
+    return float((a - b).abs().max()) <= rtol * scale
 
 
 class _Refusal(Exception):

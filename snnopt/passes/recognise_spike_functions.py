@@ -10,11 +10,16 @@ the step's exact location is found by bisection. The backward (with a unit incom
 fitted to each family of :mod:`snnopt.surrogate`: the parameter follows from one sample (σ'(0) or
 σ'(½)), then the whole curve must agree to float32 precision. A function that is not a step, or
 whose backward fits no family, is left as the user wrote it, and the reason says which.
+
+A model with no spike function at all but bare comparisons of time-varying values (``(v > θ)
+.float()``: spikes without a surrogate, through which no gradient flows) gets a reason saying so
+at those comparisons, since the recurrence passes can only report that the loop is not theirs.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from snnopt import surrogate as surrogate_lib
+from snnopt.passes import regions as R
 from snnopt.passes.trace import autograd_function_of
 
 _GRID = torch.linspace(-3.0, 3.0, 6001, dtype=torch.float64)
@@ -146,4 +152,60 @@ class RecogniseSpikeFunctions:
                 node.meta["spike"] = info
                 found += 1
         context.log(self.name, f"{found} spike-function calls recognised")
+        if not found and not any("spike_refusal" in node.meta for node in gm.graph.nodes):
+            for node in _recurrent_bare_thresholds(gm):
+                context.skip(node, BARE_THRESHOLD_REASON.format(op=_op_name(node)))
         return False
+
+
+BARE_THRESHOLD_REASON = (
+    "no spike function with a surrogate gradient in the model, and a bare comparison ({op}) of a time-varying "
+    "value: spikes written as (v > θ).float() pass no gradient, so there is no spiking backward to fuse; write "
+    "the spike as a torch.autograd.Function with a surrogate backward (snnopt.surrogate, snnTorch and "
+    "SpikingJelly provide them) to have the layer fused")
+
+_COMPARISONS = {operator.gt, operator.ge, operator.lt, operator.le, torch.gt, torch.ge, torch.lt, torch.le,
+                torch.greater, torch.greater_equal, torch.less, torch.less_equal, torch.heaviside}
+_COMPARISON_METHODS = {"gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal", "heaviside"}
+
+
+def _recurrent_bare_thresholds(gm: fx.GraphModule) -> list:
+    """Comparisons of a value that a later comparison's value depends on: a threshold inside a time loop.
+
+    (A comparison elsewhere, in a readout or a mask, is not reported: only a chain through time.)
+    """
+    dependent = R.placeholder_dependent(gm)
+    candidates = [node for node in gm.graph.nodes if _bare_threshold(node, dependent)]
+    chained = []
+    for earlier, later in zip(candidates, candidates[1:]):
+        if _depends_on(later.args[0], earlier.args[0], dependent):
+            chained += [n for n in (earlier, later) if not chained or chained[-1] is not n]
+    return chained
+
+
+def _depends_on(node: fx.Node, ancestor: fx.Node, dependent: set) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current is ancestor:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(n for n in current.all_input_nodes if n in dependent)
+    return False
+
+
+def _bare_threshold(node: fx.Node, dependent: set) -> bool:
+    """A comparison whose left operand is a time-varying floating-point (batch, neurons…) tensor."""
+    if not ((node.op == "call_function" and node.target in _COMPARISONS)
+            or (node.op == "call_method" and node.target in _COMPARISON_METHODS)):
+        return False
+    operand = node.args[0] if node.args else None
+    value = operand.meta.get("value") if isinstance(operand, fx.Node) else None
+    return (operand in dependent and isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.dim() >= 2)
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))

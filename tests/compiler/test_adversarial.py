@@ -483,6 +483,30 @@ class IntegrateAndFire(zoo._StyleModel):
         return torch.stack(rec, dim=1).sum(dim=1)
 
 
+class HardThreshold(zoo._StyleModel):
+    """Spikes from a bare comparison, ``(v > θ).float()``: no surrogate, so no gradient through them.
+
+    Common in inference code and in a first attempt at training; the loss then reaches the weight
+    only through the membrane (returned too). Once crashed optimize() (a tolerance check took
+    ``abs`` of the comparison's bool value).
+    """
+
+    def __init__(self, n_in=24, n_out=20, seed=61, **twin):
+        super().__init__(**twin)
+        self.fc = _linear(n_in, n_out, seed, gain=2.2, bias_mean=0.05)
+
+    def forward(self, x):
+        v = torch.zeros(x.shape[0], self.fc.out_features)
+        spikes, membranes = [], []
+        for t in range(x.shape[1]):
+            v = 0.9 * v + self.fc(x[:, t])
+            s = (v > 1.0).float()
+            v = v - s
+            spikes.append(s)
+            membranes.append(v)
+        return torch.stack(spikes, dim=1), torch.stack(membranes, dim=1)
+
+
 class SharedWeights(zoo._StyleModel):
     """One nn.Linear drives two layers (the second reads the first's spikes)."""
 
@@ -616,6 +640,38 @@ def test_learnable_threshold_sparse_is_refused_with_a_reason():
     check(model, opt, inputs)
     with pytest.raises(snnopt.UnsupportedModelError):
         snnopt.optimize(LearnableThreshold(), inputs, backward="sparse", strict=True)
+
+
+@pytest.mark.parametrize("backward", MODES)
+def test_hard_threshold_without_surrogate_is_left_alone_and_explained(backward):
+    inputs = (spikes_in(),)
+    model, opt = build(HardThreshold, backward, inputs)
+    assert fused_kinds(opt) == [], str(snnopt.explain(opt))
+    reasons = [r.reason for r in snnopt.explain(opt).skipped]
+    assert any("surrogate" in r and "(v > θ).float()" in r for r in reasons), reasons
+    assert run(model, inputs)[0].sum() > 0, "the layer should fire"
+    check(model, opt, inputs)
+    with pytest.raises(snnopt.UnsupportedModelError, match="surrogate"):
+        snnopt.optimize(HardThreshold(), inputs, backward=backward, strict=True)
+
+
+def test_a_comparison_outside_a_time_loop_is_not_called_a_spike():
+    # A readout thresholded once (after a recurrence of a recognised spike function elsewhere, or
+    # none): no chain of comparisons through time, so no bare-threshold reason.
+    class Readout(zoo._StyleModel):
+        def __init__(self, **twin):
+            super().__init__(**twin)
+            self.fc = _linear(24, 8, 62, gain=1.0, bias_mean=0.0)
+
+        def forward(self, x):
+            acc = torch.zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                acc = 0.9 * acc + self.fc(x[:, t])
+            return acc, (acc > 0.5).float()
+
+    inputs = (spikes_in(),)
+    opt = snnopt.optimize(Readout(), inputs)
+    assert not any("surrogate" in r.reason for r in snnopt.explain(opt).skipped), str(snnopt.explain(opt))
 
 
 @pytest.mark.parametrize("backward", MODES)
