@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
@@ -50,6 +51,26 @@ def _serialised(fn):
     return locked
 
 
+def outside_autocast(fn):
+    """Run an op body with autocast off: a fused layer computes in its inputs' dtype.
+
+    Autocast does not touch custom ops, but it does lower the matmuls inside their bodies (a
+    bfloat16 input current, which the numba kernels cannot take, and a lower precision than the
+    same op outside autocast). Inside, the op computes as without autocast; its outputs keep the
+    inputs' dtype, and bfloat16/float16 inputs (Triton backend) still run in those dtypes.
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        on = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+        if not on:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+    return run
+
+
 def _np(t: Optional[Tensor]):
     return None if t is None else t.detach().numpy()
 
@@ -71,6 +92,7 @@ def _needs_spikes_u8(reset: str, recurrent: bool, backward: str, needs_backward:
 
 
 @torch.library.custom_op("snnopt::lif", mutates_args=())
+@outside_autocast
 @_serialised
 def lif_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
            beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
@@ -255,6 +277,7 @@ torch.library.register_autograd("snnopt::lif", _lif_backward, setup_context=_lif
 
 
 @torch.library.custom_op("snnopt::lif_backward", mutates_args=())
+@outside_autocast
 @_serialised
 def lif_backward_op(grad_spikes: Optional[Tensor], grad_spikes_at_active: Optional[Tensor],
                     grad_membrane: Optional[Tensor], grad_v_final: Optional[Tensor],

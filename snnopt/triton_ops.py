@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from snnopt import graphs
 from snnopt.codegen import spike_matmul, triton_lif
 from snnopt.errors import UnsupportedModelError
-from snnopt.ops import _empty
+from snnopt.ops import _empty, outside_autocast
 from snnopt.spec import LifSpec
 from snnopt.surrogate import Surrogate
 
@@ -46,6 +46,7 @@ def _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, ba
 
 
 @torch.library.custom_op("snnopt::lif_triton", mutates_args=())
+@outside_autocast
 @triton_lif.on_device_of("x")
 def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
                   beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
@@ -320,6 +321,7 @@ def _input_grad_from_values(values: Tensor, input_active: Tensor, shape, as_spar
 torch.library.register_autograd("snnopt::lif_triton", _backward, setup_context=_setup_context)
 
 
+@outside_autocast
 @triton_lif.on_device_of("initial_v")
 def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[Tensor],
                            grad_v_final: Optional[Tensor], grad_syn_final: Optional[Tensor], x: Optional[Tensor],

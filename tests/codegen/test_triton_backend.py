@@ -147,3 +147,24 @@ def test_triton_layers_launch_on_their_input_s_device(monkeypatch):
     assert len(guarded) == 1 and guarded[0] is x
     out.sum().backward()
     assert len(guarded) == 2 and guarded[1].shape == (2, 4)  # the initial state (B, N)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors on Triton need the interpreter")
+@pytest.mark.parametrize("backward", ["sparse", "exact"])
+def test_autocast_leaves_the_triton_layer_in_its_input_dtype(backward):
+    # Inside the op autocast would run the GEMMs in bfloat16: another current, other spikes.
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.rand(3, 10, 24, generator=gen) < 0.3).float()
+    w0 = torch.randn(12, 24, generator=gen) * 0.5
+    upstream = torch.randn(3, 10, 12, generator=gen)
+
+    def step(autocast):
+        w = w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = SF.linear_lif(x, w, beta=0.9, window=0.4, backward=backward, backend="triton")
+            (out * upstream).sum().backward()
+        return out, w.grad
+
+    (out, grad), (expected_out, expected_grad) = step(True), step(False)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected_out) and torch.equal(grad, expected_grad)

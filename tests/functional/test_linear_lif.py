@@ -185,3 +185,26 @@ def test_auto_input_active_gives_the_gradient_only_where_the_sparse_producer_rea
     torch.testing.assert_close(op["hidden"][active], ref["hidden"][active], rtol=1e-9, atol=1e-12)
     assert torch.all(op["hidden"][~active] == 0)
     assert torch.any(ref["hidden"][~active] != 0)  # so the restriction really dropped work
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("backward", ["sparse", "exact"])
+def test_autocast_leaves_the_fused_layer_in_its_input_dtype(backward, recurrent):
+    # Autocast would lower the matmuls inside the op's body (a bfloat16 current, which the CPU
+    # kernels cannot take: this used to raise a TypeError); the op computes as without it.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(4, 12, 20, generator=gen) < 0.3).float()
+    w0 = torch.randn(16, 20, generator=gen) * 0.6
+    v0 = torch.randn(16, 16, generator=gen) * 0.1 if recurrent else None
+    upstream = torch.randn(4, 12, 16, generator=gen)
+
+    def step(autocast):
+        w = w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = snf.linear_lif(x, w, recurrent_weight=v0, beta=0.9, window=0.3, backward=backward)
+            (out * upstream).sum().backward()  # the backward inside the autocast block too
+        return out, w.grad
+
+    (out, grad), (expected_out, expected_grad) = step(True), step(False)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected_out) and torch.equal(grad, expected_grad)
