@@ -24,6 +24,7 @@ from snnopt.passes.hoist_linear import HoistLinear
 from snnopt.passes.merge_synaptic_current import MergeSynapticCurrent
 from snnopt.passes.propagate_active_sets import PropagateActiveSets
 from snnopt.passes.recognise_spike_functions import RecogniseSpikeFunctions
+from snnopt.passes.report_opaque_recurrences import ReportOpaqueRecurrences
 from snnopt.passes.trace import source_of
 from snnopt.report import SkippedRegion
 
@@ -77,6 +78,7 @@ PASSES = (
     RecogniseSpikeFunctions(),
     DetectLifRecurrence(),
     DetectLeakyIntegrator(),
+    ReportOpaqueRecurrences(),
     MergeSynapticCurrent(),
     ExcludeLayers(),
     HoistLinear(),

@@ -674,6 +674,78 @@ def test_a_comparison_outside_a_time_loop_is_not_called_a_spike():
     assert not any("surrogate" in r.reason for r in snnopt.explain(opt).skipped), str(snnopt.explain(opt))
 
 
+@torch.library.custom_op("snnopt_test::opaque_lif_step", mutates_args=())
+def _opaque_lif_step(current: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LIF step inside a custom op, as SpikingJelly 2.0 runs its neurons (torch.ops.sj_lif)."""
+    v = 0.9 * v + current
+    s = (v > 1.0).to(v.dtype)
+    return s, v - s
+
+
+@_opaque_lif_step.register_fake
+def _(current, v):
+    return torch.empty_like(v), torch.empty_like(v)
+
+
+def _opaque_lif_step_backward(ctx, grad_spikes, grad_v):
+    # The reset treated as detached and no surrogate: gradient through the membrane only.
+    return grad_v, 0.9 * grad_v
+
+
+torch.library.register_autograd("snnopt_test::opaque_lif_step", _opaque_lif_step_backward)
+
+
+class OpaqueNeuron(zoo._StyleModel):
+    """A LIF layer whose step is one opaque custom op, its state passed from call to call."""
+
+    def __init__(self, n_in=24, n_out=20, seed=63, **twin):
+        super().__init__(**twin)
+        self.fc = _linear(n_in, n_out, seed, gain=2.2, bias_mean=0.05)
+
+    def forward(self, x):
+        v = torch.zeros(x.shape[0], self.fc.out_features)
+        spikes = []
+        for t in range(x.shape[1]):
+            s, v = torch.ops.snnopt_test.opaque_lif_step(self.fc(x[:, t]), v)
+            spikes.append(s + 0.0 * torch.tanh(v))  # the membrane on the output: a gradient path
+        return torch.stack(spikes, dim=1)
+
+
+def test_a_neuron_inside_an_opaque_op_is_explained():
+    # Once: "0 layer(s) fused, 0 region(s) left as written", no reason at all.
+    inputs = (spikes_in(),)
+    model, opt = build(OpaqueNeuron, "sparse", inputs)
+    report = snnopt.explain(opt)
+    assert fused_kinds(opt) == [], str(report)
+    reasons = [r.reason for r in report.skipped]
+    assert any("torch.ops.snnopt_test.opaque_lif_step" in r and "opaque" in r for r in reasons), reasons
+    assert_outputs_equal(run(opt, inputs), run(model, inputs))
+    with pytest.raises(snnopt.UnsupportedModelError, match="opaque"):
+        snnopt.optimize(OpaqueNeuron(), inputs, strict=True)
+
+
+def test_a_spikingjelly_lif_node_is_explained():
+    neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    from spikingjelly.activation_based import functional, surrogate
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = _linear(24, 20, 64, gain=2.2, bias_mean=0.05)
+            self.lif = neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True)
+
+        def forward(self, x):
+            functional.reset_net(self)
+            return torch.stack([self.lif(self.fc(x[:, t])) for t in range(x.shape[1])], dim=1)
+
+    inputs = (spikes_in(),)
+    model = Net()
+    opt = snnopt.optimize(model, inputs)
+    reasons = " | ".join(r.reason for r in snnopt.explain(opt).skipped)
+    assert "opaque" in reasons and "SpikingJelly" in reasons, reasons
+    assert_outputs_equal(run(opt, inputs), run(model, inputs))
+
+
 @pytest.mark.parametrize("backward", MODES)
 def test_learnable_initial_membrane(backward):
     inputs = (spikes_in(),)
