@@ -30,7 +30,7 @@ from snnopt.errors import InvalidArgumentError, InvalidTypeError, ModelTraceErro
 from snnopt.functional.fused import fused_layer, graph_leaf
 from snnopt.passes.fuse_layers import uniform_scalar
 from snnopt.passes.pipeline import PassContext, run_passes
-from snnopt.passes.trace import DataDependentControlFlow, trace_model
+from snnopt.passes.trace import DataDependentControlFlow, _restore, _snapshot, trace_model
 from snnopt.report import FusedLayer, Report, SkippedRegion
 from snnopt.spec import BACKWARD_MODES
 
@@ -58,6 +58,12 @@ def optimize(model: torch.nn.Module, example_inputs, *, backward: str = "sparse"
         raise InvalidTypeError("example_inputs: expected a tensor or a tuple of tensors")
     context, gm = None, None
     excluded: dict = {}
+    carried = _state_between_calls(model, inputs)
+    if carried:
+        if strict:
+            raise UnsupportedModelError(f"the model was left as written: {carried}")
+        return _unchanged(model, inputs, backward, window, backend, carried, None, started,
+                          note="state check: the output depends on earlier calls; nothing fused")
     try:
         gm, context = _compile(model, inputs, backward, window, backend, excluded)
     except DataDependentControlFlow as record:
@@ -86,7 +92,8 @@ def optimize(model: torch.nn.Module, example_inputs, *, backward: str = "sparse"
                 reason = f"the traced graph does not reproduce the model ({residual})"
                 if strict:
                     raise UnsupportedModelError(f"the model was left as written: {reason}")
-                return _unchanged(model, inputs, backward, window, backend, reason, None, started)
+                return _unchanged(model, inputs, backward, window, backend, reason, None, started,
+                                  note="validation: even the traced graph differs from the model; nothing fused")
     _set_backward(gm, backward)
     _keep_state_dict_keys(model, gm)
     any_shape = _accepts_any_shape(model, gm, inputs)
@@ -110,6 +117,61 @@ def explain(optimized) -> Report:
 
 
 # --- steps of optimize -------------------------------------------------------------------------------
+
+
+def _state_between_calls(model: torch.nn.Module, inputs: tuple) -> str | None:
+    """Why ``model``'s output depends on its earlier calls (state kept on the module), or None.
+
+    A fused time loop starts from the same state on every call. A forward that reads state its
+    previous call left on the module (snnTorch's ``init_hidden=True`` membrane when nothing resets
+    it at the start of ``forward``) computes something else from the second call on. Two calls on
+    the example inputs, without gradients and with the same random draws, must agree; the
+    module's state is put back afterwards.
+    """
+    saved = _snapshot(model)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            before = _tensor_state(model)
+            torch.manual_seed(0)
+            first = tree_flatten(model(*inputs))[0]
+            after = _tensor_state(model)
+            torch.manual_seed(0)
+            second = tree_flatten(model(*inputs))[0]
+    except Exception:  # tracing runs the model again and reports its failure with more context
+        return None
+    finally:
+        _restore(model, saved)
+    if len(first) == len(second) and all(_same_output(a, b) for a, b in zip(first, second)):
+        return None
+    written = [name for name, (obj, value) in after.items()
+               if name not in before or before[name][0] is not obj or not _same_output(before[name][1], value)]
+    names = ", ".join(written) or "an attribute of a module"
+    return (f"the model's output for the same input changes from one call to the next: its forward reads state "
+            f"that the previous call left on the module ({names}); a fused time loop starts from the same state "
+            f"on every call, so reset that state at the start of forward (snnTorch: utils.reset(self) or the "
+            f"neuron's reset_mem(); SpikingJelly: functional.reset_net(self)) and optimize again")
+
+
+def _tensor_state(model: torch.nn.Module) -> dict:
+    """``{name: (tensor, copy of its values)}`` of module buffers and tensor attributes, BatchNorm's statistics aside."""
+    state = {}
+    for prefix, module in model.named_modules():
+        for key, value in list(module._buffers.items()) + [(k, v) for k, v in vars(module).items()
+                                                           if not k.startswith("_")]:
+            if (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+                    and not key.startswith("running_") and key != "num_batches_tracked"):
+                state.setdefault(f"{prefix}.{key}" if prefix else key, (value, value.detach().clone()))
+    return state
+
+
+def _same_output(a, b) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return a == b
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return torch.equal(a, b)
 
 
 def _check_arguments(model, backward, window, backend) -> None:
@@ -393,8 +455,10 @@ class UnchangedModule(fx.GraphModule):
         return self
 
 
-def _unchanged(model, inputs, backward, window, backend, reason, where, started) -> fx.GraphModule:
-    """A GraphModule that runs ``model`` as it is (its whole forward could not be traced)."""
+def _unchanged(model, inputs, backward, window, backend, reason, where, started,
+               note: str = "trace: the forward decides control flow from tensor values; nothing fused"
+               ) -> fx.GraphModule:
+    """A GraphModule that runs ``model`` as it is (its whole forward could not be traced or fused)."""
     graph = fx.Graph()
     placeholders = [graph.placeholder(f"input_{i}") for i in range(len(inputs))]
     original = graph.get_attr("original")
@@ -408,7 +472,7 @@ def _unchanged(model, inputs, backward, window, backend, reason, where, started)
     gm.snnopt_report = Report(skipped=[SkippedRegion("the whole model", reason, where)], backward=backward,
                               window=float(window), backend=backend, any_shape=True,
                               traced_shapes=[tuple(x.shape) for x in inputs], seconds=time.perf_counter() - started,
-                              passes=["trace: the forward decides control flow from tensor values; nothing fused"])
+                              passes=[note])
     return gm
 
 

@@ -746,6 +746,54 @@ def test_a_spikingjelly_lif_node_is_explained():
     assert_outputs_equal(run(opt, inputs), run(model, inputs))
 
 
+class StateAcrossCalls(nn.Module):
+    """snnTorch's ``init_hidden=True`` as its tutorials use it: ``utils.reset(net)`` outside forward.
+
+    The membrane lives on the module from one call to the next; nothing in forward resets it, so
+    the second call starts from the first one's final state. A fused loop would start from zeros
+    every call. Once this reached validation and came back as "backward through the graph a
+    second time"; now it is named before tracing.
+    """
+
+    def __init__(self, reset_in_forward=False):
+        super().__init__()
+        import snntorch
+        from snntorch import surrogate
+
+        self.fc = _linear(24, 20, 65, gain=2.2, bias_mean=0.05)
+        self.lif = snntorch.Leaky(beta=0.9, spike_grad=surrogate.atan(alpha=2.0), init_hidden=True)
+        self.reset_in_forward = reset_in_forward
+
+    def forward(self, x):
+        if self.reset_in_forward:
+            self.lif.reset_mem()
+        return torch.stack([self.lif(self.fc(x[:, t])) for t in range(x.shape[1])], dim=1)
+
+
+def test_state_kept_between_calls_is_named_and_left_alone():
+    pytest.importorskip("snntorch")
+    from snntorch import utils
+
+    inputs = (spikes_in(),)
+    model = StateAcrossCalls()
+    utils.reset(model)
+    opt = snnopt.optimize(model, inputs)
+    report = snnopt.explain(opt)
+    assert fused_kinds(opt) == [] and len(report.skipped) == 1, str(report)
+    reason = report.skipped[0].reason
+    assert "lif.mem" in reason and "reset" in reason and "utils.reset(self)" in reason, reason
+    assert model.lif.mem.numel() == 0, "optimize() must leave the module's state as it found it"
+    utils.reset(model)
+    expected = [run(model, inputs), run(model, inputs)]  # the second call starts from the first's state
+    utils.reset(model)
+    assert_outputs_equal(run(opt, inputs), expected[0])
+    assert_outputs_equal(run(opt, inputs), expected[1])
+    with pytest.raises(snnopt.UnsupportedModelError, match="previous call"):
+        snnopt.optimize(model, inputs, strict=True)
+    # Reset at the start of forward: the same layer is fused.
+    assert fused_kinds(snnopt.optimize(StateAcrossCalls(reset_in_forward=True), inputs)) == ["lif"]
+
+
 @pytest.mark.parametrize("backward", MODES)
 def test_learnable_initial_membrane(backward):
     inputs = (spikes_in(),)
