@@ -153,7 +153,7 @@ def _state_between_calls(model: torch.nn.Module, inputs: tuple) -> str | None:
 
 
 def _tensor_state(model: torch.nn.Module) -> dict:
-    """``{name: (tensor, copy of its values)}`` of module buffers and tensor attributes, BatchNorm's statistics aside."""
+    """``{name: (tensor, copy of its values)}``: module buffers and tensor attributes, BatchNorm statistics aside."""
     state = {}
     for prefix, module in model.named_modules():
         for key, value in list(module._buffers.items()) + [(k, v) for k, v in vars(module).items()
