@@ -145,7 +145,9 @@ def _state_between_calls(model: torch.nn.Module, inputs: tuple) -> str | None:
         return None
     written = [name for name, (obj, value) in after.items()
                if name not in before or before[name][0] is not obj or not _same_output(before[name][1], value)]
-    names = ", ".join(written) or "an attribute of a module"
+    if not written:  # outputs differ without module state: randomness of its own (a generator), not ours to judge
+        return None
+    names = ", ".join(written)
     return (f"the model's output for the same input changes from one call to the next: its forward reads state "
             f"that the previous call left on the module ({names}); a fused time loop starts from the same state "
             f"on every call, so reset that state at the start of forward (snnTorch: utils.reset(self) or the "
