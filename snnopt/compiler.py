@@ -392,9 +392,15 @@ def _insert_shape_checks(gm: fx.GraphModule, inputs) -> None:
 def _describe_value(value) -> str:
     if isinstance(value, fx.Node):
         held = value.meta.get("value")
-        learnable = isinstance(held, torch.nn.Parameter) and held.requires_grad
-        return (f"learnable ({value.target})" if learnable else f"{value.target}") if value.op == "get_attr" \
-            else value.name
+        if value.op != "get_attr":
+            return value.name
+        if isinstance(held, torch.nn.Parameter) and held.requires_grad:
+            return f"learnable ({value.target})"
+        if not isinstance(held, torch.Tensor):
+            return str(value.target)
+        # Its numbers, and the user's name for it (a tracer's own constant has none worth showing).
+        numbers = _describe_value(held.detach())
+        return numbers if str(value.target).startswith("_tensor_constant") else f"{numbers} ({value.target})"
     if isinstance(value, (int, float)):
         return f"{value:g}"
     scalar = uniform_scalar(value)
