@@ -75,7 +75,7 @@ def portable_graph(gm: fx.GraphModule) -> fx.Graph:
     graph.output(output[0] if isinstance(output, tuple) else output)
     for node in list(graph.nodes):
         if getattr(node.target, "__name__", "") == "run_unchanged":
-            raise EmitError("the model was left whole (nothing could be traced), so there is no optimized graph "
+            raise EmitError("the model was left whole (explain() says why), so there is no optimized graph "
                             "to write; the package would have to import your model's own code")
         function_class = _spike_function_class(node)
         if function_class is None:
