@@ -129,8 +129,10 @@ def _state_between_calls(model: torch.nn.Module, inputs: tuple) -> str | None:
     module's state is put back afterwards.
     """
     saved = _snapshot(model)
+    # The same draws in both calls (dropout), and the caller's random state untouched, GPUs' too.
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus):
             before = _tensor_state(model)
             torch.manual_seed(0)
             first = tree_flatten(model(*inputs))[0]

@@ -797,6 +797,16 @@ def test_state_kept_between_calls_is_named_and_left_alone():
     assert (fused[0].beta, fused[0].threshold) == ("0.9", "1 (lif.threshold)"), fused[0]
 
 
+def test_optimize_leaves_the_global_random_state_alone():
+    # optimize() runs the model several times (tracing, the state check, validation), dropout included.
+    inputs = (spikes_in(),)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    snnopt.optimize(DropoutBetweenLoops(), inputs)
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("backward", MODES)
 def test_learnable_initial_membrane(backward):
     inputs = (spikes_in(),)
