@@ -178,22 +178,9 @@ def _recurrent_bare_thresholds(gm: fx.GraphModule) -> list:
     candidates = [node for node in gm.graph.nodes if _bare_threshold(node, dependent)]
     chained = []
     for earlier, later in zip(candidates, candidates[1:]):
-        if _depends_on(later.args[0], earlier.args[0], dependent):
+        if R.depends_on(later.args[0], earlier.args[0], dependent):
             chained += [n for n in (earlier, later) if not chained or chained[-1] is not n]
     return chained
-
-
-def _depends_on(node: fx.Node, ancestor: fx.Node, dependent: set) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current is ancestor:
-            return True
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(n for n in current.all_input_nodes if n in dependent)
-    return False
 
 
 def _bare_threshold(node: fx.Node, dependent: set) -> bool:

@@ -34,6 +34,20 @@ def placeholder_dependent(gm: fx.GraphModule) -> set:
     return dependent
 
 
+def depends_on(node: fx.Node, ancestor: fx.Node, within: set) -> bool:
+    """Whether ``node`` reads ``ancestor``'s value, directly or through nodes in ``within``."""
+    stack, seen = list(node.all_input_nodes), set()
+    while stack:
+        current = stack.pop()
+        if current is ancestor:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(n for n in current.all_input_nodes if n in within)
+    return False
+
+
 def step_region(target: fx.Node, boundary: Iterable[fx.Node], index: dict) -> list:
     """Nodes between ``boundary`` and ``target`` (inclusive of target), in graph order.
 

@@ -37,7 +37,7 @@ class ReportOpaqueRecurrences:
                 calls.setdefault((what, _module_path(node)), []).append(node)
         reported = 0
         for (what, module), nodes in calls.items():
-            if any(_depends_on(later, earlier, dependent) for earlier, later in zip(nodes, nodes[1:])):
+            if any(R.depends_on(later, earlier, dependent) for earlier, later in zip(nodes, nodes[1:])):
                 context.skip(nodes[0], _reason(what, module), steps=len(nodes))
                 reported += 1
         context.log(self.name, f"{reported} opaque recurrences reported")
@@ -61,19 +61,6 @@ def _opaque_target(gm: fx.GraphModule, node: fx.Node):
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
-
-
-def _depends_on(node: fx.Node, ancestor: fx.Node, dependent: set) -> bool:
-    stack, seen = list(node.all_input_nodes), set()
-    while stack:
-        current = stack.pop()
-        if current is ancestor:
-            return True
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(n for n in current.all_input_nodes if n in dependent)
-    return False
 
 
 def _reason(what: str, module: str) -> str:
