@@ -169,13 +169,10 @@ def _tensor_state(model: torch.nn.Module) -> dict:
 
 
 def _same_output(a, b) -> bool:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return a == b
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.is_floating_point() or a.is_complex():
-        return torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
-    return torch.equal(a, b)
+    # The tolerance validation holds outputs to (_validate_on).
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return _relative_error(a, b) <= 1e-5
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
 
 
 def _check_arguments(model, backward, window, backend) -> None:

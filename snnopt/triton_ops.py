@@ -156,6 +156,12 @@ def _route(site: Optional[graphs.CaptureSite], static: bool, route: str, decide)
     return value
 
 
+def _decided(site: Optional[graphs.CaptureSite], static: bool, route: str, decide) -> bool:
+    """:func:`_route`'s choice, or without a capture plan ``decide()`` itself."""
+    chosen = _route(site, static, route, decide)
+    return bool(decide()) if chosen is None else chosen
+
+
 def _compact_path(spec: LifSpec, weight: Optional[Tensor]) -> bool:
     """Whether a layer keeps only compact lists for its backward (see ``triton_lif.sparse_backward``).
 
@@ -377,23 +383,16 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
             def cheaper():
                 return not deterministic and triton_lif.events_are_cheaper(
                     active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
-            pairs = not deterministic
-            if need_weight:
-                pairs = _route(site, static, "pair_weight_grad", cheaper)
-                pairs = cheaper() if pairs is None else pairs
+            pairs = need_weight and _decided(site, static, "pair_weight_grad", cheaper)
             grad_w, grad_b, grad_v0, grad_x, g = triton_lif.sparse_backward(
                 grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
-                events if (need_weight and pairs) else None, beta, weight, input_active if restricted else None,
-                batch, steps, need_weight=need_weight and pairs, need_bias=need_bias and not deterministic,
+                events if pairs else None, beta, weight, input_active if restricted else None,
+                batch, steps, need_weight=pairs, need_bias=need_bias and not deterministic,
                 need_initial_v=need_initial_v and not deterministic, in_dtype=in_dtype)
             dense_w = need_weight and not pairs
             if dense_w or (deterministic and (need_bias or need_initial_v)):
-                split = False
-                if dense_w:
-                    def takes_split():
-                        return _input_takes_split(events, weight, batch, steps)
-                    split = _route(site, static, "split_weight_grad", takes_split)
-                    split = takes_split() if split is None else split
+                split = dense_w and _decided(site, static, "split_weight_grad",
+                                             lambda: _input_takes_split(events, weight, batch, steps))
                 dense_grads = _dense_route_grads(
                     g, active_index, beta, events, weight, acc, batch, steps, split=split, need_weight=dense_w,
                     need_bias=need_bias and deterministic, need_initial_v=need_initial_v and deterministic)

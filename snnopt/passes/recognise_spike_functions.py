@@ -164,9 +164,9 @@ BARE_THRESHOLD_REASON = (
     "the spike as a torch.autograd.Function with a surrogate backward (snnopt.surrogate, snnTorch and "
     "SpikingJelly provide them) to have the layer fused")
 
-_COMPARISONS = {operator.gt, operator.ge, operator.lt, operator.le, torch.gt, torch.ge, torch.lt, torch.le,
-                torch.greater, torch.greater_equal, torch.less, torch.less_equal, torch.heaviside}
-_COMPARISON_METHODS = {"gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal", "heaviside"}
+_COMPARISONS = (operator.gt, operator.ge, operator.lt, operator.le, torch.gt, torch.ge, torch.lt, torch.le,
+                torch.greater, torch.greater_equal, torch.less, torch.less_equal, torch.heaviside,
+                "gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal", "heaviside")
 
 
 def _recurrent_bare_thresholds(gm: fx.GraphModule) -> list:
@@ -185,8 +185,7 @@ def _recurrent_bare_thresholds(gm: fx.GraphModule) -> list:
 
 def _bare_threshold(node: fx.Node, dependent: set) -> bool:
     """A comparison whose left operand is a time-varying floating-point (batch, neurons…) tensor."""
-    if not ((node.op == "call_function" and node.target in _COMPARISONS)
-            or (node.op == "call_method" and node.target in _COMPARISON_METHODS)):
+    if not R.is_call(node, *_COMPARISONS):
         return False
     operand = node.args[0] if node.args else None
     value = operand.meta.get("value") if isinstance(operand, fx.Node) else None
