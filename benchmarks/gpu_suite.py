@@ -540,9 +540,11 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
 
     For x (p × q spikes at the given rate) times Wᵀ (W of nn.Linear's init scale): cuBLAS's float32
     GEMM, and spike_matmul's split bfloat16 GEMM with the parts stacked largest first (shipped until
-    H200 run 4 measured it), smallest first, and ``split_mm`` itself. ``max_rel``: max |error| /
-    max |exact|; ``bias``: mean error / mean |exact| (rounding to nearest averages out; truncation
-    does not); ``ms``: median of 5 calls (CUDA events when run inside ``timing_device``).
+    H200 run 4 measured it), smallest first, and ``split_mm`` itself; the int8 route's GEMM with its
+    combine (digits prepared), and ``int8_mm`` itself (spikes already int8, as a layer builds them).
+    ``max_rel``: max |error| / max |exact|; ``bias``: mean error / mean |exact| (rounding to nearest
+    averages out; truncation does not); ``ms``: median of 5 calls (CUDA events when run inside
+    ``timing_device``).
     """
     from snnopt.codegen import spike_matmul
 
@@ -577,6 +579,17 @@ def _spike_gemm_routes(x, w, spike_matmul):
     what a layer pays: checking nothing, stacking x, splitting W, the GEMM.
     """
     yield "float32_gemm", lambda: x @ w.t()
+    # The int8 route (any device: the CPU has an int8 product too): the GEMM alone on prepared digits
+    # (with its combine), then all that a layer pays.
+    device_type = x.device.type
+    if spike_matmul.int8_fits(*x.shape, w.shape[0], "a", device_type) and spike_matmul._int_mm_available(device_type):
+        x_int8 = x.to(torch.int8)
+        digits, shifts = spike_matmul.quantize_int8(w.t(), scaled_dim=1)
+        yield "int8_gemm_and_combine", lambda: spike_matmul.combine_int8(
+            spike_matmul._int_mm(x_int8, digits), shifts, scaled_dim=1)
+        del digits, shifts
+        yield "int8_mm (as shipped)", lambda: spike_matmul.int8_mm(x_int8, w.t(), spikes="a")
+        del x_int8
     if not x.is_cuda:
         return
     parts = spike_matmul.split_bfloat16(w.t().contiguous())  # (q × r) each, largest first
@@ -1000,8 +1013,9 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
     from snnopt.codegen import spike_matmul
 
     split = spike_matmul.applies(x, weight, (cfg.batch * cfg.steps, n, n))
-    out = {"snnopt_matmul": ("x·Wᵀ and dIᵀ·x as one bfloat16 GEMM each on 3-way split operands (float32 accuracy, "
-                             "snnopt.codegen.spike_matmul)" if split else "float32 GEMM (torch.nn.functional.linear)"),
+    out = {"snnopt_matmul": ("x·Wᵀ and dIᵀ·x on tensor cores at float32 accuracy (snnopt.codegen.spike_matmul): "
+                             "3-way split bfloat16 or 3-digit int8 fixed point, whichever timed faster for the "
+                             "shape (snnopt_matmul_routes)" if split else "float32 GEMM (torch.nn.functional.linear)"),
            "config": {"batch": cfg.batch, "steps": cfg.steps, "neurons": n, "beta": cfg.beta,
                       "threshold": cfg.threshold, "window": cfg.window, "input": f"Bernoulli({args.on_input_rate})",
                       "weight": f"U(±{args.on_weight_gain:g}/sqrt(n)), nn.Linear's default init x gain"}}
@@ -1113,6 +1127,9 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
         out["snnopt_sparse_graphed_step_ratio_vs_fastest_peer"] = results.get(GRAPHED, {}).get(
             "step_ratio_vs_fastest_peer")
     out["variants"] = results
+    rows = cfg.batch * cfg.steps  # the routes chosen for this size's two GEMMs (x·Wᵀ, dIᵀ·x), with their times
+    out["snnopt_matmul_routes"] = [c for c in spike_matmul.route_choices()
+                                   if (c["p"], c["q"], c["r"]) in ((rows, n, n), (n, rows, n))]
     errors.update({f"{n}.{k}": v for k, v in size_errors.items()})
     del modules, cases
     free_memory(device)
@@ -1131,9 +1148,11 @@ SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
                       "pair_block_32": {"pair_block": 32}, "pair_block_64": {"pair_block": 64},
                       "pair_block_256": {"pair_block": 256}, "as_run4": AS_RUN4}
+# "spike_route" fixes spike_matmul's GEMM route (shipped: the faster one, timed per shape on first use).
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
                     "max_block_128": {"max_block": 128}, "two_pass_compaction": {"one_pass_compaction": False},
-                    "as_run4": AS_RUN4}
+                    "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
+                    "as_run4": {**AS_RUN4, "spike_route": "bfloat16"}}
 
 
 def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict,
@@ -1202,11 +1221,14 @@ def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict
 def _time_tunings(cases: dict[str, Case], trials: dict[str, dict], sizes: SuiteSizes, errors: dict,
                   device: torch.device, label: str) -> dict:
     """{case: {trial: summary}}: every (case, trial) pair one run of the same interleaved rounds."""
-    from snnopt.codegen import triton_lif
+    from snnopt.codegen import spike_matmul, triton_lif
 
     def run(case: Case, changes: dict) -> Callable[[], list[float]]:
+        changes = dict(changes)
+        route = changes.pop("spike_route", "auto")  # spike_matmul's GEMM route, not a KernelTuning field
+
         def timed():
-            with triton_lif.tuning(**changes):
+            with triton_lif.tuning(**changes), spike_matmul.prefer(route):
                 return case.timed()
         return timed
 
@@ -1609,7 +1631,10 @@ def main(argv=None) -> int:
     }
 
     def save():
+        from snnopt.codegen import spike_matmul
+
         payload["elapsed_s"] = round(time.monotonic() - started, 1)
+        payload["spike_gemm_routes"] = spike_matmul.route_choices()  # per shape: the route taken, and why
         if output is not None:
             _harness.write_json(output, payload)
 

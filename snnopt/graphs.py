@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from snnopt.codegen import triton_lif
+from snnopt.codegen import spike_matmul, triton_lif
 from snnopt.errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
 
 # Capacities are rounded up to this many entries: a little headroom for free, and aligned buffers.
@@ -76,14 +76,16 @@ class CaptureSite:
     active_limit: int = 0
     events_capacity: Optional[int] = None
     active_capacity: Optional[int] = None
-    split_linear: Optional[bool] = None       # the forward GEMM on the split bfloat16 route
-    split_weight_grad: Optional[bool] = None  # the backward's weight-gradient GEMM on it
+    # The tensor-core route (spike_matmul.BFLOAT16 or INT8) of the forward GEMM and of the backward's
+    # weight-gradient GEMM, False for the float32 product.
+    split_linear: Optional[bool | str] = None
+    split_weight_grad: Optional[bool | str] = None
     pair_weight_grad: Optional[bool] = None   # the compact backward's weight gradient from event pairs
     uncapturable: list = field(default_factory=list)
 
-    def checks_spikes(self) -> bool:
-        """Whether the step relies on the layer input being bfloat16-exact (checked on the device)."""
-        return bool(self.split_linear or self.split_weight_grad)
+    def spike_routes(self) -> set:
+        """The tensor-core routes the step takes, each relying on the layer input suiting it (checked on the device)."""
+        return {route for route in (self.split_linear, self.split_weight_grad) if isinstance(route, str)}
 
 
 class CapturePlan:
@@ -124,9 +126,15 @@ class CapturePlan:
         """Raise :attr:`invalid` where ``condition`` (a bool tensor, any shape) holds anywhere; no host read."""
         torch.bitwise_or(self.invalid, condition.any().reshape(1).to(torch.int32), out=self.invalid)
 
-    def flag_not_bfloat16_exact(self, values: Tensor) -> None:
-        """Raise :attr:`invalid` unless every entry of ``values`` is a bfloat16 value (see spike_matmul)."""
-        if values.dtype != torch.bfloat16 and values.numel():
+    def flag_unsuited(self, values: Tensor, route: str) -> None:
+        """Raise :attr:`invalid` unless every entry of ``values`` suits ``route`` (see spike_matmul.spike_kind):
+        a bfloat16 value for the bfloat16 route, an integer in [-128, 127] for the int8 route."""
+        if not values.numel():
+            return
+        if route == spike_matmul.INT8:
+            if values.dtype != torch.int8:
+                self.flag(~((values == values.round()) & (values >= -128) & (values <= 127)))
+        elif values.dtype != torch.bfloat16:
             self.flag(values.to(torch.bfloat16).to(values.dtype) != values)
 
     def freeze(self) -> None:

@@ -78,13 +78,14 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
         batch, steps, features = x.shape
         nonzeros = events[2] if events is not None else None
         # Without a plan spike_matmul decides (None); a captured step follows the recorded route.
-        split = _route(site, static, "split_linear", lambda: spike_matmul.linear_takes_split(x, weight, nonzeros))
-        if static and site.checks_spikes():  # the routes assume spikes: say so on the device if this input is not
-            plan.flag_not_bfloat16_exact(x if nonzeros is None else nonzeros)
+        route = _route(site, static, "split_linear", lambda: spike_matmul.linear_route(x, weight, nonzeros))
+        if static:  # the routes assume spikes: say so on the device if this input is not
+            for kind in site.spike_routes():
+                plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)
         current = spike_matmul.linear(
-            x, weight, bias, nonzeros=nonzeros, split=split,
-            stacked_spikes=None if events is None else lambda: triton_lif.dense_input(
-                events, batch, steps, features, torch.bfloat16, spike_matmul.SPLIT_PARTS, side_by_side=True))
+            x, weight, bias, nonzeros=nonzeros, route=route,
+            spike_operand=None if events is None else lambda kind: _dense_spikes(events, batch, steps, features, kind,
+                                                                                 stacked=True))
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
@@ -132,20 +133,22 @@ def _capture_site(plan: graphs.CapturePlan, spec: LifSpec, x: Tensor, weight: Op
     return site
 
 
-def _route(site: Optional[graphs.CaptureSite], static: bool, route: str, decide) -> Optional[bool]:
+def _route(site: Optional[graphs.CaptureSite], static: bool, route: str, decide) -> Optional[bool | str]:
     """One of a layer's route choices (``route``: a CaptureSite field) under a capture plan.
 
-    No plan: None (the caller decides as usual). Recording: ``decide()`` (which may read the
-    device), kept as the plan's choice, False once any recorded step chose False (each route is
-    correct for any input; True only promises more speed where it held every time). Static: the
-    recorded choice, as a captured step cannot read the device to choose.
+    A choice is False (the plain route), True, or a tensor-core route of ``spike_matmul`` (which
+    also counts as True). No plan: None (the caller decides as usual). Recording: ``decide()``
+    (which may read the device), kept as the plan's choice: False once any recorded step chose
+    False (each route is correct for any input; the others only promise more speed where they held
+    every time), and bfloat16 where steps chose both tensor-core routes (it takes any spikes the
+    int8 route takes). Static: the recorded choice, as a captured step cannot read the device.
     """
     if site is None:
         return None
     if not static:
-        chosen = bool(decide())
+        chosen = decide() or False
         recorded = getattr(site, route)
-        setattr(site, route, chosen if recorded is None else (recorded and chosen))
+        setattr(site, route, chosen if recorded is None else _common_route(recorded, chosen))
         return chosen
     value = getattr(site, route)
     if value is None:
@@ -156,10 +159,16 @@ def _route(site: Optional[graphs.CaptureSite], static: bool, route: str, decide)
     return value
 
 
-def _decided(site: Optional[graphs.CaptureSite], static: bool, route: str, decide) -> bool:
-    """:func:`_route`'s choice, or without a capture plan ``decide()`` itself."""
+def _common_route(recorded, chosen):
+    if not recorded or not chosen:
+        return False
+    return recorded if recorded == chosen else spike_matmul.BFLOAT16
+
+
+def _decided(site: Optional[graphs.CaptureSite], static: bool, route: str, decide):
+    """:func:`_route`'s choice, or without a capture plan ``decide()`` itself (False for None)."""
     chosen = _route(site, static, route, decide)
-    return bool(decide()) if chosen is None else chosen
+    return (decide() or False) if chosen is None else chosen
 
 
 def _compact_path(spec: LifSpec, weight: Optional[Tensor]) -> bool:
@@ -391,10 +400,10 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                 need_initial_v=need_initial_v and not deterministic, in_dtype=in_dtype)
             dense_w = need_weight and not pairs
             if dense_w or (deterministic and (need_bias or need_initial_v)):
-                split = dense_w and _decided(site, static, "split_weight_grad",
-                                             lambda: _input_takes_split(events, weight, batch, steps))
+                route = dense_w and _decided(site, static, "split_weight_grad",
+                                             lambda: _input_route(events, weight, batch, steps))
                 dense_grads = _dense_route_grads(
-                    g, active_index, beta, events, weight, acc, batch, steps, split=split, need_weight=dense_w,
+                    g, active_index, beta, events, weight, acc, batch, steps, route=route, need_weight=dense_w,
                     need_bias=need_bias and deterministic, need_initial_v=need_initial_v and deterministic)
                 grad_w = dense_grads[0] if dense_w else grad_w
                 if deterministic:
@@ -412,8 +421,7 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         flags[active_index] = triton_lif.FLAG_ACTIVE
         flags = flags.reshape(seq_shape)
         if need_weight:
-            x = triton_lif.dense_input(events, batch, steps, weight.shape[1],
-                                       torch.bfloat16 if _input_takes_split(events, weight, batch, steps) else acc)
+            x = _dense_spikes(events, batch, steps, weight.shape[1], _input_route(events, weight, batch, steps) or acc)
         else:
             x = None
     surr = None
@@ -435,9 +443,9 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         weight_acc = weight.to(acc)
         if need_weight:
             x_rows = x.reshape(batch * steps, in_features)
-            split = _route(site, static, "split_weight_grad",
-                           lambda: spike_matmul.weight_grad_takes_split(rows, x_rows))
-            grad_w = spike_matmul.weight_grad(rows, x_rows, split=split).to(weight.dtype)
+            route = _route(site, static, "split_weight_grad",
+                           lambda: spike_matmul.weight_grad_route(rows, x_rows))
+            grad_w = spike_matmul.weight_grad(rows, x_rows, route=route).to(weight.dtype)
         if need_bias:
             grad_b = rows.sum(0).to(weight.dtype)
         if need_x and input_active is not None:
@@ -482,7 +490,7 @@ lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", 
 
 
 def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, weight: Tensor, acc: torch.dtype,
-                       batch: int, steps: int, *, split: bool, need_weight: bool = True, need_bias: bool = False,
+                       batch: int, steps: int, *, route, need_weight: bool = True, need_bias: bool = False,
                        need_initial_v: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(dW, db, dv0)`` from dL/dI rebuilt densely from the active entries' g (unneeded ones None).
 
@@ -490,35 +498,48 @@ def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, we
     dL/dI and dv0 = β·dL/dI[:, 0] (what the pair kernel's atomics add up entry by entry; taken
     from here only under deterministic algorithms, as reductions without atomics). The reverse
     filter runs first, so its dense g is freed before x is rebuilt: the peak holds dL/dI and x,
-    not g as well. With ``split`` (the split bfloat16 GEMM) dL/dI comes as its three exact parts,
-    smallest first, and x is rebuilt directly as the GEMM's stacked operand.
+    not g as well. ``route`` is the GEMM's (``spike_matmul``): on the bfloat16 route dL/dI comes as
+    its three exact parts, smallest first, and x is rebuilt directly as the GEMM's stacked operand;
+    on the int8 route x is rebuilt as int8 and dL/dI quantized per neuron.
     """
     neurons, features = weight.shape
-    grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=split)
+    parts = route == spike_matmul.BFLOAT16
+    grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=parts)
     grad_w = grad_b = grad_v0 = None
     if need_bias:
         grad_b = grad_current.sum(dim=tuple(range(grad_current.dim() - 1)), dtype=acc)
     if need_initial_v:
         # Rows b·T (t = 0) of every part; the parts sum back to dL/dI exactly, in any order.
         first = grad_current.unflatten(-2, (batch, steps))[..., 0, :].to(acc)
-        first = first[0] + first[1] + first[2] if split else first
+        first = first[0] + first[1] + first[2] if parts else first
         grad_v0 = first * beta.to(acc)
     if need_weight:
-        if split:
+        if parts:
             x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
                                                copies=spike_matmul.SPLIT_PARTS)
             grad_w = spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
+        elif route == spike_matmul.INT8:
+            x_int8 = triton_lif.dense_input(events, batch, steps, features, torch.int8)
+            grad_w = spike_matmul.weight_grad(grad_current, x_int8, route=spike_matmul.INT8)
         else:
             grad_w = grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
     return grad_w, grad_b, grad_v0
 
 
-def _input_takes_split(events, weight: Tensor, batch: int, steps: int) -> bool:
-    """Whether the weight gradient from this input takes the split bfloat16 GEMM (its values are spikes)."""
-    values = events[2]
+def _dense_spikes(events, batch: int, steps: int, features: int, kind, *, stacked: bool = False) -> Tensor:
+    """The layer input rebuilt from its events as a GEMM operand: ``kind`` a ``spike_matmul`` route (bfloat16,
+    with ``stacked`` :data:`~snnopt.codegen.spike_matmul.SPLIT_PARTS` times side by side as the forward's
+    split GEMM reads it; int8) or a dtype."""
+    if kind == spike_matmul.BFLOAT16:
+        copies = spike_matmul.SPLIT_PARTS if stacked else 1
+        return triton_lif.dense_input(events, batch, steps, features, torch.bfloat16, copies, side_by_side=stacked)
+    return triton_lif.dense_input(events, batch, steps, features, torch.int8 if kind == spike_matmul.INT8 else kind)
+
+
+def _input_route(events, weight: Tensor, batch: int, steps: int) -> Optional[str]:
+    """The weight gradient's GEMM route for this input (``spike_matmul.route_for``, spikes read from its events)."""
     neurons, features = weight.shape
-    return (spike_matmul.applies(values, weight, (neurons, batch * steps, features))
-            and spike_matmul.is_bfloat16_exact(values))
+    return spike_matmul.route_for(events[2], weight, (neurons, batch * steps, features), "b")
 
 
 @lif_triton_backward_op.register_fake

@@ -32,6 +32,33 @@ cores, at TF32's precision, which is the user's choice), a product large enough 
 split (:func:`pays`), and the spike operand checked to be bfloat16-exact. Anywhere else they are
 the reference.
 
+The int8 route (:func:`int8_mm`) does the same on integer tensor cores, which run twice as many
+operations per second as bfloat16 ones on Hopper GPUs:
+
+* Where the spikes are integers in [-128, 127] (0 and 1 are), they are int8 values as they stand.
+* The other operand becomes fixed point, one scale per row of the result (per neuron: a row of
+  ``W`` in the forward, a neuron's dL/dI over all batch entries and steps in the weight gradient):
+  the row is multiplied by the power of two ``2ˢ`` that brings its largest entry just under 2²³,
+  rounded to integers, and written as :data:`INT8_SLICES` signed base-256 digits (three int8
+  planes, :func:`quantize_int8`). Scaling by a power of two is exact; the rounding moves an entry
+  by at most 2⁻²² of its row's largest.
+* One int8 GEMM with the output dimension tripled, ``x·[D₀ D₁ D₂]``, sums the digits' products in
+  int32 exactly (no overflow for contractions shorter than :data:`INT8_MAX_CONTRACTION`, 2¹⁷).
+  :func:`combine_int8` adds the three planes as ``D₀ + 2⁸·D₁ + 2¹⁶·D₂`` in int64 (exact), converts
+  once to float32 and scales back by 2⁻ˢ: the result is the float32 rounding of the exact product
+  of the spikes with the rounded operand. Its error is at most 2⁻²⁴ of the result plus
+  Σ|x|·2⁻²²·max|row| (a float32 GEMM's bound is γ_K·Σ|x·w|, about K·2⁻²⁴ of the summed
+  magnitudes), and it does not depend on the order of the additions: the same bits on every run.
+* A row whose largest entry is ±inf or NaN comes out NaN (the float32 product is ±inf or NaN
+  there, as 0·inf is NaN).
+
+Which of the two routes runs is chosen per shape on the GPU at hand: the first product of a shape
+times both on operands of that shape and keeps the faster (:func:`preferred_route`; under
+``torch.use_deterministic_algorithms`` and off CUDA, bfloat16 without timing). The two routes
+round differently, within the bounds above, so which one ran is part of a result:
+:func:`route_choices` lists what was chosen and the times that chose it, and :func:`prefer` fixes
+a route for a block of code.
+
 Example::
 
     >>> current = linear(spikes, weight, bias)          # == F.linear(spikes, weight, bias)
@@ -40,7 +67,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import statistics
 from typing import Callable, Optional
 
 import torch
@@ -109,6 +138,253 @@ def as_bfloat16_if_exact(t: Tensor) -> Optional[Tensor]:
         return t
     rounded = t.to(torch.bfloat16)
     return rounded if torch.equal(rounded.to(t.dtype), t) else None
+
+
+BFLOAT16, INT8 = "bfloat16", "int8"  # the two tensor-core routes
+ROUTES = (BFLOAT16, INT8)
+INT8_SLICES = 3  # int8 digits per fixed-point value: 3 × 8 bits, signed
+# The largest value the digits hold: 127·(1 + 2⁸ + 2¹⁶) (each digit in [-128, 127]).
+INT8_LIMIT = 127 * sum(256**k for k in range(INT8_SLICES))
+# int32 accumulators: |Σ x·d| ≤ K·128·128 < 2³¹ for any int8 spikes.
+INT8_MAX_CONTRACTION = 2**17
+NONFINITE_SHIFT = 1 << 20  # a row's shift where its largest entry is ±inf or NaN: the row comes out NaN
+
+
+def spike_kind(t: Tensor) -> Optional[str]:
+    """:data:`INT8` where every entry is an integer in [-128, 127] (both routes take it), :data:`BFLOAT16` where
+    every entry is only a bfloat16 value, else None. One read of the device."""
+    if t.dtype == torch.int8:
+        return INT8
+    if not t.numel():
+        return INT8
+    as_bf16 = t.to(torch.bfloat16)
+    bf16_exact = torch.equal(as_bf16.to(t.dtype), t) if t.dtype != torch.bfloat16 else True
+    if not bf16_exact:
+        return None
+    integral = bool(((t == t.round()) & (t >= -128) & (t <= 127)).all())
+    return INT8 if integral else BFLOAT16
+
+
+def _pow2(k: Tensor) -> Tensor:
+    """2**k in float32 for integer k in [-126, 127], built from its bits (as the Triton kernels do: exact)."""
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def fixed_point_shifts(row_max: Tensor, slices: int = INT8_SLICES) -> Tensor:
+    """Per row, the exponent s (int32) that scales the row's entries to ``slices`` int8 digits.
+
+    The largest s with ``round(row_max·2ˢ)`` within :data:`INT8_LIMIT` (for 3 slices): for
+    ``row_max = m·2ᵉ``, m in [0.5, 1), s = 8·slices − 1 − e, one less where m is too close to 1.
+    ±inf or NaN: :data:`NONFINITE_SHIFT`. A zero row gets 8·slices − 1 (its digits are 0).
+    """
+    limit = 127 * sum(256**k for k in range(slices))
+    mantissa, exponent = torch.frexp(row_max.to(torch.float32))
+    shift = (8 * slices - 1) - exponent.to(torch.int32)
+    shift = shift - (mantissa.double() * 2.0 ** (8 * slices - 1) > limit).to(torch.int32)
+    return torch.where(torch.isfinite(row_max), shift, torch.full_like(shift, NONFINITE_SHIFT))
+
+
+def row_max_abs(t: Tensor, scaled_dim: int) -> Tensor:
+    """max |t| along the contraction (the other dimension of a 2-D ``t``), per entry of ``scaled_dim``; NaN stays."""
+    if t.shape[1 - scaled_dim] == 0:
+        return t.new_zeros(t.shape[scaled_dim], dtype=torch.float32)
+    return torch.linalg.vector_norm(t.to(torch.float32), float("inf"), dim=1 - scaled_dim)
+
+
+def quantize_int8(t: Tensor, scaled_dim: int, slices: int = INT8_SLICES) -> tuple[Tensor, Tensor]:
+    """A 2-D float32 ``t`` as ``slices`` int8 digit planes side by side along ``scaled_dim``, and the shifts.
+
+    Returns ``(digits, shifts)``: ``digits`` has ``t``'s shape with ``scaled_dim`` ``slices`` times
+    longer, plane k (the k-th base-256 digit, least significant first) at offset ``k·n`` along it, in
+    ``t``'s memory order (a transposed view gives a transposed result); ``shifts`` (int32, one per
+    entry of ``scaled_dim``) from :func:`fixed_point_shifts`. Entry ``t[i, j]`` ≈ ``Σ_k 256ᵏ·digit_k
+    · 2⁻ˢ`` of its row, within 2⁻ˢ⁻¹. On CUDA one Triton launch after the row maxima
+    (:func:`snnopt.codegen.triton_lif.quantize_int8_into`); elsewhere the torch reference
+    :func:`_quantize_reference`, which computes the same digits.
+    """
+    if t.dim() != 2 or scaled_dim not in (0, 1):
+        raise ValueError(f"quantize_int8: expected a 2-D tensor and scaled_dim 0 or 1, got {tuple(t.shape)}, "
+                         f"{scaled_dim!r}")
+    shifts = fixed_point_shifts(row_max_abs(t, scaled_dim), slices)
+    transposed = not t.is_contiguous() and t.t().is_contiguous()
+    shape = list(t.shape)
+    shape[scaled_dim] *= slices
+    digits = (torch.empty(shape[::-1], dtype=torch.int8, device=t.device).t() if transposed
+              else torch.empty(shape, dtype=torch.int8, device=t.device))
+    if t.is_cuda and t.dtype == torch.float32 and _triton_importable():
+        from snnopt.codegen import triton_lif
+
+        triton_lif.quantize_int8_into(t, shifts, digits, scaled_dim, slices)
+        return digits, shifts
+    planes = _quantize_reference(t, shifts, scaled_dim, slices)
+    n = t.shape[scaled_dim]
+    for k, plane in enumerate(planes):
+        digits.narrow(scaled_dim, k * n, n).copy_(plane)
+    return digits, shifts
+
+
+def _quantize_reference(t: Tensor, shifts: Tensor, scaled_dim: int, slices: int) -> list[Tensor]:
+    # The digits as float32 planes (exact integers). Every step is exact in float32: scaling by two
+    # powers of two (each within float32's exponent range; their product 2ˢ may not be), rounding
+    # half up (x + 0.5 is exact below 2²³, and above it x is already an integer), and peeling digits
+    # (q/256 + 0.5 is exact for |q| < 2³¹).
+    s = shifts.unsqueeze(1 - scaled_dim)
+    finite = s != NONFINITE_SHIFT
+    s = torch.where(finite, s, 0)
+    half = s >> 1  # floor(s / 2), also for negative s
+    x = t.to(torch.float32) * _pow2(half) * _pow2(s - half)
+    x = torch.where(finite, x, 0.0)
+    q = torch.where(x.abs() >= 2.0**23, x, torch.floor(x + 0.5))
+    planes = []
+    for _ in range(slices - 1):
+        digit = q - 256.0 * torch.floor(q * (1 / 256) + 0.5)
+        planes.append(digit)
+        q = (q - digit) * (1 / 256)
+    planes.append(q)
+    return planes
+
+
+def combine_int8(acc: Tensor, shifts: Tensor, scaled_dim: int, slices: int = INT8_SLICES) -> Tensor:
+    """The float32 product from an int8 GEMM's int32 ``acc``, whose ``scaled_dim`` holds ``slices`` digit planes.
+
+    ``Σ_k 256ᵏ·acc_k`` in int64 (exact), one rounding to float32, then ``·2⁻ˢ`` per row of the
+    planes (two exact power-of-two factors; only a subnormal result rounds a second time); NaN where
+    the shift is :data:`NONFINITE_SHIFT`. On CUDA one Triton launch
+    (:func:`snnopt.codegen.triton_lif.combine_int8_into`), else torch ops computing the same.
+    """
+    n = acc.shape[scaled_dim] // slices
+    shape = list(acc.shape)
+    shape[scaled_dim] = n
+    if acc.is_cuda and _triton_importable():
+        from snnopt.codegen import triton_lif
+
+        out = torch.empty(shape, dtype=torch.float32, device=acc.device)
+        triton_lif.combine_int8_into(acc.contiguous(), shifts, out, scaled_dim, slices)
+        return out
+    planes = acc.to(torch.int64).unflatten(scaled_dim, (slices, n)).unbind(scaled_dim)
+    total = planes[-1]
+    for plane in planes[-2::-1]:
+        total = total * 256 + plane
+    s = shifts.unsqueeze(1 - scaled_dim)
+    finite = s != NONFINITE_SHIFT
+    s = torch.where(finite, s, 0)
+    half = s >> 1
+    out = total.to(torch.float32) * _pow2(half - s) * _pow2(-half)
+    return torch.where(finite, out, float("nan"))
+
+
+def int8_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
+    """``a @ b`` in float32 on int8 tensor cores where ``spikes`` (``"a"`` or ``"b"``) names the operand of
+    integers in [-128, 127] (see the module docstring for the rounding of the other one).
+
+    Both 2-D. On CUDA ``torch._int_mm`` (int8 × int8 → int32, cuBLASLt); elsewhere the same exact
+    integer product. The other operand is quantized per row of the result (:func:`quantize_int8`).
+    """
+    if spikes not in ("a", "b"):
+        raise ValueError(f"spikes: 'a' or 'b', got {spikes!r}")
+    if spikes == "a":
+        digits, shifts = quantize_int8(b, scaled_dim=1)
+        acc = _int_mm(a if a.dtype == torch.int8 else a.to(torch.int8), digits)
+        return combine_int8(acc, shifts, scaled_dim=1)
+    digits, shifts = quantize_int8(a, scaled_dim=0)
+    acc = _int_mm(digits, b if b.dtype == torch.int8 else b.to(torch.int8))
+    return combine_int8(acc, shifts, scaled_dim=0)
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    if a.shape[1] == 0:
+        return torch.zeros((a.shape[0], b.shape[1]), dtype=torch.int32, device=a.device)
+    return torch._int_mm(a, b)
+
+
+def int8_fits(p: int, q: int, r: int, spikes: str, device_type: str = "cuda") -> bool:
+    """Whether a ``(p × q)·(q × r)`` product fits the int8 route: int32 sums that cannot overflow, and on CUDA
+    the shapes ``torch._int_mm`` takes there (more than 16 rows, the other two dimensions multiples of 8)."""
+    if not 0 < q < INT8_MAX_CONTRACTION:
+        return False
+    rows, cols = (p, INT8_SLICES * r) if spikes == "a" else (INT8_SLICES * p, r)
+    return device_type != "cuda" or (rows > 16 and q % 8 == 0 and cols % 8 == 0)
+
+
+_PREFERENCE = ["auto"]
+_CHOICES: dict[tuple, dict] = {}
+ROUTE_TRIALS = 3  # timed runs per route when choosing (after one warm-up run)
+
+
+@contextlib.contextmanager
+def prefer(route: str):
+    """Take ``route`` (:data:`BFLOAT16`, :data:`INT8` or ``"auto"``) wherever a tensor-core route is taken inside
+    the block (the int8 one only where the spikes are integers and the shape fits, :func:`int8_fits`).
+
+    Example::
+
+        >>> with prefer(INT8):
+        ...     current = linear(spikes, weight)
+    """
+    if route not in (*ROUTES, "auto"):
+        raise ValueError(f"prefer: expected one of {(*ROUTES, 'auto')}, got {route!r}")
+    _PREFERENCE.append(route)
+    try:
+        yield route
+    finally:
+        _PREFERENCE.pop()
+
+
+def route_choices() -> list[dict]:
+    """What :func:`preferred_route` chose in this process: shape, spike side, device, route, and the times (ms)."""
+    return [dict(choice, p=key[1][0], q=key[1][1], r=key[1][2], spikes=key[2], device=key[0])
+            for key, choice in _CHOICES.items()]
+
+
+def preferred_route(shape: tuple[int, int, int], spikes: str, device: torch.device) -> str:
+    """The tensor-core route for a ``(p × q)·(q × r)`` product whose spikes are int8-exact.
+
+    :func:`prefer`'s choice where one is set; bfloat16 off CUDA and under
+    ``torch.use_deterministic_algorithms`` (no timing: the same route every run); else the faster
+    of the two on this GPU, timed once per (shape, spike side, device) on operands of that shape
+    (:func:`_time_routes`) and remembered for the process. A route that raises is not chosen.
+    """
+    preference = _PREFERENCE[-1]
+    if preference != "auto":
+        return preference
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return BFLOAT16
+    key = (str(device), tuple(shape), spikes)
+    if key not in _CHOICES:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # nothing to time in a capture
+            return BFLOAT16
+        _CHOICES[key] = _time_routes(shape, spikes, device)
+    return _CHOICES[key]["route"]
+
+
+def _time_routes(shape: tuple[int, int, int], spikes: str, device: torch.device) -> dict:
+    """Median ms of each route on random operands of ``shape`` (5 % spikes; the values do not change the work)."""
+    p, q, r = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    if spikes == "a":
+        a = (torch.rand(p, q, device=device, generator=gen) < 0.05).float()
+        b = torch.randn(r, q, device=device, generator=gen).t()  # Wᵀ, as the forward passes it
+    else:
+        a = torch.randn(q, p, device=device, generator=gen).t()  # dL/dIᵀ, as the weight gradient passes it
+        b = (torch.rand(q, r, device=device, generator=gen) < 0.05).float()
+    runs = {BFLOAT16: lambda: split_mm(a, b, spikes), INT8: lambda: int8_mm(a, b, spikes)}
+    times, errors = {}, {}
+    for route, run in runs.items():
+        try:
+            run()
+            samples = []
+            for _ in range(ROUTE_TRIALS):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                stop.record()
+                stop.synchronize()
+                samples.append(start.elapsed_time(stop))
+            times[route] = statistics.median(samples)
+        except (RuntimeError, NotImplementedError) as error:  # e.g. a cuBLASLt build without this int8 case
+            errors[route] = f"{type(error).__name__}: {error}"
+    route = min(times, key=times.get) if times else BFLOAT16
+    return {"route": route, "ms": times, "errors": errors}
 
 
 def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
@@ -205,7 +481,7 @@ def pays(p: int, q: int, r: int) -> bool:
 def applies(spikes: Tensor, other: Tensor, shape: tuple[int, int, int]) -> bool:
     """Whether :func:`split_mm` should replace the float32 product of ``shape`` = (p, q, r) (no sync)."""
     return (spikes.is_cuda and other.is_cuda and other.dtype == torch.float32
-            and spikes.dtype in (torch.float32, torch.bfloat16)
+            and spikes.dtype in (torch.float32, torch.bfloat16, torch.int8)
             and not _tf32_enabled() and pays(*shape)
             and _float32_output_mm(spikes.device.type))
 
@@ -225,65 +501,81 @@ def _float32_output_mm(device_type: str) -> bool:
         return False
 
 
-def linear_takes_split(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None) -> bool:
-    """Whether :func:`linear` would take the split GEMM for ``x`` (reads the device: the spike check)."""
+def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: str) -> Optional[str]:
+    """The route for a ``(p × q)·(q × r)`` product whose spike operand is ``spikes`` (on ``side``, "a" or "b"):
+    None (the float32 reference), :data:`BFLOAT16` or :data:`INT8`. Reads the device (:func:`spike_kind`;
+    ``spikes`` may be just the operand's nonzeros)."""
+    if not applies(spikes, other, shape):
+        return None
+    kind = spike_kind(spikes)
+    if kind == INT8 and int8_fits(*shape, side, spikes.device.type) and _int_mm_available(spikes.device.type):
+        return preferred_route(shape, side, spikes.device)
+    return None if kind is None else BFLOAT16
+
+
+@functools.cache
+def _int_mm_available(device_type: str) -> bool:
+    # torch._int_mm needs a build with the int8 GEMM for this device; probe it once.
+    try:
+        probe = torch.ones(32, 8, dtype=torch.int8, device=device_type)
+        return torch._int_mm(probe, probe.t().contiguous()).dtype == torch.int32
+    except (AttributeError, TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def linear_route(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None) -> Optional[str]:
+    """:func:`route_for` of ``x·Wᵀ`` (reads the device: the spike check, on ``nonzeros`` where given)."""
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
-    if not applies(x, weight, (rows, features, weight.shape[0])):
-        return False
-    return is_bfloat16_exact(x if nonzeros is None else nonzeros)
+    return route_for(x if nonzeros is None else nonzeros, weight, (rows, features, weight.shape[0]), "a")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           nonzeros: Optional[Tensor] = None, stacked_spikes: Optional[Callable[[], Tensor]] = None,
-           split: Optional[bool] = None) -> Tensor:
-    """``torch.nn.functional.linear(x, weight, bias)``; split bfloat16 GEMM when ``x`` is spikes and it pays.
+           nonzeros: Optional[Tensor] = None, spike_operand: Optional[Callable[[str], Tensor]] = None,
+           route: Optional[str] | bool = None) -> Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)``; on tensor cores when ``x`` is spikes and it pays.
 
     ``nonzeros``: the nonzero entries of ``x``, where the caller has them listed (a compact layer's
     input events): whether ``x`` is spikes is then read from those, a much smaller tensor, instead
-    of three passes over ``x``. ``stacked_spikes``: builds the GEMM's left operand, ``x`` as
-    bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, where the caller
-    can do that more cheaply than from the dense ``x`` (from those events). ``split``: the route
-    decided by the caller (:func:`linear_takes_split`; a captured CUDA graph cannot read the
-    device), True only where ``x`` is bfloat16-exact, which the caller has checked or will check.
+    of passes over ``x``. ``spike_operand(route)``: builds the GEMM's left operand where the caller
+    can do that more cheaply than from the dense ``x`` (from those events): for :data:`BFLOAT16`
+    ``x`` as bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, for
+    :data:`INT8` ``x`` as int8 ``(rows, features)``. ``route``: decided by the caller
+    (:func:`linear_route`; a captured CUDA graph cannot read the device), False for the reference;
+    a tensor-core route only where ``x`` suits it, which the caller has checked or will check.
     """
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
-    spikes = None
-    if split is not None:
-        spikes = x if split else None
-    elif applies(x, weight, (rows, features, weight.shape[0])):
-        if nonzeros is None:
-            spikes = as_bfloat16_if_exact(x)
-        elif is_bfloat16_exact(nonzeros):
-            spikes = x  # converted while stacked
-    if spikes is not None:
-        if stacked_spikes is not None:
-            out = _mm_float32_out(stacked_spikes(), _contraction_stack(weight.t(), 0, repeat=False))
+    if route is None:
+        route = linear_route(x, weight, nonzeros)
+    if route:
+        if route == INT8:
+            spikes = spike_operand(INT8) if spike_operand is not None else x.reshape(rows, features).to(torch.int8)
+            out = int8_mm(spikes, weight.t(), spikes="a")
+        elif spike_operand is not None:
+            out = _mm_float32_out(spike_operand(BFLOAT16), _contraction_stack(weight.t(), 0, repeat=False))
         else:
-            out = split_mm(spikes.reshape(rows, features), weight.t(), spikes="a")
+            out = split_mm(x.reshape(rows, features), weight.t(), spikes="a")  # converted while stacked
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def weight_grad_takes_split(grad_rows: Tensor, x_rows: Tensor) -> bool:
-    """Whether :func:`weight_grad` would take the split GEMM (reads the device: the spike check)."""
-    shape = (grad_rows.shape[1], grad_rows.shape[0], x_rows.shape[1])
-    return applies(x_rows, grad_rows, shape) and is_bfloat16_exact(x_rows)
+def weight_grad_route(grad_rows: Tensor, x_rows: Tensor) -> Optional[str]:
+    """:func:`route_for` of ``grad_rowsᵀ @ x_rows`` (reads the device: the spike check)."""
+    return route_for(x_rows, grad_rows, (grad_rows.shape[1], grad_rows.shape[0], x_rows.shape[1]), "b")
 
 
-def weight_grad(grad_rows: Tensor, x_rows: Tensor, *, split: Optional[bool] = None) -> Tensor:
-    """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; split GEMM when ``x_rows`` is spikes.
+def weight_grad(grad_rows: Tensor, x_rows: Tensor, *, route: Optional[str] | bool = None) -> Tensor:
+    """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; on tensor cores when ``x_rows`` is spikes.
 
-    ``split``: the route decided by the caller, as in :func:`linear`.
+    ``route``: decided by the caller, as in :func:`linear`.
     """
-    shape = (grad_rows.shape[1], grad_rows.shape[0], x_rows.shape[1])
-    if split is not None:
-        spikes = x_rows if split else None
-    else:
-        spikes = as_bfloat16_if_exact(x_rows) if applies(x_rows, grad_rows, shape) else None
-    if spikes is not None:
-        return split_mm(grad_rows.t(), spikes, spikes="b")
+    if route is None:
+        route = weight_grad_route(grad_rows, x_rows)
+    if route == INT8:
+        return int8_mm(grad_rows.t(), x_rows, spikes="b")
+    if route:
+        return split_mm(grad_rows.t(), x_rows, spikes="b")
     return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

@@ -62,7 +62,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from snnopt.codegen import kernel_cache
+from snnopt.codegen import kernel_cache, spike_matmul
 from snnopt.errors import InvalidArgumentError
 from snnopt.spec import LifSpec
 
@@ -342,6 +342,62 @@ def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_s
 
 
 @triton.jit
+def _pow2(k):
+    # 2**k in float32 for an int32 k in [-126, 127], from its bits (exact; exp2 may be approximate).
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_int8_kernel(src_ptr, shift_ptr, out_ptr, cols, total, src_row_stride, src_col_stride,
+                          out_row_stride, out_col_stride, plane_stride,
+                          SCALED_DIM: tl.constexpr, SLICES: tl.constexpr, BLOCK: tl.constexpr):
+    # Each float32 entry of a (rows, cols) tensor as SLICES int8 base-256 digits of its row's fixed
+    # point (spike_matmul.quantize_int8; the torch reference computes the same digits): scaled by
+    # 2**shift of its row (two exact powers of two), rounded half up, digits peeled least
+    # significant first, digit k written at k * plane_stride along the scaled dimension.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < total
+    r = e // cols
+    c = e % cols
+    x = tl.load(src_ptr + r * src_row_stride + c * src_col_stride, mask=m, other=0.0)
+    s = tl.load(shift_ptr + (r if SCALED_DIM == 0 else c), mask=m, other=0)
+    finite = s != NONFINITE_SHIFT
+    s = tl.where(finite, s, 0)
+    half = s >> 1
+    x = x * _pow2(half) * _pow2(s - half)
+    x = tl.where(finite, x, 0.0)
+    q = tl.where(tl.abs(x) >= 8388608.0, x, tl.floor(x + 0.5))
+    target = out_ptr + r * out_row_stride + c * out_col_stride
+    for k in tl.static_range(SLICES - 1):
+        digit = q - 256.0 * tl.floor(q * 0.00390625 + 0.5)
+        tl.store(target + k * plane_stride, digit.to(tl.int8), mask=m)
+        q = (q - digit) * 0.00390625
+    tl.store(target + (SLICES - 1) * plane_stride, q.to(tl.int8), mask=m)
+
+
+@triton.jit
+def _combine_int8_kernel(acc_ptr, shift_ptr, out_ptr, cols, total, acc_row_stride, plane_stride,
+                         SCALED_DIM: tl.constexpr, SLICES: tl.constexpr, BLOCK: tl.constexpr):
+    # out[r, c] = (sum_k 256**k * acc_k[r, c] in int64, rounded once to float32) * 2**-shift of its
+    # row, NaN for a non-finite row (spike_matmul.combine_int8): the int8 GEMM's digit planes put
+    # back together. acc is contiguous with plane k at k * plane_stride; out is contiguous.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < total
+    r = e // cols
+    c = e % cols
+    source = acc_ptr + r * acc_row_stride + c
+    whole = tl.load(source + (SLICES - 1) * plane_stride, mask=m, other=0).to(tl.int64)
+    for k in tl.static_range(SLICES - 1):
+        whole = whole * 256 + tl.load(source + (SLICES - 2 - k) * plane_stride, mask=m, other=0).to(tl.int64)
+    s = tl.load(shift_ptr + (r if SCALED_DIM == 0 else c), mask=m, other=0)
+    finite = s != NONFINITE_SHIFT
+    s = tl.where(finite, s, 0)
+    half = s >> 1
+    out = whole.to(tl.float32) * _pow2(half - s) * _pow2(-half)
+    tl.store(out_ptr + e, tl.where(finite, out, float("nan")), mask=m)
+
+
+@triton.jit
 def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row_stride, copy_stride, copies,
                            BLOCK: tl.constexpr):
     # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
@@ -569,6 +625,7 @@ import triton
 import triton.language as tl
 
 ACC = tl.constexpr(tl.{key.acc})
+NONFINITE_SHIFT = tl.constexpr({spike_matmul.NONFINITE_SHIFT})  # spike_matmul's mark of a non-finite row
 
 
 @triton.jit
@@ -1086,6 +1143,36 @@ def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int) -> None:
         block = 1024
         kernels(_PLAIN_SPEC, torch.float32)._split_bfloat16_kernel[(-(-total // block),)](
             base, stacked, cols, total, row_stride, slot_stride, BLOCK=block, **LAUNCH_OPTIONS)
+
+
+def quantize_int8_into(t: Tensor, shifts: Tensor, digits: Tensor, scaled_dim: int, slices: int) -> None:
+    """Write ``t``'s int8 digit planes into ``digits`` (``spike_matmul.quantize_int8``'s CUDA route; one launch).
+
+    ``t`` 2-D float32, any strides; ``shifts`` one int32 per entry of ``scaled_dim``; ``digits`` 2-D int8
+    with ``scaled_dim`` ``slices`` times ``t``'s, any strides. The torch version,
+    ``spike_matmul._quantize_reference``, is the reference: both compute the same digits.
+    """
+    rows, cols = t.shape
+    total = t.numel()
+    plane_stride = (rows if scaled_dim == 0 else cols) * digits.stride(scaled_dim)
+    if total:
+        block = 1024
+        kernels(_PLAIN_SPEC, torch.float32)._quantize_int8_kernel[(-(-total // block),)](
+            t, shifts, digits, cols, total, t.stride(0), t.stride(1), digits.stride(0), digits.stride(1),
+            plane_stride, SCALED_DIM=scaled_dim, SLICES=slices, BLOCK=block, **LAUNCH_OPTIONS)
+
+
+def combine_int8_into(acc: Tensor, shifts: Tensor, out: Tensor, scaled_dim: int, slices: int) -> None:
+    """``spike_matmul.combine_int8``'s CUDA route: ``acc`` (contiguous int32, ``slices`` planes along
+    ``scaled_dim``) into ``out`` (contiguous float32), one launch."""
+    rows, cols = out.shape
+    total = out.numel()
+    plane_stride = rows * acc.stride(0) if scaled_dim == 0 else cols
+    if total:
+        block = 1024
+        kernels(_PLAIN_SPEC, torch.float32)._combine_int8_kernel[(-(-total // block),)](
+            acc, shifts, out, cols, total, acc.stride(0), plane_stride, SCALED_DIM=scaled_dim, SLICES=slices,
+            BLOCK=block, **LAUNCH_OPTIONS)
 
 
 def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1, *,

@@ -40,8 +40,13 @@ COMPACT_KERNELS = {
                                        num_warps=triton_lif._warps(TUNING.pair_block // 2))],
     "_gather_staged_kernel": [dict(BLOCK=256)],
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
-    "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16")],
+    "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16"), dict(BLOCK=128, out_ptr="*i8")],
     "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split
+    # spike_matmul's int8 route: the fixed-point digits, and the product put back together (both orientations)
+    "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=3, BLOCK=1024, src_ptr="*fp32", shift_ptr="*i32",
+                                   out_ptr="*i8") for dim in (0, 1)],
+    "_combine_int8_kernel": [dict(SCALED_DIM=dim, SLICES=3, BLOCK=1024, acc_ptr="*i32", shift_ptr="*i32",
+                                  out_ptr="*fp32") for dim in (0, 1)],
     "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
                                dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
 }

@@ -129,6 +129,38 @@ def test_static_plan_on_the_split_gemm_routes(monkeypatch):
     assert int(plan.invalid) == 1
 
 
+def test_static_plan_on_the_int8_gemm_routes(monkeypatch):
+    # The same with the int8 route preferred: recorded as such, and a later input of spikes that are
+    # bfloat16 values but not integers (graded 0.5) raises the flag.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    inputs = _problem(seed=3)
+    with spike_matmul.prefer(spike_matmul.INT8):
+        expected = _step(_network, inputs)
+        plan, step = _recorded_plan(inputs)
+        assert plan.sites[0].split_linear == plan.sites[0].split_weight_grad == spike_matmul.INT8
+        assert plan.sites[0].spike_routes() == {spike_matmul.INT8}
+        with DeviceReads(pytest.MonkeyPatch()) as static_reads:
+            got = _static_step(plan, step, inputs)
+        assert static_reads.seen == []
+        assert int(plan.invalid) == 0
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        x, *weights = inputs
+        _static_step(plan, step, [x * 0.5] + weights)
+        assert int(plan.invalid) == 1
+
+
+def test_recorded_route_is_the_one_every_recorded_step_could_take():
+    from snnopt.triton_ops import _common_route
+
+    assert _common_route(spike_matmul.INT8, spike_matmul.INT8) == spike_matmul.INT8
+    assert _common_route(spike_matmul.INT8, spike_matmul.BFLOAT16) == spike_matmul.BFLOAT16
+    assert _common_route(spike_matmul.BFLOAT16, spike_matmul.INT8) == spike_matmul.BFLOAT16
+    assert _common_route(spike_matmul.INT8, False) is False and _common_route(False, spike_matmul.INT8) is False
+    assert _common_route(True, True) is True and _common_route(True, False) is False
+
+
 def test_static_plan_reads_nothing_from_the_device(monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
     inputs = _problem(seed=1)

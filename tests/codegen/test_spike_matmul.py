@@ -280,3 +280,197 @@ def test_triton_split_writes_exact_parts_smallest_first(stack_dim):
     assert torch.isnan(hi[0, 2]) and hi[0, 0] == float("inf") and hi[0, 1] == float("-inf")
     lo, mid, hi = lo.float().abs()[finite], mid.float().abs()[finite], hi.float().abs()[finite]
     assert bool((lo <= mid).all() and (mid <= hi).all()) and bool((lo > 0).any())
+
+
+# ----------------------------------------------------------------------------- the int8 route
+
+
+def _int8_bound(spikes: torch.Tensor, other: torch.Tensor, exact: torch.Tensor, side: str) -> torch.Tensor:
+    # The module docstring's bound: one float32 rounding of the result, plus each rounded entry off
+    # by at most 2⁻²² of its row's largest, times Σ|spikes| along the contraction.
+    if side == "a":  # rows of the result scaled: the columns of `other` (q × r)
+        row_max = other.abs().amax(0).double()[None, :]
+        weight = spikes.abs().double().sum(1, keepdim=True)
+    else:  # `other` is (p × q), scaled per row
+        row_max = other.abs().amax(1).double()[:, None]
+        weight = spikes.abs().double().sum(0, keepdim=True)
+    return 2.0**-24 * exact.abs() + weight * row_max * 2.0**-22
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)), elements=finite_float32),
+       st.sampled_from([0, 1]))
+def test_int8_digits_hold_each_row_to_its_fixed_point(values, scaled_dim):
+    # Any finite float32 rows: the digits are int8, and Σ 256ᵏ·digit_k·2⁻ˢ is the entry rounded to
+    # its row's fixed point (within half a unit 2⁻ˢ, which is at most 2⁻²² of the row's largest).
+    t = torch.from_numpy(values)
+    t = t if scaled_dim == 0 else t.t()
+    digits, shifts = spike_matmul.quantize_int8(t, scaled_dim)
+    n = t.shape[scaled_dim]
+    planes = [digits.narrow(scaled_dim, k * n, n).to(torch.float64) for k in range(spike_matmul.INT8_SLICES)]
+    value = sum(plane * 256.0**k for k, plane in enumerate(planes))
+    unit = torch.pow(2.0, -shifts.double()).unsqueeze(1 - scaled_dim)
+    error = (value * unit - t.double()).abs()
+    assert bool((error <= unit / 2).all())
+    row_max = t.abs().amax(1 - scaled_dim).double().unsqueeze(1 - scaled_dim)
+    assert bool((error <= row_max * 2.0**-22).all())
+    top = (value.abs() * unit).amax(1 - scaled_dim)  # the row's largest is not pushed past the digits' range
+    assert bool((value.abs() <= spike_matmul.INT8_LIMIT).all()) and bool((top <= row_max.squeeze() * 2).all())
+
+
+def test_int8_shift_steps_back_at_the_top_of_the_digits_range():
+    # 2²³ − 1 scaled to 2²³ − 1 would need a digit of 128: the shift is one less for such rows.
+    just_under = torch.tensor([1 - 2.0**-24, 0.75, 0.0])
+    shifts = spike_matmul.fixed_point_shifts(just_under)
+    assert shifts.tolist() == [22, 23, 23]
+    digits, _ = spike_matmul.quantize_int8(just_under[:, None].repeat(1, 8), scaled_dim=0)
+    assert int(digits.abs().max()) <= 128
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_int8_product_is_the_rounded_exact_product_of_the_fixed_point_operand(rate, side):
+    # Exactly one float32 rounding of Σ spikes·digits (summed in float64, exact below 2⁵³), scaled by
+    # 2⁻ˢ: independent of the order of the additions, and within the documented bound of the float64
+    # product of the original operands.
+    gen = torch.Generator().manual_seed(11)
+    spikes_shape, other_shape = ((120, 64), (64, 40)) if side == "a" else ((120, 40), (24, 120))
+    spikes = (torch.rand(*spikes_shape, generator=gen) < rate).float()
+    other = torch.randn(*other_shape, generator=gen) * torch.logspace(-3, 3, other_shape[0 if side == "b" else 1])[
+        (slice(None), None) if side == "b" else (None, slice(None))]
+    a, b = (spikes, other) if side == "a" else (other, spikes)
+    out = spike_matmul.int8_mm(a, b, spikes=side)
+    scaled_dim = 1 if side == "a" else 0
+    digits, shifts = spike_matmul.quantize_int8(other, scaled_dim)
+    n = other.shape[scaled_dim]
+    fixed = sum(digits.narrow(scaled_dim, k * n, n).double() * 256.0**k for k in range(spike_matmul.INT8_SLICES))
+    whole = spikes.double() @ fixed if side == "a" else fixed @ spikes.double()
+    scale = torch.pow(2.0, -shifts.double()).float().unsqueeze(1 - scaled_dim)
+    assert torch.equal(out, whole.float() * scale)
+    exact = a.double() @ b.double()
+    assert bool(((out.double() - exact).abs() <= _int8_bound(spikes, other, exact, side)).all())
+
+
+def test_int8_product_of_a_non_finite_row_is_nan_and_leaves_the_others_alone():
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.rand(40, 16, generator=gen) < 0.3).float()
+    w = torch.randn(8, 16, generator=gen)
+    clean = spike_matmul.int8_mm(x, w.t(), spikes="a")
+    w[2, 5], w[6, 0] = float("inf"), float("nan")
+    out = spike_matmul.int8_mm(x, w.t(), spikes="a")
+    reference = x @ w.t()
+    assert bool(out[:, [2, 6]].isnan().all()) and not bool(reference[:, [2, 6]].isfinite().any())
+    keep = [0, 1, 3, 4, 5, 7]
+    assert torch.equal(out[:, keep], clean[:, keep])
+
+
+def test_spike_kind_tells_int8_from_bfloat16_values():
+    assert spike_matmul.spike_kind(torch.tensor([0.0, 1.0, -3.0, 127.0])) == spike_matmul.INT8
+    assert spike_matmul.spike_kind(torch.tensor([0.0, 1.0, 128.0])) == spike_matmul.BFLOAT16  # not int8
+    assert spike_matmul.spike_kind(torch.tensor([0.0, 0.5])) == spike_matmul.BFLOAT16
+    assert spike_matmul.spike_kind(torch.tensor([0.0, 0.3])) is None
+    assert spike_matmul.spike_kind(torch.tensor([1.0, float("nan")])) is None
+    assert spike_matmul.spike_kind(torch.zeros(0)) == spike_matmul.INT8
+
+
+@pytest.mark.parametrize("route", ["bfloat16", "int8"])
+def test_linear_and_weight_grad_take_the_preferred_route(route, monkeypatch):
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: True)
+    used = []
+    for name in ("split_mm", "int8_mm"):
+        real = getattr(spike_matmul, name)
+        monkeypatch.setattr(spike_matmul, name, lambda *a, _real=real, _name=name, **k: (used.append(_name),
+                                                                                          _real(*a, **k))[1])
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(4, 25, 90, generator=gen) < 0.1).float()
+    w, b = torch.randn(33, 90, generator=gen) * 0.1, torch.randn(33, generator=gen)
+    grad = torch.randn(100, 33, generator=gen)
+    with spike_matmul.prefer(route):
+        out = spike_matmul.linear(x, w, b)
+        grad_w = spike_matmul.weight_grad(grad, x.reshape(100, 90))
+        graded = spike_matmul.linear(x * 0.5, w)  # not integers: the bfloat16 route whatever the preference
+    assert used == [("int8_mm" if route == "int8" else "split_mm")] * 2 + ["split_mm"]
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_w, grad.t() @ x.reshape(100, 90), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graded, torch.nn.functional.linear(x * 0.5, w), rtol=1e-5, atol=1e-5)
+
+
+def test_route_choice_is_bfloat16_off_cuda_and_under_deterministic_algorithms(monkeypatch):
+    timed = []
+    monkeypatch.setattr(spike_matmul, "_time_routes", lambda shape, spikes, device: (
+        timed.append(shape), {"route": "int8", "ms": {"bfloat16": 2.0, "int8": 1.0}, "errors": {}})[1])
+    monkeypatch.setattr(spike_matmul, "_CHOICES", {})
+    assert spike_matmul.preferred_route((64, 64, 64), "a", torch.device("cpu")) == spike_matmul.BFLOAT16
+    cuda = torch.device("cuda", 0)  # only its type is read before the timing (stubbed here)
+    assert spike_matmul.preferred_route((64, 64, 64), "a", cuda) == spike_matmul.INT8
+    assert spike_matmul.preferred_route((64, 64, 64), "a", cuda) == spike_matmul.INT8  # remembered
+    assert spike_matmul.preferred_route((64, 64, 64), "b", cuda) == spike_matmul.INT8  # another side: timed
+    assert timed == [(64, 64, 64)] * 2
+    assert [c["spikes"] for c in spike_matmul.route_choices()] == ["a", "b"]
+    with spike_matmul.prefer("bfloat16"):
+        assert spike_matmul.preferred_route((64, 64, 64), "a", cuda) == spike_matmul.BFLOAT16
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert spike_matmul.preferred_route((8, 8, 8), "a", cuda) == spike_matmul.BFLOAT16
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(timed) == 2
+    with pytest.raises(ValueError, match="prefer"):
+        with spike_matmul.prefer("float16"):
+            pass
+
+
+def test_tensor_core_routes_take_spikes_already_in_int8(monkeypatch):
+    # The exact backward rebuilds its input from events as int8 for the int8 route; the route check
+    # must still accept it (it did not: the dense float32 product ran instead).
+    monkeypatch.setattr(spike_matmul, "_float32_output_mm", lambda device_type: True)
+    monkeypatch.setattr(spike_matmul, "_tf32_enabled", lambda: False)
+
+    class FakeCuda:  # only the attributes applies() reads
+        is_cuda, device = True, torch.device("cuda")
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    big = (4096, 8000, 4096)
+    assert spike_matmul.applies(FakeCuda(torch.int8), FakeCuda(torch.float32), big)
+    assert not spike_matmul.applies(FakeCuda(torch.int8), FakeCuda(torch.float64), big)
+
+
+def test_int8_route_fits_only_shapes_its_gemm_takes():
+    assert spike_matmul.int8_fits(8000, 4096, 4096, "a") and spike_matmul.int8_fits(4096, 8000, 4096, "b")
+    assert not spike_matmul.int8_fits(16, 4096, 4096, "a")  # torch._int_mm on CUDA: more than 16 rows
+    assert not spike_matmul.int8_fits(8000, 4100, 4096, "a")  # contraction not a multiple of 8
+    assert spike_matmul.int8_fits(16, 4100, 4096, "a", "cpu")  # the CPU product takes any shape
+    assert not spike_matmul.int8_fits(8000, spike_matmul.INT8_MAX_CONTRACTION, 4096, "a", "cpu")  # int32 sums
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter on non-finite rows
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("scaled_dim", [0, 1])
+def test_triton_int8_kernels_compute_the_reference_digits_and_products(layout, scaled_dim):
+    # The CUDA route's quantize and combine launches (Triton's interpreter here) against the torch
+    # reference, bit for bit, over magnitudes from subnormal to near float32's largest.
+    pytest.importorskip("triton")
+    from snnopt.codegen import triton_lif
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(7, 40, generator=gen) * torch.logspace(-30, 30, 40)
+    w[0, 3], w[1, 2], w[2] = float("inf"), float("nan"), 0.0
+    w[3] = torch.randn(40, generator=gen) * 1e-40
+    w[4] = torch.randn(40, generator=gen) * 1e37
+    t = w if layout == "contiguous" else w.t().contiguous().t()
+    t = t if scaled_dim == 0 else t.t()
+    shifts = spike_matmul.fixed_point_shifts(spike_matmul.row_max_abs(t, scaled_dim))
+    shape = list(t.shape)
+    shape[scaled_dim] *= spike_matmul.INT8_SLICES
+    reference, _ = spike_matmul.quantize_int8(t, scaled_dim)  # CPU tensors: the torch reference
+    digits = torch.empty(shape[::-1], dtype=torch.int8).t()
+    triton_lif.quantize_int8_into(t, shifts, digits, scaled_dim, spike_matmul.INT8_SLICES)
+    assert torch.equal(digits, reference)
+    acc = torch.randint(-2**20, 2**20, shape, generator=gen, dtype=torch.int32)
+    out = torch.empty(t.shape)
+    triton_lif.combine_int8_into(acc, shifts, out, scaled_dim, spike_matmul.INT8_SLICES)
+    expected = spike_matmul.combine_int8(acc, shifts, scaled_dim)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
+    assert bool(out.isnan().any()) and bool((out.nan_to_num() != 0).any())

@@ -252,6 +252,26 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     assert used == ["a from events", "b" if membrane_loss else "parts"]
 
 
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+@pytest.mark.parametrize("membrane_loss", [False, True])
+def test_int8_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device):
+    # The same on the int8 route: the input rebuilt from its events as int8 for both GEMMs, dL/dI
+    # quantized per neuron on the dense route, against the float32 reference.
+    from snnopt.codegen import spike_matmul
+
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    used = []
+    real_int8, real_split = spike_matmul.int8_mm, spike_matmul.split_mm
+    monkeypatch.setattr(spike_matmul, "int8_mm", lambda *a, **k: (used.append(("int8", k["spikes"], a[0].dtype,
+                                                                                 a[1].dtype)), real_int8(*a, **k))[1])
+    monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append("split"), real_split(*a, **k))[1])
+    x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
+    with spike_matmul.prefer(spike_matmul.INT8):
+        _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
+    assert used == [("int8", "a", torch.int8, torch.float32), ("int8", "b", torch.float32, torch.int8)]
+
+
 def test_non_spike_input_keeps_the_float32_gemm_when_the_split_would_apply(monkeypatch, device):
     # The forward learns from the input's events whether x is spikes; real values keep the reference.
     from snnopt.codegen import spike_matmul
