@@ -256,6 +256,39 @@ def test_split_gemm_on_gpu():
     assert bool(((grad_w.double() - exact_w).abs() <= _gemm_bound(grad.t(), x)).all())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_gemm_on_gpu(monkeypatch):
+    # The int8 route compiled: the Triton digits and combine equal the CPU reference bit for bit,
+    # torch._int_mm's product is within the documented bound, and the route choice times both.
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    rows, features, neurons = 4096, 2048, 1024
+    x = (torch.rand(rows, features, device="cuda", generator=gen) < 0.05).float()
+    w = torch.randn(neurons, features, device="cuda", generator=gen) / math.sqrt(features)
+    w[3, 7] = float("inf")
+    for t, dim in ((w.t(), 1), (torch.randn(rows, neurons, device="cuda", generator=gen) * 1e-3, 1)):
+        digits, shifts = spike_matmul.quantize_int8(t, dim)
+        ref_digits, ref_shifts = spike_matmul.quantize_int8(t.cpu(), dim)
+        assert torch.equal(digits.cpu(), ref_digits) and torch.equal(shifts.cpu(), ref_shifts)
+        acc = torch.randint(-2**20, 2**20, digits.shape, device="cuda", dtype=torch.int32, generator=gen)
+        out = spike_matmul.combine_int8(acc, shifts, dim).cpu()
+        ref = spike_matmul.combine_int8(acc.cpu(), ref_shifts, dim)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    w[3, 7] = 0.0
+    assert spike_matmul.int8_fits(rows, features, neurons, "a") and spike_matmul._int_mm_available("cuda")
+    out = spike_matmul.int8_mm(x, w.t(), spikes="a")
+    exact = x.double() @ w.double().t()
+    assert bool(((out.double() - exact).abs() <= _int8_bound(x, w.t(), exact, "a")).all())
+    grad = torch.randn(rows, neurons, device="cuda", generator=gen)
+    grad_w = spike_matmul.int8_mm(grad.t(), x, spikes="b")
+    exact_w = grad.double().t() @ x.double()
+    assert bool(((grad_w.double() - exact_w).abs() <= _int8_bound(x, grad.t(), exact_w, "b")).all())
+    monkeypatch.setattr(spike_matmul, "_CHOICES", {})
+    route = spike_matmul.preferred_route((rows, features, neurons), "a", x.device)
+    (choice,) = spike_matmul.route_choices()
+    assert route == choice["route"] and set(choice["ms"]) == set(spike_matmul.ROUTES), choice
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 @pytest.mark.parametrize("stack_dim", [0, 1])
 def test_triton_split_writes_exact_parts_smallest_first(stack_dim):
