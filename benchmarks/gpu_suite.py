@@ -1150,8 +1150,8 @@ SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"
                       "pair_block_256": {"pair_block": 256}, "as_run4": AS_RUN4}
 # "spike_route" fixes spike_matmul's GEMM route (shipped: the faster one, timed per shape on first use).
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
-                    "max_block_128": {"max_block": 128}, "two_pass_compaction": {"one_pass_compaction": False},
-                    "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
+                    "max_block_128": {"max_block": 128}, "max_block_64": {"max_block": 64},
+                    "two_pass_compaction": {"one_pass_compaction": False}, "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
                     "as_run4": {**AS_RUN4, "spike_route": "bfloat16"}}
 
 

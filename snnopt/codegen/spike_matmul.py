@@ -152,16 +152,14 @@ NONFINITE_SHIFT = 1 << 20  # a row's shift where its largest entry is ±inf or N
 
 def spike_kind(t: Tensor) -> Optional[str]:
     """:data:`INT8` where every entry is an integer in [-128, 127] (both routes take it), :data:`BFLOAT16` where
-    every entry is only a bfloat16 value, else None. One read of the device."""
-    if t.dtype == torch.int8:
+    every entry is only a bfloat16 value, else None (NaN is neither). One read of the device."""
+    if t.dtype == torch.int8 or not t.numel():
         return INT8
-    if not t.numel():
-        return INT8
-    as_bf16 = t.to(torch.bfloat16)
-    bf16_exact = torch.equal(as_bf16.to(t.dtype), t) if t.dtype != torch.bfloat16 else True
-    if not bf16_exact:
+    bfloat16_exact = (t.to(torch.bfloat16).to(t.dtype) == t).all()
+    integral = ((t == t.round()) & (t >= -128) & (t <= 127)).all()
+    bfloat16_exact, integral = torch.stack([bfloat16_exact, integral]).tolist()
+    if not bfloat16_exact:
         return None
-    integral = bool(((t == t.round()) & (t >= -128) & (t <= 127)).all())
     return INT8 if integral else BFLOAT16
 
 

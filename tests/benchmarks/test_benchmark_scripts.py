@@ -82,6 +82,25 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
                     for key, trials in tuning[part]["trials"].items()} for part in ("seed", "on")}
     assert set(timed["seed"]) == {"layer1", "layer2"} and set(timed["on"]) == {"snnopt_sparse", "snnopt_exact"}
     assert all(ms and ms > 0 for part in timed.values() for trials in part.values() for ms in trials.values()), timed
+    assert {"bfloat16_gemms", "int8_gemms"} <= set(tuning["on"]["trials"]["snnopt_sparse"])
+    assert "int8_mm (as shipped)" in next(iter(accuracy.values()))  # the int8 route runs on CPU too
+    assert payload["spike_gemm_routes"] == []  # CPU: no tensor-core route, nothing timed
+
+
+def test_gpu_suite_tuning_trials_name_real_settings():
+    # A misspelt trial would raise only on the GPU, losing that trial's numbers there.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_suite
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from snnopt.codegen import spike_matmul, triton_lif
+
+    for trials in (gpu_suite.SEED_TUNING_TRIALS, gpu_suite.ON_TUNING_TRIALS):
+        for changes in trials.values():
+            changes = dict(changes)
+            assert changes.pop("spike_route", "auto") in (*spike_matmul.ROUTES, "auto")
+            triton_lif.KernelTuning(**changes)  # raises on an unknown field or value
 
 
 def test_seed_network_quick_run_passes_its_checks(tmp_path):
