@@ -541,7 +541,8 @@ def split_gemm_accuracy(device: torch.device, smoke: bool = False) -> dict:
     For x (p × q spikes at the given rate) times Wᵀ (W of nn.Linear's init scale): cuBLAS's float32
     GEMM, and spike_matmul's split bfloat16 GEMM with the parts stacked largest first (shipped until
     H200 run 4 measured it), smallest first, and ``split_mm`` itself; the int8 route's GEMM with its
-    combine (digits prepared), and ``int8_mm`` itself (spikes already int8, as a layer builds them).
+    combine (digits prepared), and ``int8_mm`` itself (spikes already int8, as a layer builds them),
+    unfused and (CUDA) fused.
     ``max_rel``: max |error| / max |exact|; ``bias``: mean error / mean |exact| (rounding to nearest
     averages out; truncation does not); ``ms``: median of 5 calls (CUDA events when run inside
     ``timing_device``).
@@ -589,6 +590,8 @@ def _spike_gemm_routes(x, w, spike_matmul):
             spike_matmul._int_mm(x_int8, digits), shifts, scaled_dim=1)
         del digits, shifts
         yield "int8_mm (as shipped)", lambda: spike_matmul.int8_mm(x_int8, w.t(), spikes="a")
+        if x.is_cuda and spike_matmul._triton_importable():  # the fused Triton GEMM (same bits, its own time)
+            yield "int8_mm fused (Triton)", lambda: spike_matmul.int8_mm(x_int8, w.t(), spikes="a", fused=True)
         del x_int8
     if not x.is_cuda:
         return
@@ -1151,7 +1154,9 @@ SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"
 # "spike_route" fixes spike_matmul's GEMM route (shipped: the faster one, timed per shape on first use).
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
                     "max_block_128": {"max_block": 128}, "max_block_64": {"max_block": 64},
-                    "two_pass_compaction": {"one_pass_compaction": False}, "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
+                    "two_pass_compaction": {"one_pass_compaction": False},
+                    "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
+                    "int8_triton_gemms": {"spike_route": "int8_triton"},
                     "as_run4": {**AS_RUN4, "spike_route": "bfloat16"}}
 
 

@@ -76,7 +76,7 @@ class CaptureSite:
     active_limit: int = 0
     events_capacity: Optional[int] = None
     active_capacity: Optional[int] = None
-    # The tensor-core route (spike_matmul.BFLOAT16 or INT8) of the forward GEMM and of the backward's
+    # The tensor-core route (one of spike_matmul.ROUTES) of the forward GEMM and of the backward's
     # weight-gradient GEMM, False for the float32 product.
     split_linear: Optional[bool | str] = None
     split_weight_grad: Optional[bool | str] = None
@@ -131,7 +131,7 @@ class CapturePlan:
         a bfloat16 value for the bfloat16 route, an integer in [-128, 127] for the int8 route."""
         if not values.numel():
             return
-        if route == spike_matmul.INT8:
+        if route in spike_matmul.INT8_ROUTES:
             if values.dtype != torch.int8:
                 self.flag(~((values == values.round()) & (values >= -128) & (values <= 127)))
         elif values.dtype != torch.bfloat16:

@@ -518,9 +518,9 @@ def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, we
             x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
                                                copies=spike_matmul.SPLIT_PARTS)
             grad_w = spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
-        elif route == spike_matmul.INT8:
+        elif route in spike_matmul.INT8_ROUTES:
             x_int8 = triton_lif.dense_input(events, batch, steps, features, torch.int8)
-            grad_w = spike_matmul.weight_grad(grad_current, x_int8, route=spike_matmul.INT8)
+            grad_w = spike_matmul.weight_grad(grad_current, x_int8, route=route)
         else:
             grad_w = grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
     return grad_w, grad_b, grad_v0
@@ -533,7 +533,8 @@ def _dense_spikes(events, batch: int, steps: int, features: int, kind, *, stacke
     if kind == spike_matmul.BFLOAT16:
         copies = spike_matmul.SPLIT_PARTS if stacked else 1
         return triton_lif.dense_input(events, batch, steps, features, torch.bfloat16, copies, side_by_side=stacked)
-    return triton_lif.dense_input(events, batch, steps, features, torch.int8 if kind == spike_matmul.INT8 else kind)
+    dtype = torch.int8 if kind in spike_matmul.INT8_ROUTES else kind
+    return triton_lif.dense_input(events, batch, steps, features, dtype)
 
 
 def _input_route(events, weight: Tensor, batch: int, steps: int) -> Optional[str]:

@@ -52,10 +52,15 @@ operations per second as bfloat16 ones on Hopper GPUs:
 * A row whose largest entry is ±inf or NaN comes out NaN (the float32 product is ±inf or NaN
   there, as 0·inf is NaN).
 
-Which of the two routes runs is chosen per shape on the GPU at hand: the first product of a shape
-times both on operands of that shape and keeps the faster (:func:`preferred_route`; under
-``torch.use_deterministic_algorithms`` and off CUDA, bfloat16 without timing). The two routes
-round differently, within the bounds above, so which one ran is part of a result:
+The int8 product runs as ``torch._int_mm`` (cuBLASLt) followed by one combine kernel
+(:data:`INT8`), or as one Triton GEMM that adds the planes in its epilogue, so the int32 planes
+never reach memory (:data:`INT8_TRITON`, :func:`snnopt.codegen.triton_lif.int8_gemm`; Hopper's
+int8 warpgroup MMA). Both give the same bits.
+
+Which route runs is chosen per shape on the GPU at hand: the first product of a shape times each
+on operands of that shape and keeps the fastest (:func:`preferred_route`; under
+``torch.use_deterministic_algorithms`` and off CUDA, bfloat16 without timing). The bfloat16 and
+int8 routes round differently, within the bounds above, so which one ran is part of a result:
 :func:`route_choices` lists what was chosen and the times that chose it, and :func:`prefer` fixes
 a route for a block of code.
 
@@ -140,8 +145,11 @@ def as_bfloat16_if_exact(t: Tensor) -> Optional[Tensor]:
     return rounded if torch.equal(rounded.to(t.dtype), t) else None
 
 
-BFLOAT16, INT8 = "bfloat16", "int8"  # the two tensor-core routes
-ROUTES = (BFLOAT16, INT8)
+# The tensor-core routes: the split bfloat16 GEMM; the int8 one on cuBLASLt (torch._int_mm, then the
+# combine kernel); the int8 one as a Triton GEMM with the combine fused (triton_lif.int8_gemm).
+BFLOAT16, INT8, INT8_TRITON = "bfloat16", "int8", "int8_triton"
+ROUTES = (BFLOAT16, INT8, INT8_TRITON)
+INT8_ROUTES = (INT8, INT8_TRITON)  # the routes that need integer spikes
 INT8_SLICES = 3  # int8 digits per fixed-point value: 3 × 8 bits, signed
 # The largest value the digits hold: 127·(1 + 2⁸ + 2¹⁶) (each digit in [-128, 127]).
 INT8_LIMIT = 127 * sum(256**k for k in range(INT8_SLICES))
@@ -151,7 +159,7 @@ NONFINITE_SHIFT = 1 << 20  # a row's shift where its largest entry is ±inf or N
 
 
 def spike_kind(t: Tensor) -> Optional[str]:
-    """:data:`INT8` where every entry is an integer in [-128, 127] (both routes take it), :data:`BFLOAT16` where
+    """:data:`INT8` where every entry is an integer in [-128, 127] (every route takes it), :data:`BFLOAT16` where
     every entry is only a bfloat16 value, else None (NaN is neither). One read of the device."""
     if t.dtype == torch.int8 or not t.numel():
         return INT8
@@ -271,22 +279,31 @@ def combine_int8(acc: Tensor, shifts: Tensor, scaled_dim: int, slices: int = INT
     return torch.where(finite, out, float("nan"))
 
 
-def int8_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:
+def int8_mm(a: Tensor, b: Tensor, spikes: str, *, fused: bool = False) -> Tensor:
     """``a @ b`` in float32 on int8 tensor cores where ``spikes`` (``"a"`` or ``"b"``) names the operand of
     integers in [-128, 127] (see the module docstring for the rounding of the other one).
 
-    Both 2-D. On CUDA ``torch._int_mm`` (int8 × int8 → int32, cuBLASLt); elsewhere the same exact
-    integer product. The other operand is quantized per row of the result (:func:`quantize_int8`).
+    Both 2-D. The other operand is quantized per row of the result (:func:`quantize_int8`). Then
+    ``torch._int_mm`` (int8 × int8 → int32, cuBLASLt on CUDA; an exact integer product elsewhere)
+    and :func:`combine_int8`; or with ``fused`` one Triton GEMM that adds the digit planes in its
+    epilogue (:func:`snnopt.codegen.triton_lif.int8_gemm`; CUDA, or Triton's interpreter). Both give
+    the same bits.
     """
     if spikes not in ("a", "b"):
         raise ValueError(f"spikes: 'a' or 'b', got {spikes!r}")
+    if fused:
+        from snnopt.codegen import triton_lif
     if spikes == "a":
         digits, shifts = quantize_int8(b, scaled_dim=1)
-        acc = _int_mm(a if a.dtype == torch.int8 else a.to(torch.int8), digits)
-        return combine_int8(acc, shifts, scaled_dim=1)
+        a = a if a.dtype == torch.int8 else a.to(torch.int8)
+        if fused:
+            return triton_lif.int8_gemm(a, digits, shifts, digits_on_b=True)
+        return combine_int8(_int_mm(a, digits), shifts, scaled_dim=1)
     digits, shifts = quantize_int8(a, scaled_dim=0)
-    acc = _int_mm(digits, b if b.dtype == torch.int8 else b.to(torch.int8))
-    return combine_int8(acc, shifts, scaled_dim=0)
+    b = b if b.dtype == torch.int8 else b.to(torch.int8)
+    if fused:
+        return triton_lif.int8_gemm(digits, b, shifts, digits_on_b=False)
+    return combine_int8(_int_mm(digits, b), shifts, scaled_dim=0)
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -311,8 +328,8 @@ ROUTE_TRIALS = 3  # timed runs per route when choosing (after one warm-up run)
 
 @contextlib.contextmanager
 def prefer(route: str):
-    """Take ``route`` (:data:`BFLOAT16`, :data:`INT8` or ``"auto"``) wherever a tensor-core route is taken inside
-    the block (the int8 one only where the spikes are integers and the shape fits, :func:`int8_fits`).
+    """Take ``route`` (one of :data:`ROUTES`, or ``"auto"``) wherever a tensor-core route is taken inside the block
+    (an int8 one only where the spikes are integers and the shape fits, :func:`int8_fits`).
 
     Example::
 
@@ -366,6 +383,8 @@ def _time_routes(shape: tuple[int, int, int], spikes: str, device: torch.device)
         a = torch.randn(q, p, device=device, generator=gen).t()  # dL/dIᵀ, as the weight gradient passes it
         b = (torch.rand(q, r, device=device, generator=gen) < 0.05).float()
     runs = {BFLOAT16: lambda: split_mm(a, b, spikes), INT8: lambda: int8_mm(a, b, spikes)}
+    if _triton_importable():
+        runs[INT8_TRITON] = lambda: int8_mm(a, b, spikes, fused=True)  # its first call compiles the kernel
     times, errors = {}, {}
     for route, run in runs.items():
         try:
@@ -379,7 +398,7 @@ def _time_routes(shape: tuple[int, int, int], spikes: str, device: torch.device)
                 stop.synchronize()
                 samples.append(start.elapsed_time(stop))
             times[route] = statistics.median(samples)
-        except (RuntimeError, NotImplementedError) as error:  # e.g. a cuBLASLt build without this int8 case
+        except Exception as error:  # e.g. a cuBLASLt build without this int8 case, a Triton that cannot compile it
             errors[route] = f"{type(error).__name__}: {error}"
     route = min(times, key=times.get) if times else BFLOAT16
     return {"route": route, "ms": times, "errors": errors}
@@ -501,13 +520,15 @@ def _float32_output_mm(device_type: str) -> bool:
 
 def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: str) -> Optional[str]:
     """The route for a ``(p × q)·(q × r)`` product whose spike operand is ``spikes`` (on ``side``, "a" or "b"):
-    None (the float32 reference), :data:`BFLOAT16` or :data:`INT8`. Reads the device (:func:`spike_kind`;
-    ``spikes`` may be just the operand's nonzeros)."""
+    None (the float32 reference) or one of :data:`ROUTES`. Reads the device (:func:`spike_kind`; ``spikes``
+    may be just the operand's nonzeros)."""
     if not applies(spikes, other, shape):
         return None
     kind = spike_kind(spikes)
-    if kind == INT8 and int8_fits(*shape, side, spikes.device.type) and _int_mm_available(spikes.device.type):
-        return preferred_route(shape, side, spikes.device)
+    if kind == INT8 and int8_fits(*shape, side, spikes.device.type):
+        route = preferred_route(shape, side, spikes.device)
+        usable = {BFLOAT16: True, INT8: _int_mm_available(spikes.device.type), INT8_TRITON: _triton_importable()}
+        return route if usable[route] else BFLOAT16
     return None if kind is None else BFLOAT16
 
 
@@ -547,9 +568,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if route is None:
         route = linear_route(x, weight, nonzeros)
     if route:
-        if route == INT8:
+        if route in INT8_ROUTES:
             spikes = spike_operand(INT8) if spike_operand is not None else x.reshape(rows, features).to(torch.int8)
-            out = int8_mm(spikes, weight.t(), spikes="a")
+            out = int8_mm(spikes, weight.t(), spikes="a", fused=route == INT8_TRITON)
         elif spike_operand is not None:
             out = _mm_float32_out(spike_operand(BFLOAT16), _contraction_stack(weight.t(), 0, repeat=False))
         else:
@@ -572,8 +593,8 @@ def weight_grad(grad_rows: Tensor, x_rows: Tensor, *, route: Optional[str] | boo
     """
     if route is None:
         route = weight_grad_route(grad_rows, x_rows)
-    if route == INT8:
-        return int8_mm(grad_rows.t(), x_rows, spikes="b")
+    if route in INT8_ROUTES:
+        return int8_mm(grad_rows.t(), x_rows, spikes="b", fused=route == INT8_TRITON)
     if route:
         return split_mm(grad_rows.t(), x_rows, spikes="b")
     return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

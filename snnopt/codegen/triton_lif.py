@@ -398,6 +398,59 @@ def _combine_int8_kernel(acc_ptr, shift_ptr, out_ptr, cols, total, acc_row_strid
 
 
 @triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, shift_ptr, out_ptr, rows, cols, depth, stride_am, stride_ak, stride_bk, stride_bn,
+                      plane_stride, DIGITS_ON_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+    # out (rows x cols, float32, contiguous) = a @ b where one operand holds int8 spikes and the other
+    # three int8 digit planes (plane k at k * plane_stride) of a per-row fixed point: one int32
+    # accumulator per plane, exact; the epilogue of spike_matmul.combine_int8 (int64 sum, one
+    # rounding, 2**-shift per row of the scaled operand: columns of b, or rows of a). Grouped
+    # tile order, so neighbouring programs share operand tiles in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(rows, BLOCK_M)
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    group = GROUP_M * tiles_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % group) % rows_in_group
+    tile_n = (pid % group) // rows_in_group
+    rm = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_tile = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for k in tl.range(0, depth, BLOCK_K, num_stages=STAGES):
+        a_mask = (rm[:, None] < rows) & (rk[None, :] + k < depth)
+        b_mask = (rk[:, None] + k < depth) & (rn[None, :] < cols)
+        if DIGITS_ON_B:
+            a = tl.load(a_tile, mask=a_mask, other=0)
+            acc0 = tl.dot(a, tl.load(b_tile, mask=b_mask, other=0), acc0, out_dtype=tl.int32)
+            acc1 = tl.dot(a, tl.load(b_tile + plane_stride, mask=b_mask, other=0), acc1, out_dtype=tl.int32)
+            acc2 = tl.dot(a, tl.load(b_tile + 2 * plane_stride, mask=b_mask, other=0), acc2, out_dtype=tl.int32)
+        else:
+            b = tl.load(b_tile, mask=b_mask, other=0)
+            acc0 = tl.dot(tl.load(a_tile, mask=a_mask, other=0), b, acc0, out_dtype=tl.int32)
+            acc1 = tl.dot(tl.load(a_tile + plane_stride, mask=a_mask, other=0), b, acc1, out_dtype=tl.int32)
+            acc2 = tl.dot(tl.load(a_tile + 2 * plane_stride, mask=a_mask, other=0), b, acc2, out_dtype=tl.int32)
+        a_tile += BLOCK_K * stride_ak
+        b_tile += BLOCK_K * stride_bk
+    whole = (acc2.to(tl.int64) * 256 + acc1.to(tl.int64)) * 256 + acc0.to(tl.int64)
+    if DIGITS_ON_B:
+        s = tl.load(shift_ptr + rn, mask=rn < cols, other=0)[None, :]
+    else:
+        s = tl.load(shift_ptr + rm, mask=rm < rows, other=0)[:, None]
+    finite = s != NONFINITE_SHIFT
+    s = tl.where(finite, s, 0)
+    half = s >> 1
+    out = whole.to(tl.float32) * _pow2(half - s) * _pow2(-half)
+    out = tl.where(finite, out, float("nan"))
+    tl.store(out_ptr + rm[:, None] * cols + rn[None, :], out, mask=(rm[:, None] < rows) & (rn[None, :] < cols))
+
+
+@triton.jit
 def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row_stride, copy_stride, copies,
                            BLOCK: tl.constexpr):
     # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
@@ -1173,6 +1226,38 @@ def combine_int8_into(acc: Tensor, shifts: Tensor, out: Tensor, scaled_dim: int,
         kernels(_PLAIN_SPEC, torch.float32)._combine_int8_kernel[(-(-total // block),)](
             acc, shifts, out, cols, total, acc.stride(0), plane_stride, SCALED_DIM=scaled_dim, SLICES=slices,
             BLOCK=block, **LAUNCH_OPTIONS)
+
+
+# The fused int8 GEMM's tiles: three int32 accumulators of BLOCK_M × BLOCK_N over 8 warps (96
+# registers a thread), operand tiles of BLOCK_K bytes a row, three stages in shared memory (~120 KB).
+INT8_GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, STAGES=3, num_warps=8)
+
+
+def int8_gemm(a: Tensor, b: Tensor, shifts: Tensor, digits_on_b: bool) -> Tensor:
+    """``spike_matmul``'s int8 product in one launch: the GEMM of int8 spikes with three int8 digit planes and
+    the combine of :func:`combine_int8_into` fused (no int32 planes in memory).
+
+    ``digits_on_b``: ``b`` is ``(K, 3·N)`` digit planes side by side and ``a`` ``(M, K)`` spikes (shifts
+    per column); else ``a`` is ``(3·M, K)`` digit planes stacked and ``b`` ``(K, N)`` spikes (shifts
+    per row). Any strides. Returns ``(M, N)`` float32, equal to ``combine_int8(a @ b)``.
+    """
+    if spike_matmul.INT8_SLICES != 3:
+        raise InvalidArgumentError("int8_gemm: the kernel adds three digit planes")
+    if digits_on_b:
+        rows, depth, cols = a.shape[0], a.shape[1], b.shape[1] // 3
+        plane_stride = cols * b.stride(1)
+    else:
+        rows, depth, cols = a.shape[0] // 3, a.shape[1], b.shape[1]
+        plane_stride = rows * a.stride(0)
+    out = torch.empty((rows, cols), dtype=torch.float32, device=a.device)
+    config = dict(INT8_GEMM_CONFIG)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    if rows and cols:
+        grid = (-(-rows // block_m) * -(-cols // block_n),)
+        kernels(_PLAIN_SPEC, torch.float32)._int8_gemm_kernel[grid](
+            a, b, shifts, out, rows, cols, depth, a.stride(0), a.stride(1), b.stride(0), b.stride(1), plane_stride,
+            DIGITS_ON_B=digits_on_b, **config, **LAUNCH_OPTIONS)
+    return out
 
 
 def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1, *,

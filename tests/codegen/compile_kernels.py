@@ -47,6 +47,9 @@ COMPACT_KERNELS = {
                                    out_ptr="*i8") for dim in (0, 1)],
     "_combine_int8_kernel": [dict(SCALED_DIM=dim, SLICES=3, BLOCK=1024, acc_ptr="*i32", shift_ptr="*i32",
                                   out_ptr="*fp32") for dim in (0, 1)],
+    # ... and the fused route's GEMM (digits on either operand), with the shipped tile configuration
+    "_int8_gemm_kernel": [dict(DIGITS_ON_B=on_b, **triton_lif.INT8_GEMM_CONFIG, a_ptr="*i8", b_ptr="*i8",
+                               shift_ptr="*i32", out_ptr="*fp32") for on_b in (True, False)],
     "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
                                dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
 }
@@ -56,12 +59,14 @@ SWEEP_KERNELS = {"_lif_fwd_kernel", "_lif_bwd_kernel", "_reverse_filter_kernel"}
 # and asynchronous global-to-shared copies (what Triton's pipeliner emits for a loop's loads).
 _ORDERED = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red|fence)\S*\.(acq_rel|acquire|release|sc)\b|^\s*membar", re.M)
 _ASYNC_COPY = re.compile(r"^\s*(@!?%p\d+\s+)?cp\.async\.(ca|cg)\b", re.M)
+# Hopper's warpgroup MMA on int8 operands (the fused int8 GEMM must run on tensor cores).
+_INT8_WGMMA = re.compile(r"wgmma\.mma_async\S*\.s32\.s8\.s8")
 
 
 def ptx_facts(ptx: str) -> dict:
     """Size, ordered atomics/fences and async copies of one kernel's PTX."""
     return {"ptx_bytes": len(ptx), "ordered_atomics": len(_ORDERED.findall(ptx)),
-            "async_copies": len(_ASYNC_COPY.findall(ptx))}
+            "async_copies": len(_ASYNC_COPY.findall(ptx)), "int8_wgmma": len(_INT8_WGMMA.findall(ptx))}
 
 
 def variants():
@@ -113,7 +118,7 @@ def compile_variant(spec, dtype) -> dict:
     facts = {}
     for name, variants_of_kernel in constants.items():
         fn = getattr(module, name)
-        total = {"ptx_bytes": 0, "ordered_atomics": 0, "async_copies": 0}
+        total = {"ptx_bytes": 0, "ordered_atomics": 0, "async_copies": 0, "int8_wgmma": 0}
         for flags_of_launch in variants_of_kernel:
             consts = dict(flags_of_launch)
             options = dict(triton_lif.LAUNCH_OPTIONS, num_warps=consts.pop("num_warps", 4))  # 4: Triton's default

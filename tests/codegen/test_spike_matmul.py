@@ -406,14 +406,16 @@ def test_spike_kind_tells_int8_from_bfloat16_values():
     assert spike_matmul.spike_kind(torch.zeros(0)) == spike_matmul.INT8
 
 
-@pytest.mark.parametrize("route", ["bfloat16", "int8"])
+@pytest.mark.parametrize("route", ["bfloat16", "int8", "int8_triton"])
 def test_linear_and_weight_grad_take_the_preferred_route(route, monkeypatch):
+    if route == "int8_triton":
+        pytest.importorskip("triton")
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: True)
     used = []
     for name in ("split_mm", "int8_mm"):
         real = getattr(spike_matmul, name)
-        monkeypatch.setattr(spike_matmul, name, lambda *a, _real=real, _name=name, **k: (used.append(_name),
-                                                                                          _real(*a, **k))[1])
+        monkeypatch.setattr(spike_matmul, name, lambda *a, _real=real, _name=name, **k: (
+            used.append("int8_triton" if k.get("fused") else _name), _real(*a, **k))[1])
     gen = torch.Generator().manual_seed(3)
     x = (torch.rand(4, 25, 90, generator=gen) < 0.1).float()
     w, b = torch.randn(33, 90, generator=gen) * 0.1, torch.randn(33, generator=gen)
@@ -422,7 +424,7 @@ def test_linear_and_weight_grad_take_the_preferred_route(route, monkeypatch):
         out = spike_matmul.linear(x, w, b)
         grad_w = spike_matmul.weight_grad(grad, x.reshape(100, 90))
         graded = spike_matmul.linear(x * 0.5, w)  # not integers: the bfloat16 route whatever the preference
-    assert used == [("int8_mm" if route == "int8" else "split_mm")] * 2 + ["split_mm"]
+    assert used == [{"bfloat16": "split_mm", "int8": "int8_mm", "int8_triton": "int8_triton"}[route]] * 2 + ["split_mm"]
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_w, grad.t() @ x.reshape(100, 90), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(graded, torch.nn.functional.linear(x * 0.5, w), rtol=1e-5, atol=1e-5)
@@ -476,6 +478,30 @@ def test_int8_route_fits_only_shapes_its_gemm_takes():
     assert not spike_matmul.int8_fits(8000, 4100, 4096, "a")  # contraction not a multiple of 8
     assert spike_matmul.int8_fits(16, 4100, 4096, "a", "cpu")  # the CPU product takes any shape
     assert not spike_matmul.int8_fits(8000, spike_matmul.INT8_MAX_CONTRACTION, 4096, "a", "cpu")  # int32 sums
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter on non-finite rows
+@pytest.mark.parametrize("shape", [(37, 50, 29), (130, 264, 70)])  # partial tiles; two K blocks
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_fused_triton_int8_gemm_gives_the_int8_route_bits(shape, side):
+    # The fused route (one Triton GEMM adding the digit planes in its epilogue; the interpreter here)
+    # against the unfused one (torch's exact int8 product, then the combine): the same bits,
+    # including the NaN of a non-finite row.
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(8)
+    p, q, r = shape
+    if side == "a":
+        a = (torch.rand(p, q, generator=gen) < 0.2).float()
+        b = torch.randn(r, q, generator=gen).t()  # Wᵀ, as the forward passes it
+        b[3, 1] = float("inf")
+    else:
+        a = (torch.randn(q, p, generator=gen) * torch.logspace(-2, 2, p)).t()  # dL/dIᵀ
+        b = (torch.rand(q, r, generator=gen) < 0.2).float()
+        a[1, 3] = float("nan")
+    fused = spike_matmul.int8_mm(a, b, side, fused=True)
+    unfused = spike_matmul.int8_mm(a, b, side)
+    assert torch.equal(fused.isnan(), unfused.isnan()) and torch.equal(fused.nan_to_num(), unfused.nan_to_num())
+    assert int(fused.isnan().any(1 if side == "b" else 0).sum()) == 1
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter on non-finite rows

@@ -59,3 +59,11 @@ def test_sweeps_pipeline_their_loads(report):
     missing = {name: sorted(k for k in SWEEP_KERNELS & set(report[name]) if not report[name][k]["async_copies"])
                for name in wide if "error" not in report[name]}
     assert not any(missing.values()), missing
+
+
+def test_fused_int8_gemm_runs_on_int8_tensor_cores(report):
+    # spike_matmul's fused int8 route is only worth timing if its dots lower to Hopper's int8
+    # warpgroup MMA (not CUDA-core loops): each kernel variant that has it must show them.
+    counts = [r["_int8_gemm_kernel"]["int8_wgmma"] for r in report.values() if "_int8_gemm_kernel" in r]
+    assert counts and all(count > 0 for count in counts), counts
+
