@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import statistics
 from typing import Callable, Optional
 
@@ -355,9 +356,10 @@ def preferred_route(shape: tuple[int, int, int], spikes: str, device: torch.devi
     """The tensor-core route for a ``(p × q)·(q × r)`` product whose spikes are int8-exact.
 
     :func:`prefer`'s choice where one is set; bfloat16 off CUDA and under
-    ``torch.use_deterministic_algorithms`` (no timing: the same route every run); else the faster
-    of the two on this GPU, timed once per (shape, spike side, device) on operands of that shape
-    (:func:`_time_routes`) and remembered for the process. A route that raises is not chosen.
+    ``torch.use_deterministic_algorithms`` (no timing: the same route every run); else the fastest
+    of :data:`ROUTES` on this GPU, timed once per (shape, spike side, device) on operands of that
+    shape (:func:`_time_routes`; it allocates them and each route's temporaries once) and
+    remembered for the process. A route that raises is not chosen.
     """
     preference = _PREFERENCE[-1]
     if preference != "auto":
@@ -527,9 +529,16 @@ def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: 
     kind = spike_kind(spikes)
     if kind == INT8 and int8_fits(*shape, side, spikes.device.type):
         route = preferred_route(shape, side, spikes.device)
-        usable = {BFLOAT16: True, INT8: _int_mm_available(spikes.device.type), INT8_TRITON: _triton_importable()}
+        device_type = spikes.device.type
+        usable = {BFLOAT16: True, INT8: _int_mm_available(device_type),
+                  INT8_TRITON: _triton_importable() and (device_type == "cuda" or _triton_interpreted())}
         return route if usable[route] else BFLOAT16
     return None if kind is None else BFLOAT16
+
+
+def _triton_interpreted() -> bool:
+    # Triton kernels run on CPU tensors only in its interpreter (read when kernels are defined).
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -559,7 +568,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     of passes over ``x``. ``spike_operand(route)``: builds the GEMM's left operand where the caller
     can do that more cheaply than from the dense ``x`` (from those events): for :data:`BFLOAT16`
     ``x`` as bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, for
-    :data:`INT8` ``x`` as int8 ``(rows, features)``. ``route``: decided by the caller
+    :data:`INT8` (asked for both int8 routes) ``x`` as int8 ``(rows, features)``. ``route``: decided by the caller
     (:func:`linear_route`; a captured CUDA graph cannot read the device), False for the reference;
     a tensor-core route only where ``x`` suits it, which the caller has checked or will check.
     """
