@@ -110,36 +110,23 @@ def test_static_plan_matches_eager(pairs, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_static_plan_on_the_split_gemm_routes(monkeypatch):
-    # The split bfloat16 GEMMs forced at a tiny size (as on a GPU for large layers): the routes come
-    # from the recording, and the static step checks the spikes on the device instead.
+# A later input each route cannot take: real values for the split bfloat16 route, graded spikes
+# (bfloat16 values, not integers) for the int8 one.
+_UNSUITED_SCALE = {spike_matmul.BFLOAT16: 0.3, spike_matmul.INT8: 0.5}
+
+
+@pytest.mark.parametrize("route", [spike_matmul.BFLOAT16, spike_matmul.INT8])
+def test_static_plan_on_the_tensor_core_gemm_routes(route, monkeypatch):
+    # The tensor-core GEMMs forced at a tiny size (as on a GPU for large layers): the routes come
+    # from the recording, and the static step checks on the device that the spikes suit them.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
     inputs = _problem(seed=3)
-    expected = _step(_network, inputs)
-    plan, step = _recorded_plan(inputs)
-    assert plan.sites[0].split_linear and plan.sites[0].split_weight_grad
-    got = _static_step(plan, step, inputs)
-    assert int(plan.invalid) == 0
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # A later input that is not spikes: the split route would be wrong, and the flag says so.
-    x, *weights = inputs
-    _static_step(plan, step, [x * 0.3] + weights)
-    assert int(plan.invalid) == 1
-
-
-def test_static_plan_on_the_int8_gemm_routes(monkeypatch):
-    # The same with the int8 route preferred: recorded as such, and a later input of spikes that are
-    # bfloat16 values but not integers (graded 0.5) raises the flag.
-    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
-    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
-    inputs = _problem(seed=3)
-    with spike_matmul.prefer(spike_matmul.INT8):
+    with spike_matmul.prefer(route):
         expected = _step(_network, inputs)
         plan, step = _recorded_plan(inputs)
-        assert plan.sites[0].split_linear == plan.sites[0].split_weight_grad == spike_matmul.INT8
-        assert plan.sites[0].spike_routes() == {spike_matmul.INT8}
+        assert plan.sites[0].split_linear == plan.sites[0].split_weight_grad == route
+        assert plan.sites[0].spike_routes() == {route}
         with DeviceReads(pytest.MonkeyPatch()) as static_reads:
             got = _static_step(plan, step, inputs)
         assert static_reads.seen == []
@@ -147,7 +134,7 @@ def test_static_plan_on_the_int8_gemm_routes(monkeypatch):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         x, *weights = inputs
-        _static_step(plan, step, [x * 0.5] + weights)
+        _static_step(plan, step, [x * _UNSUITED_SCALE[route]] + weights)
         assert int(plan.invalid) == 1
 
 

@@ -227,15 +227,23 @@ def test_sparse_gradient_reaches_the_producer_as_coo(device, monkeypatch):
     assert seen == [False, True]  # layer 2 reads dense dL/ds, layer 1 the COO values in its own order
 
 
-@pytest.mark.parametrize("reset", ["subtract", "none"])
-@pytest.mark.parametrize("membrane_loss", [False, True])
-def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device):
-    # The current and, on the dense route, the weight gradient from spikes (the large-layer GPU
-    # route, forced here at a tiny size) against the float32 reference.
+@pytest.fixture
+def dense_route_on_tensor_cores(monkeypatch):
+    """Tiny float32 layers take the dense weight route and the tensor-core GEMMs (the large-layer GPU routes)."""
     from snnopt.codegen import spike_matmul
 
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    return spike_matmul
+
+
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+@pytest.mark.parametrize("membrane_loss", [False, True])
+def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device,
+                                                         dense_route_on_tensor_cores):
+    # The current and, on the dense route, the weight gradient from spikes (the large-layer GPU
+    # route, forced here at a tiny size) against the float32 reference.
+    spike_matmul = dense_route_on_tensor_cores
     used = []
     real, real_parts = spike_matmul.split_mm, spike_matmul.weight_grad_from_parts
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
@@ -254,13 +262,10 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
 
 @pytest.mark.parametrize("reset", ["subtract", "none"])
 @pytest.mark.parametrize("membrane_loss", [False, True])
-def test_int8_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device):
+def test_int8_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device, dense_route_on_tensor_cores):
     # The same on the int8 route: the input rebuilt from its events as int8 for both GEMMs, dL/dI
     # quantized per neuron on the dense route, against the float32 reference.
-    from snnopt.codegen import spike_matmul
-
-    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
-    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    spike_matmul = dense_route_on_tensor_cores
     used = []
     real_int8, real_split = spike_matmul.int8_mm, spike_matmul.split_mm
     monkeypatch.setattr(spike_matmul, "int8_mm", lambda *a, **k: (used.append(("int8", k["spikes"], a[0].dtype,
