@@ -1017,8 +1017,9 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
 
     split = spike_matmul.applies(x, weight, (cfg.batch * cfg.steps, n, n))
     out = {"snnopt_matmul": ("x·Wᵀ and dIᵀ·x on tensor cores at float32 accuracy (snnopt.codegen.spike_matmul): "
-                             "3-way split bfloat16 or 3-digit int8 fixed point, whichever timed faster for the "
-                             "shape (snnopt_matmul_routes)" if split else "float32 GEMM (torch.nn.functional.linear)"),
+                             "x·Wᵀ on the 3-way split bfloat16, 4-digit int8 fixed point or fused int8 Triton route, "
+                             "whichever timed fastest for the shape (snnopt_matmul_routes); dIᵀ·x on the split "
+                             "bfloat16 route" if split else "float32 GEMM (torch.nn.functional.linear)"),
            "config": {"batch": cfg.batch, "steps": cfg.steps, "neurons": n, "beta": cfg.beta,
                       "threshold": cfg.threshold, "window": cfg.window, "input": f"Bernoulli({args.on_input_rate})",
                       "weight": f"U(±{args.on_weight_gain:g}/sqrt(n)), nn.Linear's default init x gain"}}
@@ -1130,9 +1131,8 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
         out["snnopt_sparse_graphed_step_ratio_vs_fastest_peer"] = results.get(GRAPHED, {}).get(
             "step_ratio_vs_fastest_peer")
     out["variants"] = results
-    rows = cfg.batch * cfg.steps  # the routes chosen for this size's two GEMMs (x·Wᵀ, dIᵀ·x), with their times
-    out["snnopt_matmul_routes"] = [c for c in spike_matmul.route_choices()
-                                   if (c["p"], c["q"], c["r"]) in ((rows, n, n), (n, rows, n))]
+    rows = cfg.batch * cfg.steps  # the route chosen for this size's x·Wᵀ, with the times that chose it
+    out["snnopt_matmul_routes"] = [c for c in spike_matmul.route_choices() if (c["p"], c["q"], c["r"]) == (rows, n, n)]
     errors.update({f"{n}.{k}": v for k, v in size_errors.items()})
     del modules, cases
     free_memory(device)

@@ -498,9 +498,9 @@ def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, we
     dL/dI and dv0 = β·dL/dI[:, 0] (what the pair kernel's atomics add up entry by entry; taken
     from here only under deterministic algorithms, as reductions without atomics). The reverse
     filter runs first, so its dense g is freed before x is rebuilt: the peak holds dL/dI and x,
-    not g as well. ``route`` is the GEMM's (``spike_matmul``): on the bfloat16 route dL/dI comes as
-    its three exact parts, smallest first, and x is rebuilt directly as the GEMM's stacked operand;
-    on the int8 route x is rebuilt as int8 and dL/dI quantized per neuron.
+    not g as well. ``route`` is the GEMM's (``spike_matmul``; a weight gradient takes only the
+    bfloat16 one): there dL/dI comes as its three exact parts, smallest first, and x is rebuilt
+    directly as the GEMM's stacked operand.
     """
     neurons, features = weight.shape
     parts = route == spike_matmul.BFLOAT16
@@ -518,9 +518,6 @@ def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, we
             x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
                                                copies=spike_matmul.SPLIT_PARTS)
             grad_w = spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
-        elif route in spike_matmul.INT8_ROUTES:
-            x_int8 = triton_lif.dense_input(events, batch, steps, features, torch.int8)
-            grad_w = spike_matmul.weight_grad(grad_current, x_int8, route=route)
         else:
             grad_w = grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
     return grad_w, grad_b, grad_v0

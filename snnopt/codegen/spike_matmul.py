@@ -37,28 +37,44 @@ operations per second as bfloat16 ones on Hopper GPUs:
 
 * Where the spikes are integers in [-128, 127] (0 and 1 are), they are int8 values as they stand.
 * The other operand becomes fixed point, one scale per row of the result (per neuron: a row of
-  ``W`` in the forward, a neuron's dL/dI over all batch entries and steps in the weight gradient):
-  the row is multiplied by the power of two ``2ˢ`` that brings its largest entry just under 2²³,
-  rounded to integers, and written as :data:`INT8_SLICES` signed base-256 digits (three int8
-  planes, :func:`quantize_int8`). Scaling by a power of two is exact; the rounding moves an entry
-  by at most 2⁻²² of its row's largest.
-* One int8 GEMM with the output dimension tripled, ``x·[D₀ D₁ D₂]``, sums the digits' products in
-  int32 exactly (no overflow for contractions shorter than :data:`INT8_MAX_CONTRACTION`, 2¹⁷).
-  :func:`combine_int8` adds the three planes as ``D₀ + 2⁸·D₁ + 2¹⁶·D₂`` in int64 (exact), converts
-  once to float32 and scales back by 2⁻ˢ: the result is the float32 rounding of the exact product
-  of the spikes with the rounded operand. Its error is at most 2⁻²⁴ of the result plus
-  Σ|x|·2⁻²²·max|row| (a float32 GEMM's bound is γ_K·Σ|x·w|, about K·2⁻²⁴ of the summed
-  magnitudes), and it does not depend on the order of the additions: the same bits on every run.
+  ``W`` in the forward): the row is multiplied by the power of two ``2ˢ`` that brings its largest
+  entry just under 2³¹, rounded to integers, and written as :data:`INT8_SLICES` (four) signed
+  base-256 digits, four int8 planes (:func:`quantize_int8`). Scaling by a power of two is exact,
+  and so is the rounding for every entry within 2⁶ of its row's largest (its 24 significant bits
+  fit in the 31): weights at an initialisation's scale come through unchanged. Smaller entries move
+  by at most 2⁻³⁰ of the row's largest (:data:`INT8_ROW_ERROR`).
+* One int8 GEMM with the output dimension four times longer, ``x·[D₀ D₁ D₂ D₃]``, sums the digits'
+  products in int32 exactly (no overflow for contractions shorter than
+  :data:`INT8_MAX_CONTRACTION`, 2¹⁷). :func:`combine_int8` adds the planes as
+  ``D₀ + 2⁸·D₁ + 2¹⁶·D₂ + 2²⁴·D₃`` in int64 (exact), converts once to float32 and scales back by
+  2⁻ˢ: the result is the float32 rounding of the exact product of the spikes with the (rounded)
+  operand — for weights within 2⁶ of their row's largest, the correctly rounded product. Its error
+  is at most 2⁻²⁴ of the result plus Σ|x|·2⁻³⁰·max|row| (a float32 GEMM's bound is γ_K·Σ|x·w|,
+  about K·2⁻²⁴ of the summed magnitudes), and it does not depend on the order of the additions:
+  the same bits on every run.
 * A row whose largest entry is ±inf or NaN comes out NaN (the float32 product is ±inf or NaN
   there, as 0·inf is NaN).
+* Why four digits, not three (2⁻²² of the row's largest): a weight's rounding is the same at every
+  step and for every batch entry, so its error does not average out as a GEMM's rounding does; it
+  adds up in the membrane over the steps. With three digits the seed network's layers (exact
+  backward) moved dL/dW by 2·10⁻⁴ of its norm from the float32 model's, and translation validation
+  refused them (tests/codegen/test_optimize_triton.py, every route forced).
+* The bound is relative to each row's largest entry, not to each term: a row whose entries span
+  many binades loses the small ones' precision, where a float32 GEMM keeps each result's relative
+  accuracy. Weight rows are within a few binades (initialisations draw them from one scale), so the
+  forward product ``x·Wᵀ`` takes this route. A weight gradient's dL/dI is not (the surrogate's
+  tails, the leak's decay over the steps): a dW entry whose terms are all small would carry an
+  error set by the neuron's largest term. The weight gradient keeps the bfloat16 route
+  (:func:`route_for`; on the seed network an int8 dW would have been within 4·10⁻⁸ of float32's in
+  norm, so this is about single entries); :func:`int8_mm` itself takes the spikes on either side.
 
 The int8 product runs as ``torch._int_mm`` (cuBLASLt) followed by one combine kernel
 (:data:`INT8`), or as one Triton GEMM that adds the planes in its epilogue, so the int32 planes
 never reach memory (:data:`INT8_TRITON`, :func:`snnopt.codegen.triton_lif.int8_gemm`; Hopper's
 int8 warpgroup MMA). Both give the same bits.
 
-Which route runs is chosen per shape on the GPU at hand: the first product of a shape times each
-on operands of that shape and keeps the fastest (:func:`preferred_route`; under
+Which route the forward product takes is chosen per shape on the GPU at hand: the first product
+of a shape times each on operands of that shape and keeps the fastest (:func:`preferred_route`; under
 ``torch.use_deterministic_algorithms`` and off CUDA, bfloat16 without timing). The bfloat16 and
 int8 routes round differently, within the bounds above, so which one ran is part of a result:
 :func:`route_choices` lists what was chosen and the times that chose it, and :func:`prefer` fixes
@@ -151,9 +167,12 @@ def as_bfloat16_if_exact(t: Tensor) -> Optional[Tensor]:
 BFLOAT16, INT8, INT8_TRITON = "bfloat16", "int8", "int8_triton"
 ROUTES = (BFLOAT16, INT8, INT8_TRITON)
 INT8_ROUTES = (INT8, INT8_TRITON)  # the routes that need integer spikes
-INT8_SLICES = 3  # int8 digits per fixed-point value: 3 × 8 bits, signed
-# The largest value the digits hold: 127·(1 + 2⁸ + 2¹⁶) (each digit in [-128, 127]).
+INT8_SLICES = 4  # int8 digits per fixed-point value: 4 × 8 bits, signed (why not 3: module docstring)
+# The largest value the digits hold: 127·(1 + 2⁸ + 2¹⁶ + 2²⁴) (each digit in [-128, 127]).
 INT8_LIMIT = 127 * sum(256**k for k in range(INT8_SLICES))
+# The most the rounding moves an entry, relative to its row's largest: half a unit 2⁻ˢ, where
+# 2⁻ˢ ≤ 2^(3 − 8·slices)·max|row| (the shift puts the largest in [2^(8·slices − 3), 2^(8·slices − 1))).
+INT8_ROW_ERROR = 2.0 ** (2 - 8 * INT8_SLICES)
 # int32 accumulators: |Σ x·d| ≤ K·128·128 < 2³¹ for any int8 spikes.
 INT8_MAX_CONTRACTION = 2**17
 NONFINITE_SHIFT = 1 << 20  # a row's shift where its largest entry is ±inf or NaN: the row comes out NaN
@@ -180,7 +199,7 @@ def _pow2(k: Tensor) -> Tensor:
 def fixed_point_shifts(row_max: Tensor, slices: int = INT8_SLICES) -> Tensor:
     """Per row, the exponent s (int32) that scales the row's entries to ``slices`` int8 digits.
 
-    The largest s with ``round(row_max·2ˢ)`` within :data:`INT8_LIMIT` (for 3 slices): for
+    The largest s with ``round(row_max·2ˢ)`` within the digits' range (:data:`INT8_LIMIT`): for
     ``row_max = m·2ᵉ``, m in [0.5, 1), s = 8·slices − 1 − e, one less where m is too close to 1.
     ±inf or NaN: :data:`NONFINITE_SHIFT`. A zero row gets 8·slices − 1 (its digits are 0).
     """
@@ -205,9 +224,9 @@ def quantize_int8(t: Tensor, scaled_dim: int, slices: int = INT8_SLICES) -> tupl
     longer, plane k (the k-th base-256 digit, least significant first) at offset ``k·n`` along it, in
     ``t``'s memory order (a transposed view gives a transposed result); ``shifts`` (int32, one per
     entry of ``scaled_dim``) from :func:`fixed_point_shifts`. Entry ``t[i, j]`` ≈ ``Σ_k 256ᵏ·digit_k
-    · 2⁻ˢ`` of its row, within 2⁻ˢ⁻¹. On CUDA one Triton launch after the row maxima
-    (:func:`snnopt.codegen.triton_lif.quantize_int8_into`); elsewhere the torch reference
-    :func:`_quantize_reference`, which computes the same digits.
+    · 2⁻ˢ`` of its row, within 2⁻ˢ⁻¹ (:data:`INT8_ROW_ERROR` of the row's largest). On CUDA one
+    Triton launch after the row maxima (:func:`snnopt.codegen.triton_lif.quantize_int8_into`);
+    elsewhere the torch reference :func:`_quantize_reference`, which computes the same digits.
     """
     if t.dim() != 2 or scaled_dim not in (0, 1):
         raise ValueError(f"quantize_int8: expected a 2-D tensor and scaled_dim 0 or 1, got {tuple(t.shape)}, "
@@ -347,46 +366,42 @@ def prefer(route: str):
 
 
 def route_choices() -> list[dict]:
-    """What :func:`preferred_route` chose in this process: shape, spike side, device, route, and the times (ms)."""
-    return [dict(choice, p=key[1][0], q=key[1][1], r=key[1][2], spikes=key[2], device=key[0])
-            for key, choice in _CHOICES.items()]
+    """What :func:`preferred_route` chose in this process: the shape (p, q, r), device, route, and the times (ms)."""
+    return [dict(choice, p=key[1][0], q=key[1][1], r=key[1][2], device=key[0]) for key, choice in _CHOICES.items()]
 
 
-def preferred_route(shape: tuple[int, int, int], spikes: str, device: torch.device) -> str:
-    """The tensor-core route for a ``(p × q)·(q × r)`` product whose spikes are int8-exact.
+def preferred_route(shape: tuple[int, int, int], device: torch.device) -> str:
+    """The tensor-core route for a forward product ``x·Wᵀ`` of shape (p × q)·(q × r) whose spikes are int8-exact.
 
     :func:`prefer`'s choice where one is set; bfloat16 off CUDA and under
     ``torch.use_deterministic_algorithms`` (no timing: the same route every run); else the fastest
-    of :data:`ROUTES` on this GPU, timed once per (shape, spike side, device) on operands of that
-    shape (:func:`_time_routes`; it allocates them and each route's temporaries once) and
-    remembered for the process. A route that raises is not chosen.
+    of :data:`ROUTES` on this GPU, timed once per (shape, device) on operands of that shape
+    (:func:`_time_routes`; it allocates them and each route's temporaries once) and remembered for
+    the process. A route that raises is not chosen.
     """
     preference = _PREFERENCE[-1]
     if preference != "auto":
         return preference
     if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return BFLOAT16
-    key = (str(device), tuple(shape), spikes)
+    key = (str(device), tuple(shape))
     if key not in _CHOICES:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # nothing to time in a capture
             return BFLOAT16
-        _CHOICES[key] = _time_routes(shape, spikes, device)
+        _CHOICES[key] = _time_routes(shape, device)
     return _CHOICES[key]["route"]
 
 
-def _time_routes(shape: tuple[int, int, int], spikes: str, device: torch.device) -> dict:
-    """Median ms of each route on random operands of ``shape`` (5 % spikes; the values do not change the work)."""
+def _time_routes(shape: tuple[int, int, int], device: torch.device) -> dict:
+    """Median ms of each route for ``x·Wᵀ`` on random operands of ``shape`` (5 % spikes; the values do not change
+    the work)."""
     p, q, r = shape
     gen = torch.Generator(device=device).manual_seed(0)
-    if spikes == "a":
-        a = (torch.rand(p, q, device=device, generator=gen) < 0.05).float()
-        b = torch.randn(r, q, device=device, generator=gen).t()  # Wᵀ, as the forward passes it
-    else:
-        a = torch.randn(q, p, device=device, generator=gen).t()  # dL/dIᵀ, as the weight gradient passes it
-        b = (torch.rand(q, r, device=device, generator=gen) < 0.05).float()
-    runs = {BFLOAT16: lambda: split_mm(a, b, spikes), INT8: lambda: int8_mm(a, b, spikes)}
+    x = (torch.rand(p, q, device=device, generator=gen) < 0.05).to(torch.int8)  # as a compact layer builds it
+    w_t = torch.randn(r, q, device=device, generator=gen).t()  # Wᵀ, as the forward passes it
+    runs = {BFLOAT16: lambda: split_mm(x, w_t, "a"), INT8: lambda: int8_mm(x, w_t, "a")}
     if _triton_importable():
-        runs[INT8_TRITON] = lambda: int8_mm(a, b, spikes, fused=True)  # its first call compiles the kernel
+        runs[INT8_TRITON] = lambda: int8_mm(x, w_t, "a", fused=True)  # its first call compiles the kernel
     times, errors = {}, {}
     for route, run in runs.items():
         try:
@@ -527,8 +542,11 @@ def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: 
     if not applies(spikes, other, shape):
         return None
     kind = spike_kind(spikes)
-    if kind == INT8 and int8_fits(*shape, side, spikes.device.type):
-        route = preferred_route(shape, side, spikes.device)
+    # The int8 routes only for x·Wᵀ (spikes on the left): a weight gradient's dL/dI spans many binades
+    # (the surrogate's tails, the leak's decay), and its small entries would lose their precision to
+    # a fixed point set by each neuron's largest (module docstring).
+    if kind == INT8 and side == "a" and int8_fits(*shape, side, spikes.device.type):
+        route = preferred_route(shape, spikes.device)
         device_type = spikes.device.type
         usable = {BFLOAT16: True, INT8: _int_mm_available(device_type),
                   INT8_TRITON: _triton_importable() and (device_type == "cuda" or _triton_interpreted())}
@@ -598,12 +616,11 @@ def weight_grad_route(grad_rows: Tensor, x_rows: Tensor) -> Optional[str]:
 def weight_grad(grad_rows: Tensor, x_rows: Tensor, *, route: Optional[str] | bool = None) -> Tensor:
     """``grad_rowsᵀ @ x_rows`` (``(N, M)·(M, K)``) in ``grad_rows``' dtype; on tensor cores when ``x_rows`` is spikes.
 
-    ``route``: decided by the caller, as in :func:`linear`.
+    ``route``: decided by the caller, as in :func:`linear` (only :data:`BFLOAT16` is taken here, see
+    :func:`route_for`).
     """
     if route is None:
         route = weight_grad_route(grad_rows, x_rows)
-    if route in INT8_ROUTES:
-        return int8_mm(grad_rows.t(), x_rows, spikes="b", fused=route == INT8_TRITON)
     if route:
         return split_mm(grad_rows.t(), x_rows, spikes="b")
     return grad_rows.t().mm(x_rows.to(grad_rows.dtype))

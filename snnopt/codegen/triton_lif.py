@@ -402,7 +402,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, shift_ptr, out_ptr, rows, cols, depth, strid
                       plane_stride, DIGITS_ON_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
     # out (rows x cols, float32, contiguous) = a @ b where one operand holds int8 spikes and the other
-    # three int8 digit planes (plane k at k * plane_stride) of a per-row fixed point: one int32
+    # four int8 digit planes (plane k at k * plane_stride) of a per-row fixed point: one int32
     # accumulator per plane, exact; the epilogue of spike_matmul.combine_int8 (int64 sum, one
     # rounding, 2**-shift per row of the scaled operand: columns of b, or rows of a). Grouped
     # tile order, so neighbouring programs share operand tiles in L2.
@@ -422,6 +422,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, shift_ptr, out_ptr, rows, cols, depth, strid
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     for k in tl.range(0, depth, BLOCK_K, num_stages=STAGES):
         a_mask = (rm[:, None] < rows) & (rk[None, :] + k < depth)
         b_mask = (rk[:, None] + k < depth) & (rn[None, :] < cols)
@@ -430,14 +431,16 @@ def _int8_gemm_kernel(a_ptr, b_ptr, shift_ptr, out_ptr, rows, cols, depth, strid
             acc0 = tl.dot(a, tl.load(b_tile, mask=b_mask, other=0), acc0, out_dtype=tl.int32)
             acc1 = tl.dot(a, tl.load(b_tile + plane_stride, mask=b_mask, other=0), acc1, out_dtype=tl.int32)
             acc2 = tl.dot(a, tl.load(b_tile + 2 * plane_stride, mask=b_mask, other=0), acc2, out_dtype=tl.int32)
+            acc3 = tl.dot(a, tl.load(b_tile + 3 * plane_stride, mask=b_mask, other=0), acc3, out_dtype=tl.int32)
         else:
             b = tl.load(b_tile, mask=b_mask, other=0)
             acc0 = tl.dot(tl.load(a_tile, mask=a_mask, other=0), b, acc0, out_dtype=tl.int32)
             acc1 = tl.dot(tl.load(a_tile + plane_stride, mask=a_mask, other=0), b, acc1, out_dtype=tl.int32)
             acc2 = tl.dot(tl.load(a_tile + 2 * plane_stride, mask=a_mask, other=0), b, acc2, out_dtype=tl.int32)
+            acc3 = tl.dot(tl.load(a_tile + 3 * plane_stride, mask=a_mask, other=0), b, acc3, out_dtype=tl.int32)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
-    whole = (acc2.to(tl.int64) * 256 + acc1.to(tl.int64)) * 256 + acc0.to(tl.int64)
+    whole = ((acc3.to(tl.int64) * 256 + acc2.to(tl.int64)) * 256 + acc1.to(tl.int64)) * 256 + acc0.to(tl.int64)
     if DIGITS_ON_B:
         s = tl.load(shift_ptr + rn, mask=rn < cols, other=0)[None, :]
     else:
@@ -1228,26 +1231,27 @@ def combine_int8_into(acc: Tensor, shifts: Tensor, out: Tensor, scaled_dim: int,
             BLOCK=block, **LAUNCH_OPTIONS)
 
 
-# The fused int8 GEMM's tiles: three int32 accumulators of BLOCK_M × BLOCK_N over 8 warps (96
-# registers a thread), operand tiles of BLOCK_K bytes a row, three stages in shared memory (~120 KB).
+# The fused int8 GEMM's tiles: four int32 accumulators of BLOCK_M × BLOCK_N over 8 warps (128
+# registers a thread), operand tiles of BLOCK_K bytes a row, three stages in shared memory (~144 KB).
 INT8_GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, STAGES=3, num_warps=8)
 
 
 def int8_gemm(a: Tensor, b: Tensor, shifts: Tensor, digits_on_b: bool) -> Tensor:
-    """``spike_matmul``'s int8 product in one launch: the GEMM of int8 spikes with three int8 digit planes and
+    """``spike_matmul``'s int8 product in one launch: the GEMM of int8 spikes with four int8 digit planes and
     the combine of :func:`combine_int8_into` fused (no int32 planes in memory).
 
-    ``digits_on_b``: ``b`` is ``(K, 3·N)`` digit planes side by side and ``a`` ``(M, K)`` spikes (shifts
-    per column); else ``a`` is ``(3·M, K)`` digit planes stacked and ``b`` ``(K, N)`` spikes (shifts
+    ``digits_on_b``: ``b`` is ``(K, 4·N)`` digit planes side by side and ``a`` ``(M, K)`` spikes (shifts
+    per column); else ``a`` is ``(4·M, K)`` digit planes stacked and ``b`` ``(K, N)`` spikes (shifts
     per row). Any strides. Returns ``(M, N)`` float32, equal to ``combine_int8(a @ b)``.
     """
-    if spike_matmul.INT8_SLICES != 3:
-        raise InvalidArgumentError("int8_gemm: the kernel adds three digit planes")
+    planes = spike_matmul.INT8_SLICES
+    if planes != 4:
+        raise InvalidArgumentError("int8_gemm: the kernel adds four digit planes")
     if digits_on_b:
-        rows, depth, cols = a.shape[0], a.shape[1], b.shape[1] // 3
+        rows, depth, cols = a.shape[0], a.shape[1], b.shape[1] // planes
         plane_stride = cols * b.stride(1)
     else:
-        rows, depth, cols = a.shape[0] // 3, a.shape[1], b.shape[1]
+        rows, depth, cols = a.shape[0] // planes, a.shape[1], b.shape[1]
         plane_stride = rows * a.stride(0)
     out = torch.empty((rows, cols), dtype=torch.float32, device=a.device)
     config = dict(INT8_GEMM_CONFIG)

@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from snnopt.codegen import triton_lif
+from snnopt.codegen import spike_matmul, triton_lif
 from tests.codegen.triton_cases import CASES, make_layer
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -43,9 +43,9 @@ COMPACT_KERNELS = {
     "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16"), dict(BLOCK=128, out_ptr="*i8")],
     "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split
     # spike_matmul's int8 route: the fixed-point digits, and the product put back together (both orientations)
-    "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=3, BLOCK=1024, src_ptr="*fp32", shift_ptr="*i32",
+    "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, src_ptr="*fp32", shift_ptr="*i32",
                                    out_ptr="*i8") for dim in (0, 1)],
-    "_combine_int8_kernel": [dict(SCALED_DIM=dim, SLICES=3, BLOCK=1024, acc_ptr="*i32", shift_ptr="*i32",
+    "_combine_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, acc_ptr="*i32", shift_ptr="*i32",
                                   out_ptr="*fp32") for dim in (0, 1)],
     # ... and the fused route's GEMM (digits on either operand), with the shipped tile configuration
     "_int8_gemm_kernel": [dict(DIGITS_ON_B=on_b, **triton_lif.INT8_GEMM_CONFIG, a_ptr="*i8", b_ptr="*i8",

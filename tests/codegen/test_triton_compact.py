@@ -263,18 +263,21 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
 @pytest.mark.parametrize("reset", ["subtract", "none"])
 @pytest.mark.parametrize("membrane_loss", [False, True])
 def test_int8_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device, dense_route_on_tensor_cores):
-    # The same on the int8 route: the input rebuilt from its events as int8 for both GEMMs, dL/dI
-    # quantized per neuron on the dense route, against the float32 reference.
+    # The int8 route preferred: the forward current from the input rebuilt as int8 from its events;
+    # the weight gradient stays on the bfloat16 route (spike_matmul.route_for: dL/dI's range), from
+    # the reverse filter's parts, or (membrane loss) split afterwards. Against the float32 reference.
     spike_matmul = dense_route_on_tensor_cores
     used = []
-    real_int8, real_split = spike_matmul.int8_mm, spike_matmul.split_mm
+    real_int8, real_split, real_parts = spike_matmul.int8_mm, spike_matmul.split_mm, spike_matmul.weight_grad_from_parts
     monkeypatch.setattr(spike_matmul, "int8_mm", lambda *a, **k: (used.append(("int8", k["spikes"], a[0].dtype,
                                                                                  a[1].dtype)), real_int8(*a, **k))[1])
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append("split"), real_split(*a, **k))[1])
+    monkeypatch.setattr(spike_matmul, "weight_grad_from_parts",
+                        lambda *a, **k: (used.append("parts"), real_parts(*a, **k))[1])
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     with spike_matmul.prefer(spike_matmul.INT8):
         _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
-    assert used == [("int8", "a", torch.int8, torch.float32), ("int8", "b", torch.float32, torch.int8)]
+    assert used == [("int8", "a", torch.int8, torch.float32), "split" if membrane_loss else "parts"]
 
 
 def test_non_spike_input_keeps_the_float32_gemm_when_the_split_would_apply(monkeypatch, device):
