@@ -149,19 +149,6 @@ def _split_slab(t: Tensor, pieces: list[Tensor]) -> None:
                 rest.sub_(piece.to(torch.float32))
 
 
-def is_bfloat16_exact(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is a bfloat16 value (spikes are); NaN is not. Syncs with the device."""
-    return as_bfloat16_if_exact(t) is not None
-
-
-def as_bfloat16_if_exact(t: Tensor) -> Optional[Tensor]:
-    """``t`` in bfloat16 if that loses nothing (see :func:`is_bfloat16_exact`), else None."""
-    if t.dtype == torch.bfloat16:
-        return t
-    rounded = t.to(torch.bfloat16)
-    return rounded if torch.equal(rounded.to(t.dtype), t) else None
-
-
 # The tensor-core routes: the split bfloat16 GEMM; the int8 one on cuBLASLt (torch._int_mm, then the
 # combine kernel); the int8 one as a Triton GEMM with the combine fused (triton_lif.int8_gemm).
 BFLOAT16, INT8, INT8_TRITON = "bfloat16", "int8", "int8_triton"
