@@ -71,6 +71,9 @@ def main(argv=None) -> int:
         report["cuda_error"] = _is_cuda_error(error)
         traceback.print_exc()
     report["first_call_ms"] = stage_ms
+    from snnopt.codegen import spike_matmul
+
+    report["spike_gemm_routes"] = spike_matmul.route_choices()  # the first forward times the routes
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 3 if report["cuda_error"] else 4
 
