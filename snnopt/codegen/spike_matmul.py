@@ -165,17 +165,19 @@ INT8_MAX_CONTRACTION = 2**17
 NONFINITE_SHIFT = 1 << 20  # a row's shift where its largest entry is ±inf or NaN: the row comes out NaN
 
 
-def spike_kind(t: Tensor) -> Optional[str]:
+def spike_kind(t: Tensor, integers: bool = True) -> Optional[str]:
     """:data:`INT8` where every entry is an integer in [-128, 127] (every route takes it), :data:`BFLOAT16` where
-    every entry is only a bfloat16 value, else None (NaN is neither). One read of the device."""
+    every entry is only a bfloat16 value, else None (NaN is neither). One read of the device. Without
+    ``integers`` (no int8 route could follow) the integer check is skipped: bfloat16 values say BFLOAT16."""
     if t.dtype == torch.int8 or not t.numel():
         return INT8
-    bfloat16_exact = (t.to(torch.bfloat16).to(t.dtype) == t).all()
-    integral = ((t == t.round()) & (t >= -128) & (t <= 127)).all()
-    bfloat16_exact, integral = torch.stack([bfloat16_exact, integral]).tolist()
+    checks = [(t.to(torch.bfloat16).to(t.dtype) == t).all()]
+    if integers:
+        checks.append(((t == t.round()) & (t >= -128) & (t <= 127)).all())
+    bfloat16_exact, *integral = torch.stack(checks).tolist()
     if not bfloat16_exact:
         return None
-    return INT8 if integral else BFLOAT16
+    return INT8 if integral and integral[0] else BFLOAT16
 
 
 def _pow2(k: Tensor) -> Tensor:
@@ -528,11 +530,12 @@ def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: 
     may be just the operand's nonzeros)."""
     if not applies(spikes, other, shape):
         return None
-    kind = spike_kind(spikes)
     # The int8 routes only for x·Wᵀ (spikes on the left): a weight gradient's dL/dI spans many binades
     # (the surrogate's tails, the leak's decay), and its small entries would lose their precision to
     # a fixed point set by each neuron's largest (module docstring).
-    if kind == INT8 and side == "a" and int8_fits(*shape, side, spikes.device.type):
+    int8_possible = side == "a" and int8_fits(*shape, side, spikes.device.type)
+    kind = spike_kind(spikes, integers=int8_possible)
+    if kind == INT8 and int8_possible:
         route = preferred_route(shape, spikes.device)
         device_type = spikes.device.type
         usable = {BFLOAT16: True, INT8: _int_mm_available(device_type),
