@@ -1,0 +1,179 @@
+"""Where a sparse layer's step spends its time on a GPU: host (Python, dispatch, launches) or kernels.
+
+The GPU suite's per-layer times are CUDA-event intervals: when the device waits on the host they
+are host time. This script takes the seed network's two hidden layers (B=256, T=100, H=200) and
+the Open Neuromorphic layer (n=4096), eager and replayed from CUDA graphs, and reports for each
+phase: the event interval, the host wall time (synchronised before and after), the device busy
+time (``torch.profiler``), and the Python functions that take the host time (``cProfile``, top
+entries by own time). Diagnostic only: nothing here is a result to quote without its context.
+
+    python benchmarks/gpu_host_profile.py --out /some/folder     # about a minute on a warm GPU
+    python benchmarks/gpu_host_profile.py --device cpu --smoke   # CPU check of this code
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    from benchmarks import _harness, gpu_suite
+    from benchmarks import seed_network as seed
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import _harness
+    import gpu_suite
+    import seed_network as seed
+
+
+def _sync(device):
+    _harness.synchronize(device)
+
+
+def phase_times(case: "gpu_suite.Case", device, rounds: int) -> dict:
+    """Median event interval and host wall time of forward and backward over ``rounds`` runs."""
+    events = {"forward": [], "backward": []}
+    walls = {"forward": [], "backward": []}
+    for _ in range(rounds):
+        case._clear()
+        _sync(device)
+        start = time.perf_counter()
+        with _harness.timing_device(device):
+            timer = _harness.StepTimer()
+            out = case.forward()
+            timer.mark()
+            mid = time.perf_counter()
+            case.backward(out)
+            timer.mark()
+            end_host = time.perf_counter()
+            fwd, bwd = timer.intervals()
+        walls["forward"].append(mid - start)
+        walls["backward"].append(end_host - mid)
+        events["forward"].append(fwd)
+        events["backward"].append(bwd)
+        del out
+    return {phase: {"event_ms": round(statistics.median(events[phase]) * 1e3, 4),
+                    "host_issue_ms": round(statistics.median(walls[phase]) * 1e3, 4)}
+            for phase in events}
+
+
+def python_profile(case: "gpu_suite.Case", device, calls: int = 5, top: int = 25) -> dict:
+    """cProfile of ``calls`` forwards and backwards: the top functions by own time, per phase."""
+    report = {}
+    outs = []
+    for phase in ("forward", "backward"):
+        profiler = cProfile.Profile()
+        for k in range(calls):
+            if phase == "forward":
+                case._clear()
+                _sync(device)
+                profiler.enable()
+                outs.append(case.forward())
+                profiler.disable()
+            else:
+                _sync(device)
+                # CUDA backward functions run on autograd's device thread, which cProfile does not see.
+                with torch.autograd.set_multithreading_enabled(False):
+                    profiler.enable()
+                    case.backward(outs[k])
+                    profiler.disable()
+        _sync(device)
+        stream = io.StringIO()
+        stats = pstats.Stats(profiler, stream=stream)
+        stats.sort_stats("tottime").print_stats(top)
+        report[phase] = stream.getvalue().splitlines()
+    del outs
+    case._clear()
+    return report
+
+
+def cases(device, smoke: bool) -> dict:
+    sizes = gpu_suite.MODES["smoke" if smoke else "full"]
+    cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=200)
+    x = seed.latency_code(seed.synthetic_fashion_images(cfg.batch, seed=cfg.seed), cfg).to(device)
+    weights = [w.to(device) for w in seed.initial_weights(cfg)]
+    with torch.device(device):
+        dense = seed.DenseEagerSNN(cfg, unbind=True)
+    membranes = []
+    with torch.no_grad():
+        for param, weight in zip(dense.weights(), weights):
+            param.copy_(weight)
+        _, (s1, _) = dense(x, membranes)
+    active1 = ((membranes[0] - cfg.threshold).abs() < cfg.window).flatten().nonzero().squeeze(1)
+    del dense, membranes
+    out = {}
+    for name, inp, weight, needs in (("seed_L1", x, weights[0], False), ("seed_L2", s1, weights[1], True)):
+        grad_out = torch.randn(cfg.batch, cfg.steps, cfg.hidden, device=device)
+        errors: dict = {}
+        layer = gpu_suite.layer_cases(cfg, inp, weight, grad_out, active1, needs, errors)
+        for key in ("snnopt_sparse", gpu_suite.GRAPHED):
+            if key in layer:
+                out[f"{name}.{key}"] = layer[key]
+            elif key in errors:
+                out[f"{name}.{key}"] = errors[key]
+    cfg, x, weight = gpu_suite.on_problem(sizes.on_neurons[0], sizes, argparse.Namespace(
+        seed=0, on_input_rate=0.05, on_weight_gain=1.0), device)
+    builders = gpu_suite.on_builders(cfg, weight)
+    for key in ("snnopt_sparse", gpu_suite.GRAPHED):
+        try:
+            with torch.device(device):
+                module = builders[key][1]()
+            forward, inp = gpu_suite.on_call(key, module, x)
+        except Exception as error:  # no CUDA for the graphed variant (smoke runs on CPU)
+            out[f"on_{cfg.hidden}.{key}"] = gpu_suite.describe(error)
+            continue
+        out[f"on_{cfg.hidden}.{key}"] = gpu_suite.Case(
+            key, key, lambda forward=forward, inp=inp: forward(inp).sum(), lambda loss: loss.backward(),
+            list(module.parameters()))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None, help="folder for gpu_host_profile.json (default: print only)")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = gpu_suite.normalise_device(torch.device(args.device))
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cases": {}}
+    for name, case in cases(device, args.smoke).items():
+        if isinstance(case, str):
+            report["cases"][name] = {"error": case}
+            continue
+        entry = {}
+        try:
+            case.timed()  # compile, route timing
+            entry["times"] = phase_times(case, device, args.rounds)
+            with torch.autograd.set_multithreading_enabled(False):  # the backward on the calling thread
+                entry["times_one_thread"] = phase_times(case, device, args.rounds)
+            entry["python"] = python_profile(case, device)
+            profile = gpu_suite.profile_case(case, device)
+            entry["device"] = {phase: {k: profile[phase][k] for k in ("device_busy_us", "device_launches",
+                                                                      "wall_us_under_profiler")}
+                               for phase in profile}
+            entry["device_top"] = {phase: profile[phase]["top"] for phase in profile}
+        except Exception as error:  # a diagnostic: one failing case must not hide the others
+            entry["error"] = gpu_suite.describe(error)
+        report["cases"][name] = entry
+        print(name, json.dumps({k: entry.get(k) for k in ("times", "times_one_thread", "device", "error")}), flush=True)
+        for phase, lines in entry.get("python", {}).items():
+            print(f"--- {name} {phase}: python by own time")
+            print("\n".join(line for line in lines[:45] if line.strip()))
+    if args.out:
+        path = Path(args.out) / "gpu_host_profile.json"
+        path.write_text(json.dumps(report, indent=1))
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
