@@ -65,10 +65,10 @@ def _network(x, w1, w2, w3):
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _problem(rate=0.3, seed=0, dtype=torch.float32):
+def _problem(rate=0.3, seed=0, dtype=torch.float32, features=12):
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(3, 8, 12, generator=gen) < rate).to(DEVICE, dtype)
-    w1 = ((torch.rand(10, 12, generator=gen) - 0.2) * 0.9).to(DEVICE, dtype).requires_grad_()
+    x = (torch.rand(3, 8, features, generator=gen) < rate).to(DEVICE, dtype)
+    w1 = ((torch.rand(10, features, generator=gen) - 0.2) * 0.9).to(DEVICE, dtype).requires_grad_()
     w2 = ((torch.rand(9, 10, generator=gen) - 0.2) * 1.2).to(DEVICE, dtype).requires_grad_()
     w3 = (torch.rand(4, 9, generator=gen) - 0.5).to(DEVICE, dtype).requires_grad_()
     return x, w1, w2, w3
@@ -121,7 +121,9 @@ def test_static_plan_on_the_tensor_core_gemm_routes(route, monkeypatch):
     # from the recording, and the static step checks on the device that the spikes suit them.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
-    inputs = _problem(seed=3)
+    # 16 input features: on CUDA torch._int_mm takes only contractions that are multiples of 8
+    # (spike_matmul.int8_fits); layer 1's product (24 x 16)·(16 x 10) fits.
+    inputs = _problem(seed=3, features=16)
     with spike_matmul.prefer(route):
         expected = _step(_network, inputs)
         plan, step = _recorded_plan(inputs)
