@@ -4,20 +4,21 @@
 # SpikingJelly and their pure-Python dependency loguru travel as wheels in .whl/ (prepared with
 # `pip download --no-deps`, see benchmarks/README.md), and snnopt runs from the source tree.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh          # under 10 minutes (565 s of limits) on a warm GPU
+#   OUT=/some/folder bash benchmarks/gpu_check.sh          # under 10 minutes (560 s of limits) on a warm GPU
 #
 # Steps: install the wheels into /tmp/site; print nvidia-smi and versions; a probe of the CUDA-graph
 # capture in its own process (at most 75 s, compiling the kernels the suite then finds in Triton's
 # cache; the suite leaves the captured variants out if it fails);
 # the GPU suite (at most
-# 270 s: seed sizes start until 80 s, ON sizes until 170 s, then the kernel-tuning trials until
-# 220 s; 5 timed rounds; torch.compile of the whole 500-step loop left out, see gpu_suite.py
-# --with-compile; torch.compile of the step is in);
-# then the GPU tests (pytest -m gpu, at most 140 s), then the capture-plan, compact-path and
+# 240 s, 136 s in H200 run 5: seed sizes start until 80 s, ON sizes until 170 s, then the
+# kernel-tuning trials until 220 s; 5 timed rounds; torch.compile of the whole 500-step loop left
+# out, see gpu_suite.py --with-compile; torch.compile of the step is in); the host profile (at
+# most 45 s: where the per-layer times go, host or kernels);
+# then the GPU tests (pytest -m gpu, at most 120 s), then the capture-plan, compact-path and
 # kernel-tuning test files with the compiled kernels (at most 80 s). The suite before the tests: a
 # lease cut short keeps the numbers.
-# Logs: $OUT/env.log, gpu_probe.log, gpu_suite.log, gpu_tests.log, gpu_unit_tests.log; results:
-# $OUT/gpu_suite_<device>.json
+# Logs: $OUT/env.log, gpu_probe.log, gpu_suite.log, gpu_host_profile.log, gpu_tests.log,
+# gpu_unit_tests.log; results: $OUT/gpu_host_profile.json, $OUT/gpu_suite_<device>.json
 # (rewritten after every size, so a cut-short run keeps what finished) and .png. A failing step
 # does not stop the next one.
 set -u
@@ -64,15 +65,20 @@ timeout 75 python3 benchmarks/gpu_probe.py --variant snnopt_sparse_graphed --n 4
 if [ "${PIPESTATUS[0]}" != 0 ]; then SKIP="--skip snnopt_sparse_graphed"; fi
 echo "probe done; suite options: ${SKIP:-none}" | tee -a "$OUT/gpu_probe.log"
 
-echo "== GPU suite (limit 270 s)" | tee "$OUT/gpu_suite.log"
+echo "== GPU suite (limit 240 s)" | tee "$OUT/gpu_suite.log"
 # shellcheck disable=SC2086  # $SKIP is empty or two words
-timeout 270 python3 benchmarks/gpu_suite.py --device cuda:0 --out "$OUT" --repeat 5 --warmup 1 \
+timeout 240 python3 benchmarks/gpu_suite.py --device cuda:0 --out "$OUT" --repeat 5 --warmup 1 \
   --seed-budget 80 --budget 170 --tuning-budget 220 $SKIP 2>&1 | tee -a "$OUT/gpu_suite.log"
 echo "gpu_suite exit status ${PIPESTATUS[0]} (1: a correctness check failed; 124: timed out, partial JSON kept)" \
   | tee -a "$OUT/gpu_suite.log"
 
-echo "== GPU tests (pytest -m gpu, limit 140 s)" | tee "$OUT/gpu_tests.log"
-timeout 140 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
+# Where each variant's time goes: host or kernels (benchmarks/gpu_host_profile.py, diagnostic only).
+echo "== host profile (limit 45 s)" | tee "$OUT/gpu_host_profile.log"
+timeout 45 python3 benchmarks/gpu_host_profile.py --out "$OUT" 2>&1 | tee -a "$OUT/gpu_host_profile.log" >/dev/null
+echo "gpu_host_profile exit status ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_host_profile.log"
+
+echo "== GPU tests (pytest -m gpu, limit 120 s)" | tee "$OUT/gpu_tests.log"
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out)" | tee -a "$OUT/gpu_tests.log"
 
 # The interpreter suites of the capture plans, the compact path and the kernel tunings, run here

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import pstats
 import statistics
@@ -66,33 +65,66 @@ def phase_times(case: "gpu_suite.Case", device, rounds: int) -> dict:
 
 
 def python_profile(case: "gpu_suite.Case", device, calls: int = 5, top: int = 25) -> dict:
-    """cProfile of ``calls`` forwards and backwards: the top functions by own time, per phase."""
-    report = {}
-    outs = []
-    for phase in ("forward", "backward"):
-        profiler = cProfile.Profile()
-        for k in range(calls):
-            if phase == "forward":
-                case._clear()
-                _sync(device)
-                profiler.enable()
-                outs.append(case.forward())
-                profiler.disable()
-            else:
-                _sync(device)
-                # CUDA backward functions run on autograd's device thread, which cProfile does not see.
-                with torch.autograd.set_multithreading_enabled(False):
-                    profiler.enable()
-                    case.backward(outs[k])
-                    profiler.disable()
+    """cProfile of ``calls`` steps, forward and backward profiled apart: the top functions by own time.
+
+    Steps one after the other (a captured model replays its backward only after its own forward),
+    the backward on the calling thread: CUDA backward functions run on autograd's device thread,
+    which cProfile does not see.
+    """
+    profilers = {"forward": cProfile.Profile(), "backward": cProfile.Profile()}
+    for _ in range(calls):
+        case._clear()
         _sync(device)
-        stream = io.StringIO()
-        stats = pstats.Stats(profiler, stream=stream)
-        stats.sort_stats("tottime").print_stats(top)
-        report[phase] = stream.getvalue().splitlines()
-    del outs
+        profilers["forward"].enable()
+        out = case.forward()
+        profilers["forward"].disable()
+        _sync(device)
+        with torch.autograd.set_multithreading_enabled(False):
+            profilers["backward"].enable()
+            case.backward(out)
+            profilers["backward"].disable()
+        del out
+    _sync(device)
+    case._clear()
+    report = {}
+    for phase, profiler in profilers.items():
+        stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own s, cumulative s, callers)}
+        rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+        # Microseconds per step: own time, cumulative time, calls per step.
+        report[phase] = [f"{own / calls * 1e6:9.1f} {cum / calls * 1e6:9.1f} {n / calls:6.1f}  "
+                         f"{Path(file).name}:{line}({name})" for (file, line, name), (_, n, own, cum, _) in rows]
+    return report
+
+
+def cpu_side(case: "gpu_suite.Case", device, top: int = 15) -> dict:
+    """The host's busiest operations of one forward and one backward (``torch.profiler`` self CPU time):
+    where waits on the device (``cudaStreamSynchronize``, ``aten::_local_scalar_dense``) and launches go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    report, out = {}, None
+    case._clear()
+    for phase in ("forward", "backward"):
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            if phase == "forward":
+                out = case.forward()
+            else:
+                case.backward(out)
+            _sync(device)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+        report[phase] = {e.key: {"calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)} for e in events}
+    del out
     case._clear()
     return report
+
+
+def autograd_floor(device) -> "gpu_suite.Case":
+    """The least a backward call costs: ``y = x * 2`` on one element, through autograd (the suite's
+    per-layer backward times include this much whatever the layer does)."""
+    x = torch.ones(1, device=device, requires_grad=True)
+    grad = torch.ones(1, device=device)
+    return gpu_suite.Case("autograd_floor", "x * 2, one element", lambda: x * 2,
+                          lambda y: torch.autograd.backward(y, grad), [x])
 
 
 def cases(device, smoke: bool) -> dict:
@@ -109,7 +141,7 @@ def cases(device, smoke: bool) -> dict:
         _, (s1, _) = dense(x, membranes)
     active1 = ((membranes[0] - cfg.threshold).abs() < cfg.window).flatten().nonzero().squeeze(1)
     del dense, membranes
-    out = {}
+    out = {"autograd_floor": autograd_floor(device)}
     for name, inp, weight, needs in (("seed_L1", x, weights[0], False), ("seed_L2", s1, weights[1], True)):
         grad_out = torch.randn(cfg.batch, cfg.steps, cfg.hidden, device=device)
         errors: dict = {}
@@ -161,13 +193,17 @@ def main(argv=None) -> int:
                                                                       "wall_us_under_profiler")}
                                for phase in profile}
             entry["device_top"] = {phase: profile[phase]["top"] for phase in profile}
+            entry["host_top"] = cpu_side(case, device)
         except Exception as error:  # a diagnostic: one failing case must not hide the others
             entry["error"] = gpu_suite.describe(error)
         report["cases"][name] = entry
         print(name, json.dumps({k: entry.get(k) for k in ("times", "times_one_thread", "device", "error")}), flush=True)
         for phase, lines in entry.get("python", {}).items():
-            print(f"--- {name} {phase}: python by own time")
-            print("\n".join(line for line in lines[:45] if line.strip()))
+            print(f"--- {name} {phase}: python by own time (us per step: own, cumulative, calls)")
+            print("\n".join(lines))
+        for phase, ops in entry.get("host_top", {}).items():
+            print(f"--- {name} {phase}: host operations by self CPU time (us)")
+            print("\n".join(f"  {v['self_cpu_us']:>10} {v['calls']:>5}  {k[:90]}" for k, v in ops.items()))
     if args.out:
         path = Path(args.out) / "gpu_host_profile.json"
         path.write_text(json.dumps(report, indent=1))

@@ -651,16 +651,19 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
 
     cases = {
         "torch.add(out=)": lambda: torch.add(a, b, out=c),
-        "_reverse_filter_kernel, 7 arguments": lambda: module._reverse_filter_kernel[(1, 1)](
-            dense_g, beta, dense_out, parts, steps, neurons, steps, SPLIT=False, BLOCK_N=16, STAGES=1, **options),
+        "_reverse_filter_kernel, 9 arguments": lambda: module._reverse_filter_kernel[(1, 1)](
+            dense_g, beta, dense_out, parts, c, c, steps, neurons, steps, WRITE=True, SPLIT=False, SUMS=False,
+            BLOCK_N=16, STAGES=1, **options),
         "same, without launch options": lambda: module._reverse_filter_kernel[(1, 1)](
-            dense_g, beta, dense_out, parts, steps, neurons, steps, SPLIT=False, BLOCK_N=16, STAGES=1),
+            dense_g, beta, dense_out, parts, c, c, steps, neurons, steps, WRITE=True, SPLIT=False, SUMS=False,
+            BLOCK_N=16, STAGES=1),
         "_sparse_weight_grad_kernel, 18 arguments": weight_grad_kernel,
         "triton_lif.sparse_backward (launcher, allocations, 1 launch)": lambda: triton_lif.sparse_backward(
             grad_spikes, False, active, active_surr, active_offsets, events, beta, weight, None, batch, steps,
             need_weight=True, need_bias=True, need_initial_v=False, in_dtype=torch.float32),
-        "triton_lif.reverse_filter (launcher, scatter, 1 launch)": lambda: triton_lif.reverse_filter(
-            active_surr, active, beta, batch, steps, neurons, split=False),
+        "triton_lif.reverse_sweep (launcher, allocations, 2 launches)": lambda: triton_lif.reverse_sweep(
+            grad_spikes, False, active, active_surr, active_offsets, beta, weight, None, batch, steps, write=True,
+            split=False, need_sums=True, in_dtype=torch.float32),
     }
     cases.update(_layer_step_cases(device, batch, steps, features, neurons))
     report = {"calls": calls}

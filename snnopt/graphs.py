@@ -81,7 +81,13 @@ class CaptureSite:
     split_linear: Optional[bool | str] = None
     split_weight_grad: Optional[bool | str] = None
     pair_weight_grad: Optional[bool] = None   # the compact backward's weight gradient from event pairs
+    # Whether the forward's active entries fit their staging areas in every recorded step: then the
+    # captured forward lists them from there (one sweep), else with a second sweep.
+    staged: Optional[bool] = None
     uncapturable: list = field(default_factory=list)
+
+    def staging_held(self, held: bool) -> None:
+        self.staged = held if self.staged is None else self.staged and held
 
     def spike_routes(self) -> set:
         """The tensor-core routes the step takes, each relying on the layer input suiting it (checked on the device)."""
@@ -153,7 +159,7 @@ class CapturePlan:
                  "active_seen": site.active_seen, "active_capacity": site.active_capacity,
                  "events_seen": site.events_seen, "events_capacity": site.events_capacity,
                  "split_linear": site.split_linear, "split_weight_grad": site.split_weight_grad,
-                 "pair_weight_grad": site.pair_weight_grad} for site in self.sites]
+                 "pair_weight_grad": site.pair_weight_grad, "staged": site.staged} for site in self.sites]
 
 
 def _capacity(seen: int, headroom: float, limit: int) -> int:

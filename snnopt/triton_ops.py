@@ -45,10 +45,9 @@ def _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, ba
                    window=window)
 
 
-@torch.library.custom_op("snnopt::lif_triton", mutates_args=())
 @outside_autocast
 @triton_lif.on_device_of("x")
-def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
+def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
                   beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
                   initial_syn: Optional[Tensor], input_active: Optional[Tensor],
                   reset: str, detach_reset: bool, surrogate: str, surrogate_param: float, fire_at_threshold: bool,
@@ -93,7 +92,8 @@ def lif_triton_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
         current.contiguous(), beta, threshold, alpha, recurrent_weight, initial_v, initial_syn, spec,
         out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
         collect_active=needs_backward and spec.sparse and not compact, compact_active=compact,
-        list_capacity=site.active_capacity if (static and compact) else None, flag=plan.flag if static else None)
+        list_capacity=site.active_capacity if (static and compact) else None, flag=plan.flag if static else None,
+        staged=bool(static and site.staged), staging_held=None if (site is None or static) else site.staging_held)
     del current
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
     saved_membrane = membrane if exact_saves else _empty(x, acc)
@@ -157,6 +157,49 @@ def _route(site: Optional[graphs.CaptureSite], static: bool, route: str, decide)
             "steps never made: a captured model must compute the same gradients (same parameters requiring grad) "
             "in every step")
     return value
+
+
+lif_triton_op = torch.library.custom_op("snnopt::lif_triton", mutates_args=())(_lif_triton)
+
+
+def lif_triton(*args) -> tuple[Tensor, ...]:
+    """``lif_triton_op(*args)``, or in plain eager mode its implementation under a plain autograd function.
+
+    The op exists so ``torch.compile`` / ``torch.export`` / FX see the layer whole, and it is what
+    they record. In plain eager mode (no compiler, no functorch transform, ordinary tensors) the
+    dispatcher's trip adds only host time, which is most of a sparse layer's time on a GPU: the
+    custom op's autograd wrapper rebuilds every argument's default from the schema (about 0.1 ms
+    for this op's 19 arguments on a 2-core Xeon) and checks its outputs' storages. The same
+    forward, setup and backward functions run either way, so the results are the same
+    (tests/codegen/test_triton_compact.py compares the two).
+    """
+    if not _plain_eager(args):
+        return lif_triton_op(*args)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        return _EagerLifTriton.apply(*args)
+    return _lif_triton(*args)
+
+
+def _plain_eager(args) -> bool:
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) in _PLAIN_TENSOR_TYPES for t in args if isinstance(t, Tensor))
+
+
+class _EagerLifTriton(torch.autograd.Function):
+    """``snnopt::lif_triton``'s autograd (:func:`_setup_context`, :func:`_backward`) without the dispatcher."""
+
+    @staticmethod
+    def forward(*args):
+        return _lif_triton(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def _common_route(recorded, chosen):
@@ -235,11 +278,12 @@ def _setup_context(ctx, inputs, output):
     plan = graphs.active_plan()
     ctx.capture = (plan, plan.current) if plan is not None else None
     ctx.sparse_input_grad = (eager and plan is None and compact and input_active is not None
-                             and type(x.grad_fn).__name__.startswith(_TRITON_NODE_PREFIX)
+                             and type(x.grad_fn).__name__.startswith(_TRITON_NODE_PREFIXES)
                              and _is_producer_list(x, input_active))
 
 
-_TRITON_NODE_PREFIX = "GeneratedBackwardFor_snnopt_lif_triton_"  # autograd's name for this op's backward node
+# Autograd's names for this op's backward node: through the op, and through lif_triton in plain eager mode.
+_TRITON_NODE_PREFIXES = ("GeneratedBackwardFor_snnopt_lif_triton_", "_EagerLifTritonBackward")
 _SAVED_ACTIVE_INDEX = 12  # position in ctx.save_for_backward above
 # COO gradients built here, mapped to the flat index list their values follow.
 _COO_SOURCES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -384,34 +428,36 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                                      "active entries)")
         if not dense:
             # The pair sum adds into dW, db and dv0 with atomics, in an order that varies from run to
-            # run: under torch.use_deterministic_algorithms all three come from the dense route.
+            # run: under torch.use_deterministic_algorithms they come from the reverse sweep instead.
             deterministic = torch.are_deterministic_algorithms_enabled()
 
-            # Too many input events for the pair sum: the weight gradient alone goes dense, from
-            # the same g (a reverse β-filter, then one GEMM); the rest stays on the lists.
+            # Too many input events for the pair sum: the weight gradient goes dense (a reverse
+            # β-filter, then one GEMM); db and dv0 come from the same sweep.
             def cheaper():
                 return not deterministic and triton_lif.events_are_cheaper(
                     active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
             pairs = need_weight and _decided(site, static, "pair_weight_grad", cheaper)
-            grad_w, grad_b, grad_v0, grad_x, g = triton_lif.sparse_backward(
-                grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
-                events if pairs else None, beta, weight, input_active if restricted else None,
-                batch, steps, need_weight=pairs, need_bias=need_bias and not deterministic,
-                need_initial_v=need_initial_v and not deterministic, in_dtype=in_dtype)
-            dense_w = need_weight and not pairs
-            if dense_w or (deterministic and (need_bias or need_initial_v)):
-                route = dense_w and _decided(site, static, "split_weight_grad",
-                                             lambda: _input_route(events, weight, batch, steps))
-                dense_grads = _dense_route_grads(
-                    g, active_index, beta, events, weight, acc, batch, steps, route=route, need_weight=dense_w,
-                    need_bias=need_bias and deterministic, need_initial_v=need_initial_v and deterministic)
-                grad_w = dense_grads[0] if dense_w else grad_w
-                if deterministic:
-                    grad_b, grad_v0 = dense_grads[1:]
+            sums_needed = need_bias or need_initial_v
+            if (need_weight and not pairs) or (deterministic and sums_needed):
+                route = need_weight and _decided(site, static, "split_weight_grad",
+                                                 lambda: _input_route(events, weight, batch, steps))
+                grad_current, grad_b, grad_v0, grad_x = triton_lif.reverse_sweep(
+                    grad_spikes, grad_is_compact, active_index, active_surr, active_offsets, beta, weight,
+                    input_active if restricted else None, batch, steps, write=need_weight,
+                    split=route == spike_matmul.BFLOAT16, need_sums=sums_needed, in_dtype=in_dtype)
+                grad_w = _weight_grad_from_current(grad_current, events, weight, batch, steps, route) \
+                    if need_weight else None
+            else:
+                grad_w, grad_b, grad_v0, grad_x = triton_lif.sparse_backward(
+                    grad_spikes, grad_is_compact, active_index, active_surr, active_offsets,
+                    events if pairs else None, beta, weight, input_active if restricted else None,
+                    batch, steps, need_weight=pairs, need_bias=need_bias, need_initial_v=need_initial_v,
+                    in_dtype=in_dtype)
             return (grad_x.to(in_dtype) if grad_x is not None else empty(),
                     grad_w.to(weight.dtype) if grad_w is not None else empty(),
-                    grad_b.to(weight.dtype) if grad_b is not None else empty(), empty(), empty(), empty(), empty(),
-                    grad_v0.to(in_dtype) if grad_v0 is not None else empty(), empty())
+                    grad_b.to(weight.dtype) if (need_bias and grad_b is not None) else empty(), empty(), empty(),
+                    empty(), empty(), grad_v0.to(in_dtype) if (need_initial_v and grad_v0 is not None) else empty(),
+                    empty())
         if grad_is_compact:
             values = grad_spikes
             grad_spikes = torch.zeros(batch * steps * neurons, dtype=values.dtype, device=values.device)
@@ -489,38 +535,20 @@ lif_triton_backward_op = torch.library.custom_op("snnopt::lif_triton_backward", 
     _lif_triton_backward)
 
 
-def _dense_route_grads(g: Tensor, active_index: Tensor, beta: Tensor, events, weight: Tensor, acc: torch.dtype,
-                       batch: int, steps: int, *, route, need_weight: bool = True, need_bias: bool = False,
-                       need_initial_v: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(dW, db, dv0)`` from dL/dI rebuilt densely from the active entries' g (unneeded ones None).
+def _weight_grad_from_current(grad_current: Tensor, events, weight: Tensor, batch: int, steps: int, route) -> Tensor:
+    """dW = dL/dIᵀ·x on the dense route, x rebuilt from its events as the GEMM's operand.
 
-    The compact layer's dense route: dW = dL/dIᵀ·x with x rebuilt from its events; db = Σ_{b,t}
-    dL/dI and dv0 = β·dL/dI[:, 0] (what the pair kernel's atomics add up entry by entry; taken
-    from here only under deterministic algorithms, as reductions without atomics). The reverse
-    filter runs first, so its dense g is freed before x is rebuilt: the peak holds dL/dI and x,
-    not g as well. ``route`` is the GEMM's (``spike_matmul``; a weight gradient takes only the
-    bfloat16 one): there dL/dI comes as its three exact parts, smallest first, and x is rebuilt
-    directly as the GEMM's stacked operand.
+    ``route`` is the GEMM's (``spike_matmul``; a weight gradient takes only the bfloat16 one): there
+    ``grad_current`` is dL/dI's three exact parts, smallest first (:func:`triton_lif.reverse_sweep`),
+    and x is rebuilt directly as the stacked operand; else both are float32. The sweep's dense g is
+    already freed: the peak holds dL/dI and x, not g as well.
     """
-    neurons, features = weight.shape
-    parts = route == spike_matmul.BFLOAT16
-    grad_current = triton_lif.reverse_filter(g, active_index, beta, batch, steps, neurons, split=parts)
-    grad_w = grad_b = grad_v0 = None
-    if need_bias:
-        grad_b = grad_current.sum(dim=tuple(range(grad_current.dim() - 1)), dtype=acc)
-    if need_initial_v:
-        # Rows b·T (t = 0) of every part; the parts sum back to dL/dI exactly, in any order.
-        first = grad_current.unflatten(-2, (batch, steps))[..., 0, :].to(acc)
-        first = first[0] + first[1] + first[2] if parts else first
-        grad_v0 = first * beta.to(acc)
-    if need_weight:
-        if parts:
-            x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
-                                               copies=spike_matmul.SPLIT_PARTS)
-            grad_w = spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
-        else:
-            grad_w = grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
-    return grad_w, grad_b, grad_v0
+    features = weight.shape[1]
+    if route == spike_matmul.BFLOAT16:
+        x_stacked = triton_lif.dense_input(events, batch, steps, features, torch.bfloat16,
+                                           copies=spike_matmul.SPLIT_PARTS)
+        return spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
+    return grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
 
 
 def _dense_spikes(events, batch: int, steps: int, features: int, kind, *, stacked: bool = False) -> Tensor:

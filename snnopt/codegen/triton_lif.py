@@ -300,19 +300,23 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
 
 @triton.jit
 def _gather_staged_kernel(counts_ptr, offsets_ptr, slot_start_ptr, stage_index_ptr, stage_surr_ptr, index_ptr,
-                          asurr_ptr, steps, blocks, stage_capacity, BLOCK: tl.constexpr):
+                          asurr_ptr, steps, blocks, stage_capacity, list_limit, BLOCK: tl.constexpr):
     # One program per (b, t, block) slot of the forward: its active entries, staged by the forward's
     # program (b, block) at the slot's start in that program's area, copied to the slot's offset in
-    # the ordered list.
+    # the ordered list. Entries at or past `list_limit` (a captured graph's fixed-length list that
+    # overflowed), or past the end of their program's area (it overflowed: they were never staged),
+    # are left as the list's padding; the caller raises the plan's flag. Only a captured graph
+    # gathers from an overflowed area (eager calls rerun the sweep instead).
     slot = tl.program_id(0).to(tl.int64)
     count = tl.load(counts_ptr + slot)
     if count > 0:
         b = slot // (steps * blocks)
-        source = (b * blocks + slot % blocks) * stage_capacity + tl.load(slot_start_ptr + slot)
+        start = tl.load(slot_start_ptr + slot)
+        source = (b * blocks + slot % blocks) * stage_capacity + start
         target = tl.load(offsets_ptr + slot)
         for k in range(0, count, BLOCK):
             ks = k + tl.arange(0, BLOCK)
-            m = ks < count
+            m = (ks < count) & (target + ks < list_limit) & (start + ks < stage_capacity)
             tl.store(index_ptr + target + ks, tl.load(stage_index_ptr + source + ks, mask=m), mask=m)
             tl.store(asurr_ptr + target + ks, tl.load(stage_surr_ptr + source + ks, mask=m), mask=m)
 
@@ -471,30 +475,65 @@ def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row
             tl.store(out_ptr + c * copy_stride + r * row_stride + i, value, mask=m)
 
 
+@triton.jit(do_not_specialize=["count", "entries"])
+def _scatter_active_grad_kernel(gs_ptr, index_ptr, asurr_ptr, g_ptr, dense_ptr, count, steps, neurons, entries,
+                                gs_stride_b, gs_stride_t, gs_stride_n, GS_COMPACT: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    # g = dL/ds * surrogate at each of the `count` active entries: stored compact (g_ptr, the input
+    # gradient's kernel reads it) and at its flat index in the dense zeros (dense_ptr, B*T*N + 1 slots)
+    # that the reverse filter sweeps. Plain stores: the list holds each entry once. An index outside
+    # [0, entries) is padding (a captured graph's list past its length): g = 0, into the spare slot.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < count
+    flat = tl.load(index_ptr + offs, mask=m, other=0)
+    valid = m & (flat >= 0) & (flat < entries)
+    safe = tl.where(valid, flat, 0)
+    if GS_COMPACT:
+        gs = tl.load(gs_ptr + offs, mask=m, other=0.0).to(ACC)
+    else:
+        j = safe % neurons
+        bt = safe // neurons
+        gs = tl.load(gs_ptr + (bt // steps) * gs_stride_b + (bt % steps) * gs_stride_t + j * gs_stride_n,
+                     mask=valid, other=0.0).to(ACC)
+    g = tl.where(valid, gs * tl.load(asurr_ptr + offs, mask=m, other=0.0), 0.0)
+    tl.store(g_ptr + offs, g, mask=m)
+    tl.store(dense_ptr + tl.where(valid, flat, entries), g, mask=m)
+
+
 @triton.jit
-def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, steps, neurons, rows_total,
-                           SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, gb_rows_ptr, gv0_ptr, steps, neurons, rows_total,
+                           WRITE: tl.constexpr, SPLIT: tl.constexpr, SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           STAGES: tl.constexpr):
     # One program per (b, block of neurons): dL/dI[b,t,j] = beta_j * dL/dI[b,t+1,j] + g[b,t,j] for
-    # t = T-1 .. 0 (g: dL/ds * surrogate, dense, zero outside the active entries). SPLIT writes it
-    # as three bfloat16 parts hi + mid + lo (exact, see spike_matmul), smallest first (the order the
-    # GEMM accumulates them): lo, mid, hi to parts[0, 1, 2][b*T + t, j].
+    # t = T-1 .. 0 (g: dL/ds * surrogate, dense, zero outside the active entries). WRITE stores it:
+    # as float32 (out), or with SPLIT as three bfloat16 parts hi + mid + lo (exact, see spike_matmul),
+    # smallest first (the order the GEMM accumulates them): lo, mid, hi to parts[0, 1, 2][b*T + t, j].
+    # SUMS also gives, per (b, j), sum_t dL/dI (this row's share of db: summed over b by the caller,
+    # no atomics) and dL/dv0 = beta_j * dL/dI[b,0,j].
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < neurons
     plane = rows_total.to(tl.int64) * neurons
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_N], ACC)
+    total = tl.zeros([BLOCK_N], ACC)
     # STAGES > 1 issues later steps' loads early (KernelTuning): no load here reads what this loop writes.
     for k in tl.range(steps, num_stages=STAGES):
         row = (b * steps + (steps - 1 - k)) * neurons + offs
         acc = acc * beta + tl.load(g_ptr + row, mask=mask, other=0.0).to(ACC)
-        if SPLIT:
-            lo, mid, hi = _bfloat16_parts(acc.to(tl.float32))  # float32 layers only (the split GEMM's)
-            tl.store(parts_ptr + row, lo, mask=mask)
-            tl.store(parts_ptr + plane + row, mid, mask=mask)
-            tl.store(parts_ptr + 2 * plane + row, hi, mask=mask)
-        else:
-            tl.store(out_ptr + row, acc, mask=mask)
+        if SUMS:
+            total += acc
+        if WRITE:
+            if SPLIT:
+                lo, mid, hi = _bfloat16_parts(acc.to(tl.float32))  # float32 layers only (the split GEMM's)
+                tl.store(parts_ptr + row, lo, mask=mask)
+                tl.store(parts_ptr + plane + row, mid, mask=mask)
+                tl.store(parts_ptr + 2 * plane + row, hi, mask=mask)
+            else:
+                tl.store(out_ptr + row, acc, mask=mask)
+    if SUMS:
+        tl.store(gb_rows_ptr + b * neurons + offs, total, mask=mask)
+        tl.store(gv0_ptr + b * neurons + offs, acc * beta, mask=mask)
 
 
 @triton.jit(do_not_specialize=["input_entries"])
@@ -867,10 +906,12 @@ def _fires(u: Tensor, fire_at_threshold: bool) -> Tensor:
     return (u >= 0) if fire_at_threshold else (u > 0)
 
 
-def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Tensor], recurrent_weight: Optional[Tensor],
-                v0: Tensor, syn0: Optional[Tensor], spec: LifSpec, *, out_dtype: torch.dtype,
+def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Tensor],
+                recurrent_weight: Optional[Tensor], v0: Tensor, syn0: Optional[Tensor], spec: LifSpec, *,
+                out_dtype: torch.dtype,
                 record_membrane: bool, record_syn: bool, collect_active: bool, compact_active: bool = False,
-                list_capacity: Optional[int] = None, flag: Optional[Callable[[Tensor], None]] = None):
+                list_capacity: Optional[int] = None, flag: Optional[Callable[[Tensor], None]] = None,
+                staged: bool = False, staging_held: Optional[Callable[[bool], None]] = None):
     """Run the recurrence; ``current`` is the ``(B, T, N)`` input current (a fresh tensor: recurrent layers add to it).
 
     Returns ``(spikes, membrane, syn_record, v_final, syn_final, flags, surrogate, compact)``: membrane
@@ -883,7 +924,9 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     ``list_capacity`` (a captured CUDA graph, :mod:`snnopt.graphs`): the active list has exactly
     that many entries, padded past its length with index B·T·N and surrogate 0, its offsets
     clamped to it, and no host read; ``flag`` is called with a device bool that holds where the
-    list overflowed.
+    list overflowed. Such a list comes from a second sweep or, with ``staged`` (staging held in
+    every recorded step), from the staging areas, flagged where one overflowed. Without a
+    capacity, ``staging_held`` is told whether this call's entries all fit their staging areas.
     """
     batch, steps, neurons = current.shape
     acc = accumulation_dtype(out_dtype)
@@ -910,9 +953,10 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     ends = torch.zeros(slots + 2, dtype=torch.int64, device=device) if compact_active else None
     beta_a, theta_a = beta.to(acc).contiguous(), theta.to(acc).contiguous()
     alpha_a = alpha.to(acc).contiguous() if alpha is not None else nothing
-    # A fixed-capacity list takes the second sweep: the staged copy's overflow is a host decision.
+    # A fixed-capacity list takes the second sweep unless staging held while the plan was recorded:
+    # without a host read, an overflowed staging area can only be flagged, not rerun.
     stage = (_Staging.allocate(batch * blocks, steps, block, acc, device)
-             if compact_active and current_tuning().one_pass_compaction and list_capacity is None
+             if compact_active and current_tuning().one_pass_compaction and (list_capacity is None or staged)
              else _Staging.unused(acc, device))
     overflow = ends[slots + 1:] if stage.capacity else nothing_i64
     args = (beta_a, theta_a, alpha_a, v_state, syn_state, spikes,
@@ -928,7 +972,7 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
         module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, stage.capacity, 0, **consts)
         if compact_active:
             compact = _compact_active(module, current, args, counts, ends, stage, v0, syn0, acc, grid, steps,
-                                      neurons, block, list_capacity, flag)
+                                      neurons, block, list_capacity, flag, staging_held)
     else:
         if compact_active:
             raise ValueError("compact_active: feedforward layers only")
@@ -972,13 +1016,14 @@ class _Staging:
 
 
 def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, syn0, acc, grid, steps, neurons,
-                    block, list_capacity: Optional[int] = None, flag=None):
+                    block, list_capacity: Optional[int] = None, flag=None, staging_held=None):
     """The active list from the first launch's counts: ordered from its staging areas, or by a second sweep.
 
     Offsets from the counts into ``ends`` (one host read: the total and the overflow flag); then
     one parallel copy per (b, t, block) slot from the staging areas, or, where staging is off or a
     program overflowed its area, a rerun of the recurrence that writes each entry in place.
-    With ``list_capacity`` no host read: a list of that length, padded, always from the rerun.
+    With ``list_capacity`` no host read: a list of that length, padded, from the staging areas
+    where they were allocated (an overflowed area raises ``flag``), else from the rerun.
     """
     batch, blocks = grid
     device = current.device
@@ -991,16 +1036,21 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         values = torch.zeros(list_capacity, dtype=acc, device=device)
         # Every (b, t)'s start, and the length, within the list (the entries past it were dropped).
         per_row = ends[:slots + 1:blocks].clamp(max=list_capacity)
-        total, staged_in_full = list_capacity, False  # (nothing staged: see lif_forward)
+        total, staged_in_full = list_capacity, bool(stage.capacity)
+        if staged_in_full:
+            flag(ends[slots + 1] != 0)  # a staging area overflowed: its entries are missing
     else:
         total, overflowed = ends[slots:].tolist()  # the forward's one host sync
         staged_in_full = bool(stage.capacity) and not overflowed
+        if staging_held is not None:
+            staging_held(staged_in_full)
         per_row = ends[:slots + 1:blocks].clone()  # every (b, t)'s start, and the total (kept for the backward)
         index = torch.empty(total, dtype=torch.int64, device=device)
         values = torch.empty(total, dtype=acc, device=device)
     if total and staged_in_full:
         module._gather_staged_kernel[(counts.numel(),)](counts, offsets, stage.slot_start, stage.index, stage.surr,
-                                                        index, values, steps, blocks, stage.capacity, BLOCK=block)
+                                                        index, values, steps, blocks, stage.capacity, total,
+                                                        BLOCK=block)
     elif total:
         # The state buffers were advanced by the first pass; rerun from fresh copies of the initial state.
         fresh = list(args)
@@ -1142,11 +1192,10 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
 
     Work: |A| × (events per row) atomics for dW and |input_active| × |A per row| reads for dx, instead
     of a B·T·N·F GEMM on a dense dL/dI: ~4M / 20M atomics vs 4 / 20 GFMA at the seed sizes N = 200 /
-    1000 (fp32 without tensor cores), and no B·T·N or B·T·F buffer. The caller picks the dense route
-    when the events are too many (see ``events_are_cheaper``). ``events`` is ``input_events(x)`` or
-    None (weight gradient not needed). Returns ``(dW, db, dv0, dx at input_active, g)``, unneeded ones
-    None; ``g`` (dL/ds·σ′ per active entry) feeds :func:`reverse_filter` when the weight gradient
-    takes the dense route instead.
+    1000 (fp32 without tensor cores), and no B·T·N or B·T·F buffer. The caller takes the dense route,
+    :func:`reverse_sweep`, when the events are too many (see ``events_are_cheaper``). ``events`` is
+    ``input_events(x)`` or None (weight gradient not needed). Returns ``(dW, db, dv0, dx at
+    input_active)``, unneeded ones None.
     """
     module = kernels(_PLAIN_SPEC, in_dtype)
     tuning = current_tuning()
@@ -1174,15 +1223,24 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             BLOCK_E=tuning.pair_block, ATOMIC_SEM=tuning.atomic_sem, num_warps=_warps(tuning.pair_block))
     grad_x = None
     if input_active is not None:
-        if count and input_active.numel():  # the kernel writes every entry
-            grad_x = torch.empty(input_active.numel(), dtype=acc, device=device)
-            module._sparse_input_grad_kernel[(input_active.numel(),)](
-                input_active, g, active_index, active_offsets, beta_a, weight.contiguous(), grad_x, steps, neurons,
-                features, batch * steps * features, BLOCK_A=tuning.pair_block // 2,
-                num_warps=_warps(tuning.pair_block // 2))
-        else:
-            grad_x = torch.zeros(input_active.numel(), dtype=acc, device=device)
-    return grad_w, grad_b, grad_v0, grad_x, g
+        grad_x = _input_grad_at(module, input_active, g, active_index, active_offsets, beta_a, weight, batch, steps,
+                                acc)
+    return grad_w, grad_b, grad_v0, grad_x
+
+
+def _input_grad_at(module, input_active: Tensor, g: Tensor, active_index: Tensor, active_offsets: Tensor,
+                   beta: Tensor, weight: Tensor, batch: int, steps: int, acc: torch.dtype) -> Tensor:
+    """dL/dx at the upstream layer's active entries ``input_active``, from this layer's compact g (one launch)."""
+    neurons, features = weight.shape
+    if not (active_index.numel() and input_active.numel()):
+        return torch.zeros(input_active.numel(), dtype=acc, device=input_active.device)
+    tuning = current_tuning()
+    grad_x = torch.empty(input_active.numel(), dtype=acc, device=input_active.device)  # the kernel writes each
+    module._sparse_input_grad_kernel[(input_active.numel(),)](
+        input_active, g, active_index, active_offsets, beta.to(acc).contiguous(), weight.contiguous(), grad_x, steps,
+        neurons, features, batch * steps * features, BLOCK_A=tuning.pair_block // 2,
+        num_warps=_warps(tuning.pair_block // 2))
+    return grad_x
 
 
 def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int) -> None:
@@ -1283,33 +1341,59 @@ def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtyp
     return dense
 
 
-def reverse_filter(g: Tensor, active_index: Tensor, beta: Tensor, batch: int, steps: int, neurons: int, *,
-                   split: bool) -> Tensor:
-    """dL/dI of a compact layer as a dense ``(B·T, N)`` tensor: the reverse β-filter of ``g`` at the active entries.
+def reverse_sweep(grad_spikes: Tensor, grad_is_compact: bool, active_index: Tensor, active_surr: Tensor,
+                  active_offsets: Tensor, beta: Tensor, weight: Tensor, input_active: Optional[Tensor], batch: int,
+                  steps: int, *, write: bool, split: bool, need_sums: bool, in_dtype: torch.dtype):
+    """A compact layer's backward through a dense dL/dI: its weight gradient's dense route (two launches).
 
-    The dense route of the weight gradient when the input has too many events for the pair sum:
-    one scatter of ``g`` and one sweep, nothing else dense. With ``split`` the sweep writes dL/dI as
-    its three bfloat16 parts, ``(3, B·T, N)`` smallest first, the left operand of spike_matmul's GEMM
-    (no float32 copy to split afterwards).
+    The route for layers whose input has too many events for the pair sum (see
+    :func:`events_are_cheaper`), and for db and dv0 under deterministic algorithms (no atomics):
+
+    * ``_scatter_active_grad_kernel``: g = dL/ds·σ′ at the active entries, kept compact and stored
+      into dense zeros (one slot more, where a captured graph's padded list points);
+    * ``_reverse_filter_kernel``: one sweep from t = T−1 down to 0 gives dL/dI, written (``write``)
+      as float32 or (``split``) as its three exact bfloat16 parts, ``(3, B·T, N)`` smallest first, the
+      left operand of spike_matmul's GEMM; with ``need_sums`` also each batch row's Σ_t dL/dI (db
+      after a sum over rows) and dv0 = β·dL/dI[:, 0].
+
+    The input gradient at ``input_active`` comes from the compact g as in :func:`sparse_backward`.
+    Returns ``(dL/dI or None, db or None, dv0 or None, dx at input_active or None)``; the dense g is
+    freed on return, before the caller rebuilds x for the GEMM.
     """
-    module = kernels(_PLAIN_SPEC, g.dtype)
-    device = g.device
+    module = kernels(_PLAIN_SPEC, in_dtype)
+    acc = accumulation_dtype(in_dtype)
+    device = active_index.device
+    neurons = weight.shape[0]
     rows = batch * steps
-    # One slot more: a captured graph's padded list points its padding there (index B·T·N, g = 0).
-    dense_g = torch.zeros(rows * neurons + 1, dtype=g.dtype, device=device)
-    dense_g[active_index] = g  # the active list holds each entry once
-    beta_a = beta.to(g.dtype).contiguous()
-    if split:
-        out = torch.empty((3, rows, neurons), dtype=torch.bfloat16, device=device)
-        dense_out, parts_out = _unused(g.dtype, device), out
-    else:
-        out = torch.empty((rows, neurons), dtype=g.dtype, device=device)
-        dense_out, parts_out = out, _unused(torch.bfloat16, device)
+    count = active_index.numel()
+    g = torch.empty(count, dtype=acc, device=device)
+    dense_g = torch.zeros(rows * neurons + 1, dtype=acc, device=device)
+    gs_strides = (0, 0, 0) if grad_is_compact else grad_spikes.stride()
+    if count:
+        block = 1024
+        module._scatter_active_grad_kernel[(-(-count // block),)](
+            grad_spikes, active_index, active_surr, g, dense_g, count, steps, neurons, rows * neurons, *gs_strides,
+            GS_COMPACT=grad_is_compact, BLOCK=block, **LAUNCH_OPTIONS)
+    nothing = _unused(acc, device)
+    grad_current = dense_out = parts_out = None
+    if write and split:
+        grad_current = parts_out = torch.empty((3, rows, neurons), dtype=torch.bfloat16, device=device)
+    elif write:
+        grad_current = dense_out = torch.empty((rows, neurons), dtype=acc, device=device)
+    bias_rows = torch.empty((batch, neurons), dtype=acc, device=device) if need_sums else None
+    grad_v0 = torch.empty((batch, neurons), dtype=acc, device=device) if need_sums else None
     block = _block(neurons)
     module._reverse_filter_kernel[(batch, -(-neurons // block))](
-        dense_g, beta_a, dense_out, parts_out, steps, neurons, rows, SPLIT=split, BLOCK_N=block,
-        STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
-    return out
+        dense_g, beta.to(acc).contiguous(), nothing if dense_out is None else dense_out,
+        _unused(torch.bfloat16, device) if parts_out is None else parts_out,
+        nothing if bias_rows is None else bias_rows, nothing if grad_v0 is None else grad_v0, steps, neurons, rows,
+        WRITE=write, SPLIT=split, SUMS=need_sums, BLOCK_N=block, STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
+    del dense_g
+    grad_x = None
+    if input_active is not None:
+        grad_x = _input_grad_at(module, input_active, g, active_index, active_offsets, beta, weight, batch, steps,
+                                acc)
+    return grad_current, None if bias_rows is None else bias_rows.sum(0), grad_v0, grad_x
 
 
 def events_are_cheaper(active_count: int, event_count: int, batch: int, steps: int, neurons: int,

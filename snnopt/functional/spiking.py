@@ -252,7 +252,7 @@ def _run(x, weight, bias, recurrent_weight, spec: LifSpec, beta, threshold, alph
                         if weight is not None and eager and needs_backward and x.requires_grad else None)
     if backend == "triton":
         from snnopt import triton_ops  # imported only here: `import snnopt` needs neither triton nor a GPU
-        op = triton_ops.lif_triton_op
+        op = triton_ops.lif_triton  # the op, or in plain eager mode its implementation (no dispatcher)
     else:
         op = torch.ops.snnopt.lif
     outs = op(

@@ -50,8 +50,14 @@ COMPACT_KERNELS = {
     # ... and the fused route's GEMM (digits on either operand), with the shipped tile configuration
     "_int8_gemm_kernel": [dict(DIGITS_ON_B=on_b, **triton_lif.INT8_GEMM_CONFIG, a_ptr="*i8", b_ptr="*i8",
                                shift_ptr="*i32", out_ptr="*fp32") for on_b in (True, False)],
-    "_reverse_filter_kernel": [dict(SPLIT=False, BLOCK_N=256, STAGES=STAGES),
-                               dict(SPLIT=True, BLOCK_N=256, STAGES=STAGES)],
+    # the dense weight route (triton_lif.reverse_sweep): g scattered, then the sweep with the
+    # combinations its launcher uses (dL/dI as float32 or split parts, with or without db/dv0 sums,
+    # or only the sums: deterministic db and dv0 without a weight gradient)
+    "_scatter_active_grad_kernel": [dict(GS_COMPACT=compact, BLOCK=1024) for compact in (False, True)],
+    "_reverse_filter_kernel": [dict(WRITE=write, SPLIT=split, SUMS=sums, BLOCK_N=256, STAGES=STAGES)
+                               for write, split, sums in ((True, False, False), (True, False, True),
+                                                          (True, True, False), (True, True, True),
+                                                          (False, False, True))],
 }
 # The kernels with a serial time loop whose loads the launchers pipeline (KernelTuning.sweep_stages).
 SWEEP_KERNELS = {"_lif_fwd_kernel", "_lif_bwd_kernel", "_reverse_filter_kernel"}

@@ -179,6 +179,37 @@ def test_static_plan_flags_a_list_that_would_overflow(monkeypatch):
     assert int(plan.invalid) == 0
 
 
+def test_static_plan_lists_active_entries_from_staging_where_it_held(monkeypatch):
+    # Staging that held in every recorded step: the captured forward lists the active entries from
+    # the staging areas (one sweep) and flags an area that overflows later; staging that overflowed
+    # while recording: the second sweep, which needs no flag.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    inputs = _problem(seed=4)
+    expected = _step(_network, inputs)
+    gathers = []
+    real = triton_lif._compact_active
+    monkeypatch.setattr(triton_lif, "_compact_active",
+                        lambda *a, **k: (gathers.append(a[5].capacity > 0), real(*a, **k))[1])  # a[5]: the staging
+    monkeypatch.setattr(triton_lif, "STAGE_FRACTION", 1.0)  # room for every entry
+    plan, step = _recorded_plan(inputs)
+    assert [s.staged for s in plan.sites[:2]] == [True, True]
+    gathers.clear()
+    got = _static_step(plan, step, inputs)
+    assert gathers == [True, True] and int(plan.invalid) == 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(triton_lif, "STAGE_FRACTION", 1e-9)  # one step's lanes per program: too small now
+    _static_step(plan, step, inputs)
+    assert int(plan.invalid) == 1
+    plan, step = _recorded_plan(inputs)  # recorded with that small area: layer 1's overflowed
+    assert plan.sites[0].staged is False
+    gathers.clear()
+    got = _static_step(plan, step, inputs)
+    assert gathers == [False, plan.sites[1].staged] and int(plan.invalid) == 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_padded_lists_give_the_same_gradients_as_exact_length_lists(monkeypatch):
     # Capacities far above the counts: most of each list is padding, which every kernel must skip.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)

@@ -2,8 +2,9 @@
 
 The compact sparse backward adds dW, db and dv0 entry by entry with atomics (the event-pair route),
 in an order that varies from run to run on a GPU. Under deterministic algorithms all three come
-from the dense route instead (a reverse β-filter, a GEMM and plain reductions). Checked here: that
-route is taken (no kernel launch asks for an atomic sum), it gives the pair route's gradients, on
+from the dense route instead (``triton_lif.reverse_sweep``: a reverse β-filter that also sums db
+and dv0 per batch row, then a GEMM). Checked here: that route is taken (no pair kernel, the only
+one with atomic sums), it gives the pair route's gradients, on
 the float32 GEMM and on the split bfloat16 one, and two runs agree bit for bit (meaningful on a
 GPU, where this file runs compiled; on CPU, Triton's interpreter).
 """
@@ -60,14 +61,20 @@ def _grads(problem, train_weight=True):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The need_* flags of every sparse_backward call (True flags launch atomic sums)."""
+    """The need_* flags of every sparse_backward call (True flags launch atomic sums), and
+    ``{"sweep": (write, need_sums)}`` for every reverse_sweep call (no atomics)."""
     seen = []
-    real = triton_lif.sparse_backward
+    real_pairs, real_sweep = triton_lif.sparse_backward, triton_lif.reverse_sweep
 
-    def spy(*args, **kwargs):
+    def pairs(*args, **kwargs):
         seen.append({k: kwargs[k] for k in ("need_weight", "need_bias", "need_initial_v")})
-        return real(*args, **kwargs)
-    monkeypatch.setattr(triton_lif, "sparse_backward", spy)
+        return real_pairs(*args, **kwargs)
+
+    def sweep(*args, **kwargs):
+        seen.append({"sweep": (kwargs["write"], kwargs["need_sums"])})
+        return real_sweep(*args, **kwargs)
+    monkeypatch.setattr(triton_lif, "sparse_backward", pairs)
+    monkeypatch.setattr(triton_lif, "reverse_sweep", sweep)
     return seen
 
 
@@ -83,7 +90,7 @@ def test_deterministic_algorithms_take_the_dense_route_with_the_same_gradients(s
     launches.clear()
     with deterministic_algorithms():
         got = _grads(problem)
-    assert launches == [{"need_weight": False, "need_bias": False, "need_initial_v": False}]
+    assert launches == [{"sweep": (True, True)}]
     assert got[1].abs().max() > 0 and got[3].abs().max() > 0, "the problem needs active entries"
     for name, a, e in zip(("spikes", "dW", "db", "dv0"), got, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -96,8 +103,7 @@ def test_deterministic_bias_and_initial_state_gradients_without_the_weight_s(lau
     expected = _grads(problem, train_weight=False)
     with deterministic_algorithms():
         got = _grads(problem, train_weight=False)
-    assert launches == [{"need_weight": False, "need_bias": True, "need_initial_v": True},
-                        {"need_weight": False, "need_bias": False, "need_initial_v": False}]
+    assert launches == [{"need_weight": False, "need_bias": True, "need_initial_v": True}, {"sweep": (False, True)}]
     for name, a, e in zip(("spikes", "db", "dv0"), got, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 

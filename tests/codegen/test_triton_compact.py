@@ -181,15 +181,17 @@ def test_full_input_gradient_takes_the_dense_route(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reset", ["subtract", "none"])
 def test_dense_events_take_the_gemm_route(dtype, reset, device, monkeypatch):
-    # The weight gradient from a dense dL/dI (reverse filter of the lists' g) and one GEMM; bias and
-    # initial state still from the lists.
+    # The weight gradient from a dense dL/dI (reverse sweep of the lists' g) and one GEMM; bias and
+    # initial state from the same sweep, and no pair kernel at all.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
-    filtered = []
-    real = triton_lif.reverse_filter
-    monkeypatch.setattr(triton_lif, "reverse_filter", lambda *a, **k: (filtered.append(k["split"]), real(*a, **k))[1])
+    swept, paired = [], []
+    real = triton_lif.reverse_sweep
+    monkeypatch.setattr(triton_lif, "reverse_sweep", lambda *a, **k: (swept.append((k["split"], k["need_sums"])),
+                                                                     real(*a, **k))[1])
+    monkeypatch.setattr(triton_lif, "sparse_backward", lambda *a, **k: paired.append(1))
     x, w, b, beta = _inputs(2, 5, 6, 4, dtype, device, seed=2)
     _check(x, w, b, beta, reset=reset, device=device)
-    assert filtered == [False]  # CPU sizes: no split GEMM
+    assert swept == [(False, True)] and paired == []  # CPU sizes: no split GEMM
 
 
 @pytest.mark.parametrize("pairs", [True, False])
@@ -326,6 +328,33 @@ def test_upstream_gradient_read_through_its_strides(form, weight_route, monkeypa
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
 
+def test_eager_forward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
+    # Plain eager layers run the op's implementation under a plain autograd function; forcing the
+    # op gives the same spikes and gradients, with a sparse gradient passed from layer to layer
+    # (the producer is recognised by either backward node) and without grad mode.
+    x, w1, _, _ = _inputs(3, 8, 6, 7, torch.float32, device, gain=2.5, seed=5)
+    w2 = (torch.rand(5, 7, generator=torch.Generator().manual_seed(9)) * 0.8).to(device).requires_grad_()
+    runs, nodes, coo = [], [], []
+    real_pairs = triton_lif.sparse_backward
+    monkeypatch.setattr(triton_lif, "sparse_backward",
+                        lambda gs, compact, *a, **k: (coo.append(compact), real_pairs(gs, compact, *a, **k))[1])
+    for plain in (True, False):
+        if not plain:
+            monkeypatch.setattr(triton_ops, "_plain_eager", lambda args: False)
+        h = SF.linear_lif(x, w1, beta=0.9, window=0.5, backend="triton")
+        out = SF.linear_lif(h, w2, beta=0.9, window=0.5, backend="triton")
+        nodes.append((type(h.grad_fn).__name__, type(out.grad_fn).__name__))
+        upstream = torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape)
+        with torch.no_grad():
+            inference = SF.linear_lif(x, w1, beta=0.9, window=0.5, backend="triton")
+        runs.append((out.detach(), inference, *torch.autograd.grad((out * upstream).sum(), [w1, w2])))
+    assert "Eager" in nodes[0][0] and "Eager" in nodes[0][1]
+    assert nodes[1][0].startswith("GeneratedBackwardFor") and nodes[1][1].startswith("GeneratedBackwardFor")
+    assert coo == [False, True, False, True], "layer 1 gets layer 2's input gradient as its compact values"
+    for plain, dispatched in zip(*runs):
+        assert torch.equal(plain, dispatched)
+
+
 def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
     # Plain eager backward (grad mode off) calls the op's implementation directly; with
     # create_graph the op itself runs. Both give the same gradients.
@@ -346,23 +375,47 @@ def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, dev
         assert torch.equal(direct, dispatched.detach())
 
 
-def test_reverse_filter_and_its_in_kernel_split(device):
-    # dL/dI from the active entries' g: the float32 sweep against a loop, and the three bfloat16
-    # parts the split sweep writes sum exactly to it.
+@pytest.mark.parametrize("compact_grad", [False, True])
+def test_reverse_sweep_and_its_in_kernel_split(compact_grad, device):
+    # dL/dI from the active entries' g = dL/ds·σ′: the float32 sweep against a loop, the three
+    # bfloat16 parts the split sweep writes sum exactly to it, and its sums (db per batch row summed,
+    # dv0 = β·dL/dI[:, 0]). dL/ds dense (a strided view) or compact (one value per entry); a padded
+    # entry (index B·T·N, as a captured graph's list) adds nothing.
     gen = torch.Generator().manual_seed(12)
     batch, steps, neurons = 3, 7, 20
-    active = torch.randperm(batch * steps * neurons, generator=gen)[:90].sort().values.to(device)
-    g = (torch.randn(90, generator=gen) * torch.logspace(-6, 6, 90)).to(device)  # wide range of magnitudes
-    beta = (torch.rand(neurons, generator=gen) * 0.3 + 0.6).to(device)
-    dense = triton_lif.reverse_filter(g, active, beta, batch, steps, neurons, split=False)
-    parts = triton_lif.reverse_filter(g, active, beta, batch, steps, neurons, split=True)
-    dense_g = torch.zeros(batch * steps * neurons, device=device).index_put_((active,), g).reshape(batch, steps, -1)
+    entries = batch * steps * neurons
+    active = torch.randperm(entries, generator=gen)[:90].sort().values
+    surr = torch.rand(90, generator=gen) + 0.5
+    grad_dense = (torch.randn(batch, neurons, steps, generator=gen)
+                  * torch.logspace(-6, 6, steps)).transpose(1, 2)  # wide range of magnitudes, strided
+    g = grad_dense.reshape(-1)[active] * surr
+    grad_spikes = grad_dense.reshape(-1)[active] if compact_grad else grad_dense
+    padded = torch.cat([active, torch.tensor([entries, entries])])
+    surr_padded = torch.cat([surr, torch.ones(2)])
+    grad_padded = torch.cat([grad_spikes, torch.ones(2)]) if compact_grad else grad_spikes
+    beta = torch.rand(neurons, generator=gen) * 0.3 + 0.6
+    weight = torch.zeros(neurons, 5)
+    offsets = torch.zeros(batch * steps + 1, dtype=torch.int64)  # only the input gradient reads them
+
+    def sweep(split):
+        return triton_lif.reverse_sweep(
+            grad_padded.to(device), compact_grad, padded.to(device), surr_padded.to(device), offsets.to(device),
+            beta.to(device), weight.to(device), None, batch, steps, write=True, split=split, need_sums=True,
+            in_dtype=torch.float32)
+
+    dense, grad_b, grad_v0, grad_x = sweep(split=False)
+    parts, grad_b_split, grad_v0_split, _ = sweep(split=True)
+    dense_g = torch.zeros(entries).index_put_((active,), g).reshape(batch, steps, -1)
     expected = torch.zeros_like(dense_g)
-    carry = torch.zeros(batch, neurons, device=device)
+    carry = torch.zeros(batch, neurons)
     for t in reversed(range(steps)):
         carry = carry * beta + dense_g[:, t]
         expected[:, t] = carry
-    assert torch.equal(dense.reshape(batch, steps, neurons), expected)  # same operations, same order
+    assert grad_x is None
+    assert torch.equal(dense.reshape(batch, steps, neurons).cpu(), expected)  # same operations, same order
+    torch.testing.assert_close(grad_b.cpu(), expected.sum((0, 1)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad_v0.cpu(), expected[:, 0] * beta, rtol=1e-6, atol=0)
+    assert torch.equal(grad_b_split, grad_b) and torch.equal(grad_v0_split, grad_v0)
     assert parts.shape == (3, batch * steps, neurons) and parts.dtype == torch.bfloat16
     assert torch.equal(parts.double().sum(0), dense.double())
     # smallest first, as the GEMM accumulates them (which way each part rounds is the compiler's:
