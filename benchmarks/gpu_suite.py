@@ -1158,11 +1158,12 @@ AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": Fa
 SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
                       "pair_block_32": {"pair_block": 32}, "pair_block_64": {"pair_block": 64},
-                      "pair_block_256": {"pair_block": 256}, "as_run4": AS_RUN4}
+                      "pair_block_256": {"pair_block": 256}, "event_rows_1": {"event_tile": 1024},
+                      "as_run4": AS_RUN4}
 # "spike_route" fixes spike_matmul's GEMM route (shipped: the faster one, timed per shape on first use).
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
                     "max_block_128": {"max_block": 128}, "max_block_64": {"max_block": 64},
-                    "two_pass_compaction": {"one_pass_compaction": False},
+                    "two_pass_compaction": {"one_pass_compaction": False}, "event_rows_1": {"event_tile": 1024},
                     "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
                     "int8_triton_gemms": {"spike_route": "int8_triton"},
                     "as_run4": {**AS_RUN4, "spike_route": "bfloat16"}}

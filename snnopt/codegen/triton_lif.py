@@ -95,6 +95,10 @@ class KernelTuning:
       finds them and a parallel copy orders them (one serial sweep over T); off, or where a
       program's entries overflow its staging area (:data:`STAGE_FRACTION`), a second sweep reruns
       the recurrence to write them in order.
+    * ``event_tile``: input entries the event-listing kernel reads per loop iteration (a power of
+      two): it takes ``event_tile // BLOCK`` rows per program, ``BLOCK`` the row length rounded up
+      to a power of two, at most 1024. One row of the seed network's input (784 features) was too
+      little work for a program to hide its loads' latency.
 
     The defaults are what snnopt ships; :func:`tuning` changes them for a block of code, so a
     benchmark can time alternatives side by side (``benchmarks/gpu_suite.py``, ``kernel_tuning``).
@@ -105,6 +109,7 @@ class KernelTuning:
     atomic_sem: str = "relaxed"
     pair_block: int = 128
     one_pass_compaction: bool = True
+    event_tile: int = 4096
 
     def __post_init__(self):
         if not isinstance(self.sweep_stages, int) or not 1 <= self.sweep_stages <= 8:
@@ -119,6 +124,9 @@ class KernelTuning:
             raise InvalidArgumentError(f"pair_block: expected a power of two from 32 to 1024, got {self.pair_block!r}")
         if not isinstance(self.one_pass_compaction, bool):
             raise InvalidArgumentError(f"one_pass_compaction: expected a bool, got {self.one_pass_compaction!r}")
+        if (not isinstance(self.event_tile, int) or not 16 <= self.event_tile <= 16384
+                or self.event_tile & (self.event_tile - 1)):
+            raise InvalidArgumentError(f"event_tile: expected a power of two from 16 to 16384, got {self.event_tile!r}")
 
 
 _TUNING = [KernelTuning()]
@@ -226,33 +234,35 @@ def _powi(base, n):
     return tl.where(base < 0, tl.where((n % 2) == 1, -magnitude, magnitude), magnitude)
 
 
-@triton.jit(do_not_specialize=["capacity"])
-def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, steps, features, capacity,
-                         WRITE: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per (b, t) row of the input: counts its nonzeros, or (WRITE) lists them as
-    # (t * features + i, value) at the row's offset. Rows in order, so events are grouped by b, then t.
+@triton.jit(do_not_specialize=["rows", "capacity"])
+def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, rows, steps, features, capacity,
+                         WRITE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per ROWS (b, t) rows of the input: counts each row's nonzeros, or (WRITE) lists them
+    # as (t * features + i, value) at the row's offset. Rows in order, so events are grouped by b, then
+    # t. Several rows per program: a row of a few hundred features is too little work for one.
     # Events at or past `capacity` are not written (a captured graph's fixed list; the caller flags it).
-    r = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = r < rows
     t = r % steps
-    base = tl.zeros([], tl.int64)
+    base = tl.zeros([ROWS], tl.int64)
     if WRITE:
-        base = tl.load(offsets_ptr + r)
-    total = tl.zeros([], tl.int32)
+        base = tl.load(offsets_ptr + r, mask=live, other=0)
+    total = tl.zeros([ROWS], tl.int32)
     for start in range(0, features, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        m = offs < features
-        xv = tl.load(x_ptr + r * features + offs, mask=m, other=0.0)
+        m = live[:, None] & (offs < features)[None, :]
+        xv = tl.load(x_ptr + r[:, None] * features + offs[None, :], mask=m, other=0.0)
         nz = (xv != 0) & m
         if WRITE:
-            pos = base + tl.cumsum(nz.to(tl.int64), axis=0) - 1
+            pos = base[:, None] + tl.cumsum(nz.to(tl.int64), axis=1) - 1
             keep = nz & (pos < capacity)
-            tl.store(pos_ptr + pos, (t * features + offs).to(pos_ptr.dtype.element_ty), mask=keep)
+            tl.store(pos_ptr + pos, (t[:, None] * features + offs[None, :]).to(pos_ptr.dtype.element_ty), mask=keep)
             tl.store(val_ptr + pos, xv.to(ACC), mask=keep)
-            base += tl.sum(nz.to(tl.int64), axis=0)
+            base += tl.sum(nz.to(tl.int64), axis=1)
         else:
-            total += tl.sum(nz.to(tl.int32), axis=0)
+            total += tl.sum(nz.to(tl.int32), axis=1)
     if not WRITE:
-        tl.store(counts_ptr + r, total)
+        tl.store(counts_ptr + r, total, mask=live)
 
 
 @triton.jit(do_not_specialize=["entries"])
@@ -1083,9 +1093,14 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     counts = torch.empty(rows, dtype=torch.int32, device=device)
     pos_dtype = torch.int32 if steps * features < 2**31 else torch.int64
     block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
+    # Rows per program: about EVENT_TILE entries per loop iteration (KernelTuning.event_tile).
+    rows_per_program = max(1, current_tuning().event_tile // block)
+    grid = (-(-rows // rows_per_program),)
+    warps = 8 if rows_per_program * block >= 2048 else 4  # about 16 entries per thread at most
     nothing = _unused(torch.int64, device)
-    module._input_events_kernel[(rows,)](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), steps,
-                                         features, 0, WRITE=False, BLOCK=block)
+    module._input_events_kernel[grid](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), rows,
+                                      steps, features, 0, WRITE=False, ROWS=rows_per_program, BLOCK=block,
+                                      num_warps=warps)
     offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # exclusive prefix sum, total appended
     torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
     if capacity is not None:
@@ -1097,8 +1112,8 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
         pos = torch.empty(total, dtype=pos_dtype, device=device)
         values = torch.empty(total, dtype=acc, device=device)
     if total:
-        module._input_events_kernel[(rows,)](x, counts, offsets, pos, values, steps, features, total, WRITE=True,
-                                             BLOCK=block)
+        module._input_events_kernel[grid](x, counts, offsets, pos, values, rows, steps, features, total, WRITE=True,
+                                          ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     if capacity is not None:
         flag(offsets[-1] > capacity)
         offsets.clamp_(max=capacity)

@@ -30,7 +30,8 @@ TUNING = triton_lif.KernelTuning()  # the shipped launch choices
 STAGES = TUNING.sweep_stages
 # The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
 COMPACT_KERNELS = {
-    "_input_events_kernel": [dict(WRITE=False, BLOCK=1024), dict(WRITE=True, BLOCK=1024)],
+    "_input_events_kernel": [dict(WRITE=write, ROWS=TUNING.event_tile // 1024, BLOCK=1024, num_warps=8)
+                             for write in (False, True)],
     "_sparse_weight_grad_kernel": [
         dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=TUNING.pair_block,
              ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block)),

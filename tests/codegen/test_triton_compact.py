@@ -424,6 +424,33 @@ def test_reverse_sweep_and_its_in_kernel_split(compact_grad, device):
     assert bool((lo <= mid).all() and (mid <= hi).all()) and bool((lo > 0).any())
 
 
+@pytest.mark.parametrize("event_tile", [16, 1024, 4096])
+@pytest.mark.parametrize("shape", [(3, 5, 70), (2, 3, 1100), (1, 1, 5)])
+def test_input_events_list_every_nonzero_in_order(shape, event_tile, device):
+    # One or several rows per program (KernelTuning.event_tile), rows past the last one masked,
+    # rows longer than one block (1100 features: two loop iterations), empty rows; against
+    # torch.nonzero, and with a capacity below the count (a captured graph's list): the first
+    # entries, the offsets clamped, the overflow flagged.
+    batch, steps, features = shape
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.rand(shape, generator=gen) < 0.1) * torch.randn(shape, generator=gen)
+    x[0, -1] = 0
+    x = x.to(device)
+    nz = x.reshape(batch * steps, features).nonzero()
+    with triton_lif.tuning(event_tile=event_tile):
+        offsets, pos, values = triton_lif.input_events(x, torch.float32)
+        flags = []
+        capped = triton_lif.input_events(x, torch.float32, capacity=max(1, nz.shape[0] // 2), flag=flags.append)
+    counts = torch.bincount(nz[:, 0], minlength=batch * steps)
+    assert torch.equal(offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    assert torch.equal(pos.long().cpu(), (nz[:, 0] % steps) * features + nz[:, 1])
+    assert torch.equal(values.cpu(), x.reshape(batch * steps, features)[nz[:, 0], nz[:, 1]].cpu())
+    length = max(1, nz.shape[0] // 2)
+    kept = min(length, nz.shape[0])  # positions past the events are never read (the offsets end there)
+    assert torch.equal(capped[1][:kept].cpu(), pos[:kept].cpu()) and torch.equal(capped[0], offsets.clamp(max=length))
+    assert len(flags) == 1 and bool(flags[0]) == (nz.shape[0] > length)
+
+
 @pytest.mark.parametrize("dtype, copies, side_by_side", [(torch.float32, 1, False), (torch.bfloat16, 3, False),
                                                           (torch.float64, 2, False), (torch.bfloat16, 3, True)])
 def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, side_by_side, device):
