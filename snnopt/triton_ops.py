@@ -48,12 +48,12 @@ def _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, ba
 @outside_autocast
 @triton_lif.on_device_of("x")
 def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], recurrent_weight: Optional[Tensor],
-                  beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
-                  initial_syn: Optional[Tensor], input_active: Optional[Tensor],
-                  reset: str, detach_reset: bool, surrogate: str, surrogate_param: float, fire_at_threshold: bool,
-                  backward: str, window: float, record_membrane: bool, needs_backward: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                             Tensor, Tensor]:
+                beta: Tensor, threshold: Tensor, alpha: Optional[Tensor], initial_v: Tensor,
+                initial_syn: Optional[Tensor], input_active: Optional[Tensor],
+                reset: str, detach_reset: bool, surrogate: str, surrogate_param: float, fire_at_threshold: bool,
+                backward: str, window: float, record_membrane: bool, needs_backward: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                           Tensor, Tensor]:
     cuba, recurrent = alpha is not None, recurrent_weight is not None
     spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
     acc = triton_lif.accumulation_dtype(x.dtype)

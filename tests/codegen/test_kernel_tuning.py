@@ -2,10 +2,10 @@
 
 Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
 ordered atomics, the two-sweep compaction, other event-pair block sizes, one or several input rows
-per event-listing program) against the shipped one,
-on the paths that use it: the compact event route (the weight gradient's atomics, the restricted
-input gradient), the compact dense route (reverse filter), the flag sweep of a sparse layer with
-zero reset, and the exact sweep. Triton's interpreter on CPU, the compiled kernels on a GPU (where
+per event-listing program) against the shipped one, on the paths that use it: the compact event
+route (the weight gradient's atomics, the restricted input gradient), the compact dense weight
+route (reverse sweep), a membrane loss's full sweep, the flag sweep of a sparse layer with zero
+reset, and the exact sweep. Triton's interpreter on CPU, the compiled kernels on a GPU (where
 the atomics' order may differ, hence a float32-rounding tolerance on the gradients).
 """
 
@@ -20,8 +20,8 @@ from snnopt.errors import InvalidArgumentError  # noqa: E402
 from snnopt.surrogate import Surrogate  # noqa: E402
 
 TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
-           dict(pair_block=32), dict(event_tile=16), dict(event_tile=64), dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False,
-                                     pair_block=256)]
+           dict(pair_block=32), dict(event_tile=16), dict(event_tile=64),
+           dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False, pair_block=256)]
 
 
 def _run(x, w, beta, *, backward, reset, membrane_loss, input_active=None):
@@ -36,16 +36,18 @@ def _run(x, w, beta, *, backward, reset, membrane_loss, input_active=None):
     return (spikes.detach(), *grads)
 
 
-@pytest.mark.parametrize("backward, reset, membrane_loss, restricted_input_grad", [
-    ("sparse", "subtract", False, False),  # compact event route: the weight gradient's atomics
-    ("sparse", "subtract", False, True),   # and the input gradient at listed entries
-    ("sparse", "subtract", True, False),   # compact dense route: reverse filter, then a GEMM
-    ("sparse", "zero", False, False),      # per-entry flags and the sparse sweep
-    ("exact", "subtract", False, False),   # exact sweep
+@pytest.mark.parametrize("backward, reset, membrane_loss, restricted_input_grad, pairs", [
+    ("sparse", "subtract", False, False, True),  # compact event route: the weight gradient's atomics
+    ("sparse", "subtract", False, True, True),   # and the input gradient at listed entries
+    ("sparse", "subtract", False, True, False),  # compact dense weight route: scatter, reverse sweep, GEMM
+    ("sparse", "subtract", True, False, True),   # a membrane loss: the full reverse sweep from the lists
+    ("sparse", "zero", False, False, True),      # per-entry flags and the sparse sweep
+    ("exact", "subtract", False, False, True),   # exact sweep
 ])
-def test_every_tuning_computes_the_same(backward, reset, membrane_loss, restricted_input_grad, device, monkeypatch):
+def test_every_tuning_computes_the_same(backward, reset, membrane_loss, restricted_input_grad, pairs, device,
+                                        monkeypatch):
     # Tiny shapes: the cost model would pick the dense GEMM; the event route is the one with atomics.
-    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: pairs)
     gen = torch.Generator().manual_seed(0)
     batch, steps, features, neurons = 3, 9, 12, 40  # 40 neurons: partial blocks at every block size
     x = (torch.rand(batch, steps, features, generator=gen) < 0.4).float().to(device)

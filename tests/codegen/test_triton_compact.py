@@ -267,7 +267,7 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
 def test_int8_gemms_in_forward_and_dense_route(reset, membrane_loss, monkeypatch, device, dense_route_on_tensor_cores):
     # The int8 route preferred: the forward current from the input rebuilt as int8 from its events;
     # the weight gradient stays on the bfloat16 route (spike_matmul.route_for: dL/dI's range), from
-    # the reverse filter's parts, or (membrane loss) split afterwards. Against the float32 reference.
+    # the reverse sweep's parts, or (membrane loss) split afterwards. Against the float32 reference.
     spike_matmul = dense_route_on_tensor_cores
     used = []
     real_int8, real_split, real_parts = spike_matmul.int8_mm, spike_matmul.split_mm, spike_matmul.weight_grad_from_parts
