@@ -76,8 +76,11 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
         batch, steps, features = x.shape
         nonzeros = events[2] if events is not None else None
-        # Without a plan spike_matmul decides (None); a captured step follows the recorded route.
-        route = _route(site, static, "split_linear", lambda: spike_matmul.linear_route(x, weight, nonzeros))
+        # spike_matmul's route for it (a captured step follows the recorded one). The spike check that
+        # reads is the events', kept for this layer's backward (which would otherwise read it again).
+        checked = (lambda kind: _INPUT_KINDS.__setitem__(events[2], kind)) if events is not None else None
+        route = _decided(site, static, "split_linear",
+                         lambda: spike_matmul.linear_route(x, weight, nonzeros, checked=checked))
         if static:  # the routes assume spikes: say so on the device if this input is not
             for kind in site.spike_routes():
                 plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)
@@ -114,6 +117,11 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
     return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
             saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
             active_surr, active_offsets, *events)
+
+
+# The forward's spike check of a compact layer's input events (spike_matmul.spike_kind's result), by the
+# events' values tensor, until _setup_context moves it to the layer's autograd context.
+_INPUT_KINDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _capture_site(plan: graphs.CapturePlan, spec: LifSpec, x: Tensor, weight: Optional[Tensor], compact: bool,
@@ -266,6 +274,9 @@ def _setup_context(ctx, inputs, output):
                           threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record, flags,
                           active_index, active_surr, active_offsets, *events)
     ctx.config = (reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window)
+    # What the forward's spike check read from the input events, if it ran (the backward's weight
+    # gradient then needs no second read): a spike_matmul.spike_kind result, or UNCHECKED.
+    ctx.input_kind = _KIND_NAMES[_INPUT_KINDS.pop(events[-1], spike_matmul.UNCHECKED)]
     ctx.steps = x.shape[1]
     ctx.input_shape = tuple(x.shape)
     ctx.has_bias = bias is not None
@@ -326,8 +337,8 @@ def _backward(ctx, grad_spikes, grad_membrane, grad_v_final, grad_syn_final, *_u
     try:
         grads = list(entry(
             grad_spikes, _dense(grad_membrane), grad_v_final, grad_syn_final, *saved, ctx.steps, compact_grad,
-            *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5], needs[6],
-            needs[7], needs[8]))
+            ctx.input_kind, *ctx.config, needs[0], needs[1], ctx.has_bias and needs[2], needs[3], needs[4], needs[5],
+            needs[6], needs[7], needs[8]))
     finally:
         _BACKWARD_CAPTURE.reset(token)
     input_active = saved[8]
@@ -389,7 +400,7 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
                            initial_syn: Optional[Tensor], input_active: Optional[Tensor], membrane: Tensor,
                            syn_record: Tensor, flags: Tensor, active_index: Tensor, active_surr: Tensor,
                            active_offsets: Tensor, event_offsets: Tensor, event_pos: Tensor, event_values: Tensor,
-                           steps: int, grad_is_compact: bool,
+                           steps: int, grad_is_compact: bool, input_kind: str,
                            reset: str, detach_reset: bool, surrogate: str, surrogate_param: float,
                            fire_at_threshold: bool, backward: str, window: float, need_x: bool, need_weight: bool,
                            need_bias: bool, need_recurrent: bool, need_beta: bool, need_threshold: bool,
@@ -440,7 +451,7 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
             sums_needed = need_bias or need_initial_v
             if (need_weight and not pairs) or (deterministic and sums_needed):
                 route = need_weight and _decided(site, static, "split_weight_grad",
-                                                 lambda: _input_route(events, weight, batch, steps))
+                                                 lambda: _input_route(events, weight, batch, steps, input_kind))
                 grad_current, grad_b, grad_v0, grad_x = triton_lif.reverse_sweep(
                     grad_spikes, grad_is_compact, active_index, active_surr, active_offsets, beta, weight,
                     input_active if restricted else None, batch, steps, write=need_weight,
@@ -467,7 +478,8 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
         flags[active_index] = triton_lif.FLAG_ACTIVE
         flags = flags.reshape(seq_shape)
         if need_weight:
-            x = _dense_spikes(events, batch, steps, weight.shape[1], _input_route(events, weight, batch, steps) or acc)
+            x = _dense_spikes(events, batch, steps, weight.shape[1],
+                              _input_route(events, weight, batch, steps, input_kind) or acc)
         else:
             x = None
     surr = None
@@ -562,17 +574,25 @@ def _dense_spikes(events, batch: int, steps: int, features: int, kind, *, stacke
     return triton_lif.dense_input(events, batch, steps, features, dtype)
 
 
-def _input_route(events, weight: Tensor, batch: int, steps: int) -> Optional[str]:
-    """The weight gradient's GEMM route for this input (``spike_matmul.route_for``, spikes read from its events)."""
+def _input_route(events, weight: Tensor, batch: int, steps: int, input_kind: str) -> Optional[str]:
+    """The weight gradient's GEMM route for this input (``spike_matmul.route_for``: spikes read from its
+    events, unless ``input_kind`` names what the forward read from them)."""
     neurons, features = weight.shape
-    return spike_matmul.route_for(events[2], weight, (neurons, batch * steps, features), "b")
+    return spike_matmul.route_for(events[2], weight, (neurons, batch * steps, features), "b",
+                                  kind=_KINDS_BY_NAME[input_kind])
+
+
+# spike_matmul.spike_kind results as the backward op's string argument (its schema takes no None there).
+_KIND_NAMES = {spike_matmul.UNCHECKED: "unchecked", None: "none", spike_matmul.BFLOAT16: "bfloat16",
+               spike_matmul.INT8: "int8"}
+_KINDS_BY_NAME = {name: kind for kind, name in _KIND_NAMES.items()}
 
 
 @lif_triton_backward_op.register_fake
 def _lif_triton_backward_fake(grad_spikes, grad_membrane, grad_v_final, grad_syn_final, x, weight, recurrent_weight,
                               beta, threshold, alpha, initial_v, initial_syn, input_active, membrane, syn_record,
                               flags, active_index, active_surr, active_offsets, event_offsets, event_pos,
-                              event_values, steps, grad_is_compact, reset, detach_reset, surrogate,
+                              event_values, steps, grad_is_compact, input_kind, reset, detach_reset, surrogate,
                               surrogate_param, fire_at_threshold, backward, window, need_x, need_weight, need_bias,
                               need_recurrent, need_beta, need_threshold, need_alpha, need_initial_v,
                               need_initial_syn, fresh_placeholders=True):

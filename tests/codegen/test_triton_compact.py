@@ -355,6 +355,41 @@ def test_eager_forward_skips_the_dispatcher_and_matches_the_op(monkeypatch, devi
         assert torch.equal(plain, dispatched)
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_dense_weight_route_backward_reuses_the_forward_spike_check(reuse, monkeypatch, device):
+    # The forward reads whether the input's events are spikes (its GEMM's route); the backward's
+    # weight gradient takes its split route from that and reads nothing from the device. Without the
+    # forward's answer it reads the check itself: the same gradients either way.
+    from snnopt.codegen import spike_matmul
+    from tests.codegen.test_capture_plan import DeviceReads
+
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    if not reuse:
+        forgetful = type("Forgetful", (dict,), {"__setitem__": lambda self, key, value: None})()
+        monkeypatch.setattr(triton_ops, "_INPUT_KINDS", forgetful)  # the forward's answer never reaches the backward
+    checks, parts = [], []
+    real_kind, real_parts = spike_matmul.spike_kind, spike_matmul.weight_grad_from_parts
+    monkeypatch.setattr(spike_matmul, "spike_kind", lambda *a, **k: (checks.append(1), real_kind(*a, **k))[1])
+    monkeypatch.setattr(spike_matmul, "weight_grad_from_parts",
+                        lambda *a, **k: (parts.append(1), real_parts(*a, **k))[1])
+    x, w, b, beta = _inputs(2, 6, 8, 5, torch.float32, device, seed=3)
+    surrogate = Surrogate("superspike", 10.0)
+    spikes = SF.linear_lif(x, w, b, beta=beta, surrogate=surrogate, window=0.5, input_active=None, backend="triton")
+    assert checks == [1]
+    upstream = torch.linspace(-1, 1, spikes.numel(), device=device).reshape(spikes.shape)
+    with DeviceReads(pytest.MonkeyPatch()) as reads:
+        grads = torch.autograd.grad((spikes * upstream).sum(), [w, b])
+    assert parts == [1], "the weight gradient takes the split GEMM"
+    assert (reads.seen == [] and checks == [1]) if reuse else (reads.seen != [] and checks == [1, 1])
+    wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    spec = LifSpec(reset="subtract", surrogate=surrogate, window=0.5)
+    ref_spikes, _, _, _ = reference_linear_lif(x, wr, br, spec, beta=beta)
+    assert torch.equal(spikes, ref_spikes)
+    for a, r in zip(grads, torch.autograd.grad((ref_spikes * upstream).sum(), [wr, br])):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6 * float(r.abs().max()))
+
+
 def test_eager_backward_skips_the_dispatcher_and_matches_the_op(monkeypatch, device):
     # Plain eager backward (grad mode off) calls the op's implementation directly; with
     # create_graph the op itself runs. Both give the same gradients.
