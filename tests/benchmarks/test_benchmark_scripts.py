@@ -59,6 +59,8 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     assert on_sizes
     for size in on_sizes.values():
         assert size["checks"]["passed"] and size["checks"]["spike_mismatches"] == 0
+        sparse_check = size["checks_sparse"]  # snnopt sparse against the windowed dense loop
+        assert sparse_check["passed"] and sparse_check["candidate"] == "snnopt sparse", sparse_check
         assert "float32 GEMM" in size["snnopt_matmul"]  # CPU: the reference product
         for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
             assert size["variants"][key]["step_ms"] > 0
