@@ -130,17 +130,7 @@ def autograd_floor(device) -> "gpu_suite.Case":
 def cases(device, smoke: bool) -> dict:
     sizes = gpu_suite.MODES["smoke" if smoke else "full"]
     cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=200)
-    x = seed.latency_code(seed.synthetic_fashion_images(cfg.batch, seed=cfg.seed), cfg).to(device)
-    weights = [w.to(device) for w in seed.initial_weights(cfg)]
-    with torch.device(device):
-        dense = seed.DenseEagerSNN(cfg, unbind=True)
-    membranes = []
-    with torch.no_grad():
-        for param, weight in zip(dense.weights(), weights):
-            param.copy_(weight)
-        _, (s1, _) = dense(x, membranes)
-    active1 = ((membranes[0] - cfg.threshold).abs() < cfg.window).flatten().nonzero().squeeze(1)
-    del dense, membranes
+    x, weights, s1, active1 = gpu_suite.seed_layer_inputs(cfg, device)
     out = {"autograd_floor": autograd_floor(device)}
     for name, inp, weight, needs in (("seed_L1", x, weights[0], False), ("seed_L2", s1, weights[1], True)):
         grad_out = torch.randn(cfg.batch, cfg.steps, cfg.hidden, device=device)

@@ -1205,11 +1205,10 @@ def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict,
     return out
 
 
-def _seed_layer_tuning(sizes: SuiteSizes, device: torch.device, errors: dict) -> dict:
-    """Both hidden layers of the seed network, sparse: layer 1 (weight gradient from the input events)
-    and layer 2 (also its input gradient at layer 1's active entries)."""
-    hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
-    cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
+def seed_layer_inputs(cfg: seed.SeedConfig, device: torch.device):
+    """``(x, weights, s1, active1)``: the seed network's input spikes and initial weights, layer 1's
+    output spikes (layer 2's input) and its active entries (where layer 2's input gradient is needed),
+    from the dense loop without gradients."""
     x = seed.latency_code(seed.synthetic_fashion_images(cfg.batch, seed=cfg.seed), cfg).to(device)
     weights = [w.to(device) for w in seed.initial_weights(cfg)]
     with torch.device(device):
@@ -1220,7 +1219,15 @@ def _seed_layer_tuning(sizes: SuiteSizes, device: torch.device, errors: dict) ->
             param.copy_(weight)
         _, (s1, _) = dense(x, membranes)
     active1 = ((membranes[0] - cfg.threshold).abs() < cfg.window).flatten().nonzero().squeeze(1)
-    del dense, membranes
+    return x, weights, s1, active1
+
+
+def _seed_layer_tuning(sizes: SuiteSizes, device: torch.device, errors: dict) -> dict:
+    """Both hidden layers of the seed network, sparse: layer 1 (weight gradient from the input events)
+    and layer 2 (also its input gradient at layer 1's active entries)."""
+    hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
+    cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
+    x, weights, s1, active1 = seed_layer_inputs(cfg, device)
     layer = snnopt_layer(cfg, "sparse")
     cases = {}
     for key, inp, weight, upstream in (("layer1", x, weights[0], None), ("layer2", s1, weights[1], active1)):

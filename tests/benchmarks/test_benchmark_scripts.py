@@ -39,6 +39,23 @@ def test_gpu_probe_names_a_missing_variant(tmp_path):
     assert result.returncode == 2 and "--variant" in result.stderr and "snnopt_sparse" in result.stderr
 
 
+def test_gpu_host_profile_reports_every_case_on_cpu(tmp_path):
+    _run([str(ROOT / "benchmarks" / "gpu_host_profile.py"), "--device", "cpu", "--smoke", "--rounds", "2", "--out",
+          str(tmp_path)], tmp_path)
+    report = json.loads((tmp_path / "gpu_host_profile.json").read_text())
+    cases = report["cases"]
+    assert set(cases) == {"autograd_floor", "seed_L1.snnopt_sparse", "seed_L1.snnopt_sparse_graphed",
+                          "seed_L2.snnopt_sparse", "seed_L2.snnopt_sparse_graphed", "on_24.snnopt_sparse",
+                          "on_24.snnopt_sparse_graphed"}
+    for name, entry in cases.items():
+        if name.endswith("_graphed"):  # capture needs CUDA: the reason is recorded, the rest carries on
+            assert "CUDA" in entry["error"], entry
+            continue
+        for times in (entry["times"], entry["times_one_thread"]):
+            assert all(times[phase]["event_ms"] > 0 for phase in ("forward", "backward")), (name, times)
+        assert entry["python"]["backward"] and entry["host_top"]["forward"], name
+
+
 def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     _run([str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--smoke", "--out", str(tmp_path)], tmp_path)
     (path,) = tmp_path.glob("gpu_suite_*_smoke.json")
