@@ -5,9 +5,10 @@ sizes), so launched one by one from Python its time is host time, per torch oper
 Triton launch (run 4 of ``benchmarks/gpu_suite.py`` on an H200: a per-layer sparse backward of
 0.7–0.9 ms whatever the layer width). A CUDA graph replays the recorded launches without the host.
 
-What a graph cannot do is read the device: the compact sparse path sizes its lists from the count
-of active entries (a host read per forward), and the split bfloat16 GEMM checks that its spike
-operand is exact (another). Under a :class:`CapturePlan` the Triton op instead
+What a graph cannot do is read the device: the compact sparse path sizes its lists from the counts
+of input events and of active entries (two host reads per forward; the first also brings back
+whether the input suits the split bfloat16 GEMM, i.e. is spikes). Under a :class:`CapturePlan` the
+Triton op instead
 
 * gives every list a fixed capacity, measured while recording (the largest count seen in the
   warm-up steps times ``headroom``): entries past a list's length are padding (index one past the

@@ -64,9 +64,12 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
     # A compact layer keeps its input as events; listed first, they also tell the GEMM below
     # whether x is spikes (checking the few nonzeros instead of all of x).
     events = None
+    input_kind = [spike_matmul.UNCHECKED]  # the events' spike check, where their count brought it back
     if compact:
         events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag) if static
-                  else triton_lif.input_events(x, acc))
+                  else triton_lif.input_events(x, acc, checked=lambda kind: input_kind.__setitem__(0, kind)))
+        if input_kind[0] != spike_matmul.UNCHECKED:
+            _INPUT_KINDS[events[2]] = input_kind[0]  # for this layer's backward (which would read it again)
         if site is not None and not static:
             site.events_seen = max(site.events_seen, events[1].numel())
     if weight is None:
@@ -76,11 +79,10 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
         batch, steps, features = x.shape
         nonzeros = events[2] if events is not None else None
-        # spike_matmul's route for it (a captured step follows the recorded one). The spike check that
-        # reads is the events', kept for this layer's backward (which would otherwise read it again).
-        checked = (lambda kind: _INPUT_KINDS.__setitem__(events[2], kind)) if events is not None else None
+        # spike_matmul's route for it (a captured step follows the recorded one), from the events' spike
+        # check where their count brought it back.
         route = _decided(site, static, "split_linear",
-                         lambda: spike_matmul.linear_route(x, weight, nonzeros, checked=checked))
+                         lambda: spike_matmul.linear_route(x, weight, nonzeros, kind=input_kind[0]))
         if static:  # the routes assume spikes: say so on the device if this input is not
             for kind in site.spike_routes():
                 plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)

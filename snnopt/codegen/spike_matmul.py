@@ -568,14 +568,14 @@ def _int_mm_available(device_type: str) -> bool:
         return False
 
 
-def linear_route(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None, *,
+def linear_route(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None, *, kind=UNCHECKED,
                  checked: Optional[Callable[[Optional[str]], None]] = None) -> Optional[str]:
-    """:func:`route_for` of ``x·Wᵀ`` (reads the device: the spike check, on ``nonzeros`` where given;
-    ``checked`` gets its result)."""
+    """:func:`route_for` of ``x·Wᵀ`` (reads the device: the spike check, on ``nonzeros`` where given,
+    unless ``kind`` is its result already; ``checked`` gets the result where this call read it)."""
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
     return route_for(x if nonzeros is None else nonzeros, weight, (rows, features, weight.shape[0]), "a",
-                     checked=checked)
+                     kind=kind, checked=checked)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,

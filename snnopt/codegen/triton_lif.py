@@ -235,12 +235,14 @@ def _powi(base, n):
 
 
 @triton.jit(do_not_specialize=["rows", "capacity"])
-def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, rows, steps, features, capacity,
-                         WRITE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_ptr, rows, steps, features, capacity,
+                         WRITE: tl.constexpr, CHECK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # One program per ROWS (b, t) rows of the input: counts each row's nonzeros, or (WRITE) lists them
     # as (t * features + i, value) at the row's offset. Rows in order, so events are grouped by b, then
     # t. Several rows per program: a row of a few hundred features is too little work for one.
     # Events at or past `capacity` are not written (a captured graph's fixed list; the caller flags it).
+    # CHECK (counting): kind[0] = 1 where a nonzero is not a bfloat16 value, kind[1] = 1 where one is
+    # not an integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     live = r < rows
     t = r % steps
@@ -248,6 +250,8 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, rows,
     if WRITE:
         base = tl.load(offsets_ptr + r, mask=live, other=0)
     total = tl.zeros([ROWS], tl.int32)
+    not_bfloat16 = tl.zeros([], tl.int32)
+    not_int8 = tl.zeros([], tl.int32)
     for start in range(0, features, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = live[:, None] & (offs < features)[None, :]
@@ -261,8 +265,20 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, rows,
             base += tl.sum(nz.to(tl.int64), axis=1)
         else:
             total += tl.sum(nz.to(tl.int32), axis=1)
+            if CHECK:
+                xf = xv.to(tl.float32)
+                exact = xf.to(xv.dtype) == xv  # (a float64 beyond float32 is neither)
+                bfloat16_ok = exact & (xf.to(tl.bfloat16).to(tl.float32) == xf)
+                in_range = (xf >= -128.0) & (xf <= 127.0)  # (NaN is not)
+                int8_ok = exact & in_range & (tl.where(in_range, xf, 0.0).to(tl.int32).to(tl.float32) == xf)
+                not_bfloat16 = tl.maximum(not_bfloat16, tl.max(tl.max(tl.where(nz & ~bfloat16_ok, 1, 0), axis=1),
+                                                               axis=0))
+                not_int8 = tl.maximum(not_int8, tl.max(tl.max(tl.where(nz & ~int8_ok, 1, 0), axis=1), axis=0))
     if not WRITE:
         tl.store(counts_ptr + r, total, mask=live)
+        if CHECK:
+            tl.atomic_max(kind_ptr, not_bfloat16, sem="relaxed")  # only a flag: no ordering needed
+            tl.atomic_max(kind_ptr + 1, not_int8, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["entries"])
@@ -1076,7 +1092,8 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
 
 
 def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
-                 flag: Optional[Callable[[Tensor], None]] = None):
+                 flag: Optional[Callable[[Tensor], None]] = None, *,
+                 checked: Optional[Callable[[Optional[str]], None]] = None):
     """The nonzero entries of ``x`` ``(B, T, F)`` as events grouped by (b, t): ``(offsets, pos, values)``.
 
     ``offsets`` has ``B*T + 1`` entries (row (b, t) holds events ``offsets[bT+t] … offsets[bT+t+1]``),
@@ -1084,7 +1101,11 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     is represented exactly; a spiking input at a few percent costs a few percent of the dense bytes.
     ``capacity`` (a captured CUDA graph): ``pos`` and ``values`` hold that many entries (values 0
     past the length), the offsets are clamped to it, no host read; ``flag`` gets the overflow.
+    ``checked`` (without a capacity): given ``spike_matmul.spike_kind`` of the events' values, which
+    the counting launch works out on the way and the one host read of the count brings back.
     """
+    from snnopt.codegen import spike_matmul
+
     batch, steps, features = x.shape
     module = kernels(_PLAIN_SPEC, x.dtype)
     device = x.device
@@ -1098,9 +1119,11 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     grid = (-(-rows // rows_per_program),)
     warps = 8 if rows_per_program * block >= 2048 else 4  # about 16 entries per thread at most
     nothing = _unused(torch.int64, device)
-    module._input_events_kernel[grid](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), rows,
-                                      steps, features, 0, WRITE=False, ROWS=rows_per_program, BLOCK=block,
-                                      num_warps=warps)
+    check = checked is not None and capacity is None
+    kinds = torch.zeros(2, dtype=torch.int32, device=device) if check else _unused(torch.int32, device)
+    module._input_events_kernel[grid](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), kinds,
+                                      rows, steps, features, 0, WRITE=False, CHECK=check, ROWS=rows_per_program,
+                                      BLOCK=block, num_warps=warps)
     offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # exclusive prefix sum, total appended
     torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
     if capacity is not None:
@@ -1108,12 +1131,17 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
         pos = torch.empty(total, dtype=pos_dtype, device=device)  # read only below the (clamped) offsets
         values = torch.zeros(total, dtype=acc, device=device)      # all of it is checked for spikes
     else:
-        total = int(offsets[-1])
+        if check:  # the count and the spike check in one read
+            total, not_bfloat16, not_int8 = torch.cat([offsets[-1:], kinds.to(torch.int64)]).tolist()
+            checked(None if not_bfloat16 else spike_matmul.BFLOAT16 if not_int8 else spike_matmul.INT8)
+        else:
+            total = int(offsets[-1])
         pos = torch.empty(total, dtype=pos_dtype, device=device)
         values = torch.empty(total, dtype=acc, device=device)
     if total:
-        module._input_events_kernel[grid](x, counts, offsets, pos, values, rows, steps, features, total, WRITE=True,
-                                          ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+        module._input_events_kernel[grid](x, counts, offsets, pos, values, kinds, rows, steps, features, total,
+                                          WRITE=True, CHECK=False, ROWS=rows_per_program, BLOCK=block,
+                                          num_warps=warps)
     if capacity is not None:
         flag(offsets[-1] > capacity)
         offsets.clamp_(max=capacity)

@@ -25,13 +25,14 @@ _INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr",
 _INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
                    "stage_index_ptr": "*i64", "overflow_ptr": "*i64", "slot_start_ptr": "*i32",
                    "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64",
+                   "kind_ptr": "*i32",  # (the events' spike check flags)
                    "parts_ptr": "*bf16"}  # (and the bfloat16 parts of a split dL/dI: fixed types too)
 TUNING = triton_lif.KernelTuning()  # the shipped launch choices
 STAGES = TUNING.sweep_stages
 # The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
 COMPACT_KERNELS = {
-    "_input_events_kernel": [dict(WRITE=write, ROWS=TUNING.event_tile // 1024, BLOCK=1024, num_warps=8)
-                             for write in (False, True)],
+    "_input_events_kernel": [dict(WRITE=write, CHECK=check, ROWS=TUNING.event_tile // 1024, BLOCK=1024, num_warps=8)
+                             for write, check in ((False, False), (False, True), (True, False))],
     "_sparse_weight_grad_kernel": [
         dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=TUNING.pair_block,
              ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block)),
@@ -44,10 +45,10 @@ COMPACT_KERNELS = {
     "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16"), dict(BLOCK=128, out_ptr="*i8")],
     "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split
     # spike_matmul's int8 route: the fixed-point digits, and the product put back together (both orientations)
-    "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, src_ptr="*fp32", shift_ptr="*i32",
-                                   out_ptr="*i8") for dim in (0, 1)],
-    "_combine_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, acc_ptr="*i32", shift_ptr="*i32",
-                                  out_ptr="*fp32") for dim in (0, 1)],
+    "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, src_ptr="*fp32",
+                                   shift_ptr="*i32", out_ptr="*i8") for dim in (0, 1)],
+    "_combine_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, acc_ptr="*i32",
+                                  shift_ptr="*i32", out_ptr="*fp32") for dim in (0, 1)],
     # ... and the fused route's GEMM (digits on either operand), with the shipped tile configuration
     "_int8_gemm_kernel": [dict(DIGITS_ON_B=on_b, **triton_lif.INT8_GEMM_CONFIG, a_ptr="*i8", b_ptr="*i8",
                                shift_ptr="*i32", out_ptr="*fp32") for on_b in (True, False)],

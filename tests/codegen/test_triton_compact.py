@@ -357,9 +357,9 @@ def test_eager_forward_skips_the_dispatcher_and_matches_the_op(monkeypatch, devi
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_dense_weight_route_backward_reuses_the_forward_spike_check(reuse, monkeypatch, device):
-    # The forward reads whether the input's events are spikes (its GEMM's route); the backward's
-    # weight gradient takes its split route from that and reads nothing from the device. Without the
-    # forward's answer it reads the check itself: the same gradients either way.
+    # The forward learns whether the input's events are spikes with their count (its GEMM's route);
+    # the backward's weight gradient takes its split route from that and reads nothing from the
+    # device. Without the forward's answer it reads the check itself: the same gradients either way.
     from snnopt.codegen import spike_matmul
     from tests.codegen.test_capture_plan import DeviceReads
 
@@ -376,12 +376,12 @@ def test_dense_weight_route_backward_reuses_the_forward_spike_check(reuse, monke
     x, w, b, beta = _inputs(2, 6, 8, 5, torch.float32, device, seed=3)
     surrogate = Surrogate("superspike", 10.0)
     spikes = SF.linear_lif(x, w, b, beta=beta, surrogate=surrogate, window=0.5, input_active=None, backend="triton")
-    assert checks == [1]
+    assert checks == [], "the forward's check came with the events' count"
     upstream = torch.linspace(-1, 1, spikes.numel(), device=device).reshape(spikes.shape)
     with DeviceReads(pytest.MonkeyPatch()) as reads:
         grads = torch.autograd.grad((spikes * upstream).sum(), [w, b])
     assert parts == [1], "the weight gradient takes the split GEMM"
-    assert (reads.seen == [] and checks == [1]) if reuse else (reads.seen != [] and checks == [1, 1])
+    assert (reads.seen == [] and checks == []) if reuse else (reads.seen != [] and checks == [1])
     wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     spec = LifSpec(reset="subtract", surrogate=surrogate, window=0.5)
     ref_spikes, _, _, _ = reference_linear_lif(x, wr, br, spec, beta=beta)
@@ -484,6 +484,31 @@ def test_input_events_list_every_nonzero_in_order(shape, event_tile, device):
     kept = min(length, nz.shape[0])  # positions past the events are never read (the offsets end there)
     assert torch.equal(capped[1][:kept].cpu(), pos[:kept].cpu()) and torch.equal(capped[0], offsets.clamp(max=length))
     assert len(flags) == 1 and bool(flags[0]) == (nz.shape[0] > length)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("values", ["spikes", "integers", "wide_integers", "bfloat16_values", "real", "nan", "none"])
+def test_event_count_reads_the_spike_check_with_it(values, dtype, device):
+    # The counting launch works out spike_matmul.spike_kind of the nonzeros on the way: the same
+    # answer as the torch check on the listed values, for every input dtype.
+    from snnopt.codegen import spike_matmul
+
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.rand(2, 4, 300, generator=gen) < 0.2
+    fill = {"spikes": torch.ones(1), "integers": torch.randint(-128, 128, (2, 4, 300), generator=gen).float(),
+            "wide_integers": torch.randint(-200, 200, (2, 4, 300), generator=gen).float(),
+            "bfloat16_values": torch.randn(2, 4, 300, generator=gen).bfloat16().float(),
+            "real": torch.randn(2, 4, 300, generator=gen), "nan": torch.full((1,), float("nan")),
+            "none": torch.zeros(1)}[values]
+    x = (mask * fill).to(dtype)
+    if values == "nan":
+        x[0, 0, 0] = 1.0  # NaN entries, and a spike
+    x = x.to(device)
+    acc = triton_lif.accumulation_dtype(dtype)
+    seen = []
+    offsets, pos, events = triton_lif.input_events(x, acc, checked=seen.append)
+    assert seen == [spike_matmul.spike_kind(events)], (values, dtype)
+    assert torch.equal(offsets, triton_lif.input_events(x, acc)[0])
 
 
 @pytest.mark.parametrize("dtype, copies, side_by_side", [(torch.float32, 1, False), (torch.bfloat16, 3, False),
