@@ -66,8 +66,14 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
     events = None
     input_kind = [spike_matmul.UNCHECKED]  # the events' spike check, where their count brought it back
     if compact:
+        # The check only where a product of this layer may take a tensor-core route (on the input as
+        # x·Wᵀ's left operand, or as the weight gradient's right one).
+        batch, steps, features = x.shape
+        products = ((batch * steps, features, weight.shape[0]), (weight.shape[0], batch * steps, features))
+        check = any(spike_matmul.applies(x, weight, shape) for shape in products)
         events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag) if static
-                  else triton_lif.input_events(x, acc, checked=lambda kind: input_kind.__setitem__(0, kind)))
+                  else triton_lif.input_events(x, acc, checked=(lambda kind: input_kind.__setitem__(0, kind))
+                                               if check else None))
         if input_kind[0] != spike_matmul.UNCHECKED:
             _INPUT_KINDS[events[2]] = input_kind[0]  # for this layer's backward (which would read it again)
         if site is not None and not static:

@@ -277,8 +277,8 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
     if not WRITE:
         tl.store(counts_ptr + r, total, mask=live)
         if CHECK:
-            tl.atomic_max(kind_ptr, not_bfloat16, sem="relaxed")  # only a flag: no ordering needed
-            tl.atomic_max(kind_ptr + 1, not_int8, sem="relaxed")
+            tl.atomic_max(kind_ptr, not_bfloat16.to(tl.int64), sem="relaxed")  # only a flag: no ordering needed
+            tl.atomic_max(kind_ptr + 1, not_int8.to(tl.int64), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["entries"])
@@ -1120,11 +1120,13 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     warps = 8 if rows_per_program * block >= 2048 else 4  # about 16 entries per thread at most
     nothing = _unused(torch.int64, device)
     check = checked is not None and capacity is None
-    kinds = torch.zeros(2, dtype=torch.int32, device=device) if check else _unused(torch.int32, device)
-    module._input_events_kernel[grid](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device), kinds,
-                                      rows, steps, features, 0, WRITE=False, CHECK=check, ROWS=rows_per_program,
-                                      BLOCK=block, num_warps=warps)
-    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # exclusive prefix sum, total appended
+    # The exclusive prefix sum of the counts with the total appended, then (check) the two flags: the
+    # total and the flags are one read.
+    ends = torch.zeros(rows + 3 if check else rows + 1, dtype=torch.int64, device=device)
+    offsets = ends[:rows + 1]
+    module._input_events_kernel[grid](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device),
+                                      ends[rows + 1:] if check else nothing, rows, steps, features, 0, WRITE=False,
+                                      CHECK=check, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
     if capacity is not None:
         total = capacity
@@ -1132,14 +1134,14 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
         values = torch.zeros(total, dtype=acc, device=device)      # all of it is checked for spikes
     else:
         if check:  # the count and the spike check in one read
-            total, not_bfloat16, not_int8 = torch.cat([offsets[-1:], kinds.to(torch.int64)]).tolist()
+            total, not_bfloat16, not_int8 = ends[rows:].tolist()
             checked(None if not_bfloat16 else spike_matmul.BFLOAT16 if not_int8 else spike_matmul.INT8)
         else:
             total = int(offsets[-1])
         pos = torch.empty(total, dtype=pos_dtype, device=device)
         values = torch.empty(total, dtype=acc, device=device)
     if total:
-        module._input_events_kernel[grid](x, counts, offsets, pos, values, kinds, rows, steps, features, total,
+        module._input_events_kernel[grid](x, counts, offsets, pos, values, nothing, rows, steps, features, total,
                                           WRITE=True, CHECK=False, ROWS=rows_per_program, BLOCK=block,
                                           num_warps=warps)
     if capacity is not None:

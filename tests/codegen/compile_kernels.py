@@ -25,7 +25,7 @@ _INPUT_DTYPE_POINTERS = {"cur_ptr", "spikes_ptr", "gs_ptr", "gm_ptr", "gvf_ptr",
 _INDEX_POINTERS = {"counts_ptr": "*i32", "offsets_ptr": "*i64", "index_ptr": "*i64", "evt_off_ptr": "*i64",
                    "stage_index_ptr": "*i64", "overflow_ptr": "*i64", "slot_start_ptr": "*i32",
                    "evt_pos_ptr": "*i32", "pos_ptr": "*i32", "input_active_ptr": "*i64", "act_off_ptr": "*i64",
-                   "kind_ptr": "*i32",  # (the events' spike check flags)
+                   "kind_ptr": "*i64",  # (the events' spike check flags)
                    "parts_ptr": "*bf16"}  # (and the bfloat16 parts of a split dL/dI: fixed types too)
 TUNING = triton_lif.KernelTuning()  # the shipped launch choices
 STAGES = TUNING.sweep_stages

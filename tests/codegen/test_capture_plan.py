@@ -156,9 +156,9 @@ def test_static_plan_reads_nothing_from_the_device(monkeypatch):
     inputs = _problem(seed=1)
     with DeviceReads(pytest.MonkeyPatch()) as eager_reads:
         _step(_network, inputs)
-    # Without a plan each sparse layer's forward reads two list lengths (the input events', with
-    # their spike check; the active entries'), and its backward nothing.
-    assert eager_reads.seen == ["tolist"] * 4, eager_reads.seen
+    # Without a plan each sparse layer's forward reads two list lengths (the input events', the
+    # active entries'), and its backward nothing.
+    assert eager_reads.seen == ["__int__", "tolist"] * 2, eager_reads.seen
     plan, step = _recorded_plan(inputs)
     with DeviceReads(pytest.MonkeyPatch()) as static_reads:
         _static_step(plan, step, inputs)
