@@ -33,10 +33,12 @@ program's entries overflow its staging area, a second launch reruns the recurren
 in place. The input is kept as events (``input_events``). Its backward (``sparse_backward``) is
 two launches over those lists: the weight gradient as pairs (active entry × earlier input event of
 the same row) and the input gradient at the upstream active entries only, which goes back to a
-compact producer as a sparse COO tensor read in the producer's own list order. When the pairs would outnumber a GEMM's
-work (dense inputs, e.g. the Open Neuromorphic configuration) or a membrane / final-state / full
-input gradient is asked for, dL/dI is rebuilt densely from the same lists and the weight gradient
-is one cuBLAS GEMM. Other sparse specs keep one uint8 flag per entry and the dense sweep.
+compact producer as a sparse COO tensor read in the producer's own list order. When the pairs
+would outnumber a GEMM's work (dense inputs, e.g. the Open Neuromorphic configuration), one sweep
+rebuilds dL/dI densely from the same lists, with the bias and initial-state gradients on the way
+(``reverse_sweep``), and the weight gradient is one cuBLAS GEMM; a membrane / final-state / full
+input gradient takes the general reverse sweep from the lists. Other sparse specs keep one uint8
+flag per entry and the dense sweep.
 
 float64 kernels accumulate in float64; float32, float16 and bfloat16 inputs in float32. This module
 needs no triton itself (the generated modules import it), so :func:`emit_kernels` works anywhere.
