@@ -74,7 +74,8 @@ never reach memory (:data:`INT8_TRITON`, :func:`snnopt.codegen.triton_lif.int8_g
 int8 warpgroup MMA). Both give the same bits.
 
 Which route the forward product takes is chosen per shape on the GPU at hand: the first product
-of a shape times each on operands of that shape and keeps the fastest (:func:`preferred_route`; under
+of a shape times each on operands of that shape (at most :data:`TIMING_ROWS` of its rows) and keeps
+the fastest (:func:`preferred_route`; under
 ``torch.use_deterministic_algorithms`` and off CUDA, bfloat16 without timing). The bfloat16 and
 int8 routes round differently, within the bounds above, so which one ran is part of a result:
 :func:`route_choices` lists what was chosen and the times that chose it, and :func:`prefer` fixes
@@ -364,9 +365,9 @@ def preferred_route(shape: tuple[int, int, int], device: torch.device) -> str:
 
     :func:`prefer`'s choice where one is set; bfloat16 off CUDA and under
     ``torch.use_deterministic_algorithms`` (no timing: the same route every run); else the fastest
-    of :data:`ROUTES` on this GPU, timed once per (shape, device) on operands of that shape
-    (:func:`_time_routes`; it allocates them and each route's temporaries once) and remembered for
-    the process. A route that raises is not chosen.
+    of :data:`ROUTES` on this GPU, timed once per (shape, device) on operands of that shape, its rows
+    capped at :data:`TIMING_ROWS` (:func:`_time_routes`; it allocates them and each route's
+    temporaries once) and remembered for the process. A route that raises is not chosen.
     """
     preference = _PREFERENCE[-1]
     if preference != "auto":
@@ -381,10 +382,17 @@ def preferred_route(shape: tuple[int, int, int], device: torch.device) -> str:
     return _CHOICES[key]["route"]
 
 
+# Rows the route timing takes at most: enough output tiles to fill a GPU, so the routes' relative
+# speeds are those of the full product, without the full product's operands and temporaries (an
+# Open Neuromorphic layer at n = 16384 has 8000 rows: ~4 GB of them for the int8 routes alone).
+TIMING_ROWS = 4096
+
+
 def _time_routes(shape: tuple[int, int, int], device: torch.device) -> dict:
-    """Median ms of each route for ``x·Wᵀ`` on random operands of ``shape`` (5 % spikes; the values do not change
-    the work)."""
+    """Median ms of each route for ``x·Wᵀ`` on random operands of ``shape``, at most :data:`TIMING_ROWS`
+    of its rows (5 % spikes; the values do not change the work). ``timed_rows`` says how many."""
     p, q, r = shape
+    p = min(p, TIMING_ROWS)
     gen = torch.Generator(device=device).manual_seed(0)
     x = (torch.rand(p, q, device=device, generator=gen) < 0.05).to(torch.int8)  # as a compact layer builds it
     w_t = torch.randn(r, q, device=device, generator=gen).t()  # Wᵀ, as the forward passes it
@@ -407,7 +415,7 @@ def _time_routes(shape: tuple[int, int, int], device: torch.device) -> dict:
         except Exception as error:  # e.g. a cuBLASLt build without this int8 case, a Triton that cannot compile it
             errors[route] = f"{type(error).__name__}: {error}"
     route = min(times, key=times.get) if times else BFLOAT16
-    return {"route": route, "ms": times, "errors": errors}
+    return {"route": route, "ms": times, "errors": errors, "timed_rows": p}
 
 
 def split_mm(a: Tensor, b: Tensor, spikes: str) -> Tensor:

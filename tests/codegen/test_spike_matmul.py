@@ -287,6 +287,7 @@ def test_int8_gemm_on_gpu(monkeypatch):
     route = spike_matmul.preferred_route((rows, features, neurons), x.device)
     (choice,) = spike_matmul.route_choices()
     assert route == choice["route"] and set(choice["ms"]) == set(spike_matmul.ROUTES), choice
+    assert choice["timed_rows"] == min(rows, spike_matmul.TIMING_ROWS)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
