@@ -64,7 +64,7 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
     # A compact layer keeps its input as events; listed first, they also tell the GEMM below
     # whether x is spikes (checking the few nonzeros instead of all of x).
     events = None
-    input_kind = [spike_matmul.UNCHECKED]  # the events' spike check, where their count brought it back
+    checks = []  # the events' spike check, where their count brought it back
     if compact:
         # The check only where a product of this layer may take a tensor-core route (on the input as
         # x·Wᵀ's left operand, or as the weight gradient's right one).
@@ -72,10 +72,9 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
         products = ((batch * steps, features, weight.shape[0]), (weight.shape[0], batch * steps, features))
         check = any(spike_matmul.applies(x, weight, shape) for shape in products)
         events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag) if static
-                  else triton_lif.input_events(x, acc, checked=(lambda kind: input_kind.__setitem__(0, kind))
-                                               if check else None))
-        if input_kind[0] != spike_matmul.UNCHECKED:
-            _INPUT_KINDS[events[2]] = input_kind[0]  # for this layer's backward (which would read it again)
+                  else triton_lif.input_events(x, acc, checked=checks.append if check else None))
+        if checks:
+            _INPUT_KINDS[events[2]] = checks[0]  # for this layer's backward (which would read it again)
         if site is not None and not static:
             site.events_seen = max(site.events_seen, events[1].numel())
     if weight is None:
@@ -88,7 +87,8 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
         # spike_matmul's route for it (a captured step follows the recorded one), from the events' spike
         # check where their count brought it back.
         route = _decided(site, static, "split_linear",
-                         lambda: spike_matmul.linear_route(x, weight, nonzeros, kind=input_kind[0]))
+                         lambda: spike_matmul.linear_route(x, weight, nonzeros,
+                                                           kind=checks[0] if checks else spike_matmul.UNCHECKED))
         if static:  # the routes assume spikes: say so on the device if this input is not
             for kind in site.spike_routes():
                 plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)

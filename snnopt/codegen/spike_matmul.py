@@ -535,23 +535,20 @@ def _float32_output_mm(device_type: str) -> bool:
 UNCHECKED = "unchecked"  # route_for's ``kind`` where the spike check has not been read yet
 
 
-def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: str, *, kind=UNCHECKED,
-              checked: Optional[Callable[[Optional[str]], None]] = None) -> Optional[str]:
+def route_for(spikes: Tensor, other: Tensor, shape: tuple[int, int, int], side: str, *,
+              kind=UNCHECKED) -> Optional[str]:
     """The route for a ``(p × q)·(q × r)`` product whose spike operand is ``spikes`` (on ``side``, "a" or "b"):
     None (the float32 reference) or one of :data:`ROUTES`. Reads the device (:func:`spike_kind`; ``spikes``
-    may be just the operand's nonzeros), unless ``kind`` is that check's result for the same values,
-    read before (for side "b" any :func:`spike_kind` result will do: the weight gradient takes no int8
-    route). ``checked`` is given the check's result where this call read it."""
+    may be just the operand's nonzeros), unless ``kind`` is :func:`spike_kind`'s result for the same
+    values, read before (with the integer check; the input events' count brings it back)."""
     if not applies(spikes, other, shape):
         return None
     # The int8 routes only for x·Wᵀ (spikes on the left): a weight gradient's dL/dI spans many binades
     # (the surrogate's tails, the leak's decay), and its small entries would lose their precision to
     # a fixed point set by each neuron's largest (module docstring).
     int8_possible = side == "a" and int8_fits(*shape, side, spikes.device.type)
-    if kind == UNCHECKED or (int8_possible and kind == BFLOAT16):  # (BFLOAT16 may be an unchecked INT8)
+    if kind == UNCHECKED:
         kind = spike_kind(spikes, integers=int8_possible)
-        if checked is not None:
-            checked(kind)
     if kind == INT8 and int8_possible:
         route = preferred_route(shape, spikes.device)
         device_type = spikes.device.type
@@ -576,14 +573,13 @@ def _int_mm_available(device_type: str) -> bool:
         return False
 
 
-def linear_route(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None, *, kind=UNCHECKED,
-                 checked: Optional[Callable[[Optional[str]], None]] = None) -> Optional[str]:
+def linear_route(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None, *, kind=UNCHECKED) -> Optional[str]:
     """:func:`route_for` of ``x·Wᵀ`` (reads the device: the spike check, on ``nonzeros`` where given,
-    unless ``kind`` is its result already; ``checked`` gets the result where this call read it)."""
+    unless ``kind`` is its result already)."""
     features = x.shape[-1]
     rows = x.numel() // max(features, 1)
     return route_for(x if nonzeros is None else nonzeros, weight, (rows, features, weight.shape[0]), "a",
-                     kind=kind, checked=checked)
+                     kind=kind)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,

@@ -408,6 +408,17 @@ def _quantize_int8_kernel(src_ptr, shift_ptr, out_ptr, cols, total, src_row_stri
 
 
 @triton.jit
+def _scale_back(whole, s):
+    # The digit planes' int64 sum rounded once to float32, times 2**-s (two exact power-of-two
+    # steps: 2**-s alone may be out of float32's range); NaN where s is NONFINITE_SHIFT.
+    finite = s != NONFINITE_SHIFT
+    s = tl.where(finite, s, 0)
+    half = s >> 1
+    out = whole.to(tl.float32) * _pow2(half - s) * _pow2(-half)
+    return tl.where(finite, out, float("nan"))
+
+
+@triton.jit
 def _combine_int8_kernel(acc_ptr, shift_ptr, out_ptr, cols, total, acc_row_stride, plane_stride,
                          SCALED_DIM: tl.constexpr, SLICES: tl.constexpr, BLOCK: tl.constexpr):
     # out[r, c] = (sum_k 256**k * acc_k[r, c] in int64, rounded once to float32) * 2**-shift of its
@@ -422,11 +433,7 @@ def _combine_int8_kernel(acc_ptr, shift_ptr, out_ptr, cols, total, acc_row_strid
     for k in tl.static_range(SLICES - 1):
         whole = whole * 256 + tl.load(source + (SLICES - 2 - k) * plane_stride, mask=m, other=0).to(tl.int64)
     s = tl.load(shift_ptr + (r if SCALED_DIM == 0 else c), mask=m, other=0)
-    finite = s != NONFINITE_SHIFT
-    s = tl.where(finite, s, 0)
-    half = s >> 1
-    out = whole.to(tl.float32) * _pow2(half - s) * _pow2(-half)
-    tl.store(out_ptr + e, tl.where(finite, out, float("nan")), mask=m)
+    tl.store(out_ptr + e, _scale_back(whole, s), mask=m)
 
 
 @triton.jit
@@ -477,11 +484,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, shift_ptr, out_ptr, rows, cols, depth, strid
         s = tl.load(shift_ptr + rn, mask=rn < cols, other=0)[None, :]
     else:
         s = tl.load(shift_ptr + rm, mask=rm < rows, other=0)[:, None]
-    finite = s != NONFINITE_SHIFT
-    s = tl.where(finite, s, 0)
-    half = s >> 1
-    out = whole.to(tl.float32) * _pow2(half - s) * _pow2(-half)
-    out = tl.where(finite, out, float("nan"))
+    out = _scale_back(whole, s)
     tl.store(out_ptr + rm[:, None] * cols + rn[None, :], out, mask=(rm[:, None] < rows) & (rn[None, :] < cols))
 
 
@@ -1277,14 +1280,15 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
 
 def _input_grad_at(module, input_active: Tensor, g: Tensor, active_index: Tensor, active_offsets: Tensor,
                    beta: Tensor, weight: Tensor, batch: int, steps: int, acc: torch.dtype) -> Tensor:
-    """dL/dx at the upstream layer's active entries ``input_active``, from this layer's compact g (one launch)."""
+    """dL/dx at the upstream layer's active entries ``input_active``, from this layer's compact g (one launch;
+    ``beta`` contiguous in the accumulation dtype)."""
     neurons, features = weight.shape
     if not (active_index.numel() and input_active.numel()):
         return torch.zeros(input_active.numel(), dtype=acc, device=input_active.device)
     tuning = current_tuning()
     grad_x = torch.empty(input_active.numel(), dtype=acc, device=input_active.device)  # the kernel writes each
     module._sparse_input_grad_kernel[(input_active.numel(),)](
-        input_active, g, active_index, active_offsets, beta.to(acc).contiguous(), weight.contiguous(), grad_x, steps,
+        input_active, g, active_index, active_offsets, beta, weight.contiguous(), grad_x, steps,
         neurons, features, batch * steps * features, BLOCK_A=tuning.pair_block // 2,
         num_warps=_warps(tuning.pair_block // 2))
     return grad_x
@@ -1416,6 +1420,7 @@ def reverse_sweep(grad_spikes: Tensor, grad_is_compact: bool, active_index: Tens
     g = torch.empty(count, dtype=acc, device=device)
     dense_g = torch.zeros(rows * neurons + 1, dtype=acc, device=device)
     gs_strides = (0, 0, 0) if grad_is_compact else grad_spikes.stride()
+    beta_a = beta.to(acc).contiguous()
     if count:
         block = 1024
         module._scatter_active_grad_kernel[(-(-count // block),)](
@@ -1431,14 +1436,14 @@ def reverse_sweep(grad_spikes: Tensor, grad_is_compact: bool, active_index: Tens
     grad_v0 = torch.empty((batch, neurons), dtype=acc, device=device) if need_sums else None
     block = _block(neurons)
     module._reverse_filter_kernel[(batch, -(-neurons // block))](
-        dense_g, beta.to(acc).contiguous(), nothing if dense_out is None else dense_out,
+        dense_g, beta_a, nothing if dense_out is None else dense_out,
         _unused(torch.bfloat16, device) if parts_out is None else parts_out,
         nothing if bias_rows is None else bias_rows, nothing if grad_v0 is None else grad_v0, steps, neurons, rows,
         WRITE=write, SPLIT=split, SUMS=need_sums, BLOCK_N=block, STAGES=_sweep_stages(False), **LAUNCH_OPTIONS)
     del dense_g
     grad_x = None
     if input_active is not None:
-        grad_x = _input_grad_at(module, input_active, g, active_index, active_offsets, beta, weight, batch, steps,
+        grad_x = _input_grad_at(module, input_active, g, active_index, active_offsets, beta_a, weight, batch, steps,
                                 acc)
     return grad_current, None if bias_rows is None else bias_rows.sum(0), grad_v0, grad_x
 
