@@ -1176,8 +1176,11 @@ SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"
                       "pair_block_256": {"pair_block": 256}, "event_rows_1": {"event_tile": 1024},
                       "as_run4": AS_RUN4}
 # "spike_route" fixes spike_matmul's GEMM route (shipped: the faster one, timed per shape on first use).
+# "max_block_32": one warp per sweep program, so the compact forward's per-step count and staging scan
+# are warp shuffles without block barriers (3 bar.sync in its sm_90 PTX against 5 at 256 lanes).
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
                     "max_block_128": {"max_block": 128}, "max_block_64": {"max_block": 64},
+                    "max_block_32": {"max_block": 32},
                     "two_pass_compaction": {"one_pass_compaction": False}, "event_rows_1": {"event_tile": 1024},
                     "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
                     "int8_triton_gemms": {"spike_route": "int8_triton"},
@@ -1273,17 +1276,39 @@ def _time_tunings(cases: dict[str, Case], trials: dict[str, dict], sizes: SuiteS
     samples = time_side_by_side(runs, min(sizes.repeat, 5), max(sizes.warmup, 1), run_errors, device)
     errors.update({f"{label}.{key}.{trial}": message for (key, trial), message in run_errors.items()})
     result = {}
-    for key in cases:
+    for key, case in cases.items():
         result[key] = {}
         for trial, changes in trials.items():
             entry = {"changes": changes}
             if (key, trial) in samples:
                 summary = summarise(samples[(key, trial)])
                 entry.update({k: summary[k] for k in ("forward_ms", "backward_ms", "step_ms", "repeats")})
+                entry["device"] = _trial_device_time(case, changes, device)
             else:
                 entry["error"] = run_errors.get((key, trial), "no samples")
             result[key][trial] = entry
     return result
+
+
+def _trial_device_time(case: Case, changes: dict, device: torch.device) -> dict:
+    """Kernel time of one profiled step under a trial's tuning: ``{phase: {"busy_us", "kernels"}}``.
+
+    The trials' event times are host time where the host is the bottleneck (H200 run 5: a seed
+    layer's 49 µs of backward kernels in a 0.63 ms interval), so a launch choice that only changes
+    kernel time shows here, per kernel, and not there.
+    """
+    from snnopt.codegen import spike_matmul, triton_lif
+
+    changes = dict(changes)
+    route = changes.pop("spike_route", "auto")
+    try:
+        with triton_lif.tuning(**changes), spike_matmul.prefer(route):
+            profile = profile_case(case, device)
+    except Exception as error:  # diagnostic: the timed rounds above already passed
+        return {"error": describe(error)}
+    return {phase: {"busy_us": p["device_busy_us"],
+                    "kernels": {name[:60]: k["device_us"] for name, k in list(p["top"].items())[:6]}}
+            for phase, p in profile.items()}
 
 
 # ------------------------------------------------------------------------------------- report
@@ -1457,13 +1482,16 @@ def print_tuning(payload: dict) -> None:
             rows = []
             for trial, v in trials.items():
                 if "step_ms" not in v:
-                    rows.append([trial, v.get("error", "-")[:70], "", "", ""])
+                    rows.append([trial, v.get("error", "-")[:70], "", "", "", "", ""])
                     continue
+                busy = [v.get("device", {}).get(phase, {}).get("busy_us") for phase in ("forward", "backward")]
                 rows.append([trial, f"{v['forward_ms']:.3f}", f"{v['backward_ms']:.3f}", f"{v['step_ms']:.3f}",
-                             f"{v['step_ms'] / base:.3f}" if base else ""])
+                             f"{v['step_ms'] / base:.3f}" if base else "",
+                             *(f"{b:.1f}" if isinstance(b, (int, float)) else "-" for b in busy)])
             _harness.print_table(f"kernel tuning, {part} {key} {tuning[part]['config']}, {payload['device']['name']}",
-                                 ["trial", "fwd ms", "bwd ms", "step ms", "step / shipped"], rows,
-                                 [f"shipped: {tuning['shipped']}"])
+                                 ["trial", "fwd ms", "bwd ms", "step ms", "step / shipped", "fwd kernels us",
+                                  "bwd kernels us"], rows,
+                                 [f"shipped: {tuning['shipped']}", "kernels: device busy time of one profiled step"])
 
 
 def plot(path: Path, payload: dict) -> bool:

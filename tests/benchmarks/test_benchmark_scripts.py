@@ -45,7 +45,8 @@ def test_gpu_host_profile_reports_every_case_on_cpu(tmp_path):
     report = json.loads((tmp_path / "gpu_host_profile.json").read_text())
     cases = report["cases"]
     assert set(cases) == {"autograd_floor", "seed_L1.snnopt_sparse", "seed_L1.snnopt_sparse_graphed",
-                          "seed_L2.snnopt_sparse", "seed_L2.snnopt_sparse_graphed", "on_24.snnopt_sparse",
+                          "seed_L2.snnopt_sparse", "seed_L2.snnopt_sparse_graphed",
+                          "seed_net.snnopt_sparse", "seed_net.snnopt_sparse_graphed", "on_24.snnopt_sparse",
                           "on_24.snnopt_sparse_graphed"}
     for name, entry in cases.items():
         if name.endswith("_graphed"):  # capture needs CUDA: the reason is recorded, the rest carries on
@@ -102,6 +103,9 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     assert set(timed["seed"]) == {"layer1", "layer2"} and set(timed["on"]) == {"snnopt_sparse", "snnopt_exact"}
     assert all(ms and ms > 0 for part in timed.values() for trials in part.values() for ms in trials.values()), timed
     assert {"bfloat16_gemms", "int8_gemms"} <= set(tuning["on"]["trials"]["snnopt_sparse"])
+    # each timed trial also profiled once: kernel time per phase (0 on CPU: no device kernels)
+    assert all(set(v["device"]) == {"forward", "backward"} and v["device"]["backward"]["busy_us"] >= 0
+               for part in ("seed", "on") for trials in tuning[part]["trials"].values() for v in trials.values())
     assert "int8_mm (as shipped)" in next(iter(accuracy.values()))  # the int8 route runs on CPU too
     assert payload["spike_gemm_routes"] == []  # CPU: no tensor-core route, nothing timed
 
