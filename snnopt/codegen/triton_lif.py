@@ -101,6 +101,11 @@ class KernelTuning:
       two): it takes ``event_tile // BLOCK`` rows per program, ``BLOCK`` the row length rounded up
       to a power of two, at most 1024. One row of the seed network's input (784 features) was too
       little work for a program to hide its loads' latency.
+    * ``gather_slots``: (b, t, block) slots per program of the copy that orders the one-pass
+      compaction's staged entries (a power of two, 1 to 64). With 1, a program of ``BLOCK_N`` lanes
+      copies one slot's few entries (about 4 at the ON layer's 1.5 % activity, 0.5 at the seed
+      network's): 128k programs at n = 4096, 84 µs on an H200 in run 5. With more, a one-warp
+      program walks that many slots.
 
     The defaults are what snnopt ships; :func:`tuning` changes them for a block of code, so a
     benchmark can time alternatives side by side (``benchmarks/gpu_suite.py``, ``kernel_tuning``).
@@ -112,6 +117,7 @@ class KernelTuning:
     pair_block: int = 128
     one_pass_compaction: bool = True
     event_tile: int = 4096
+    gather_slots: int = 1
 
     def __post_init__(self):
         if not isinstance(self.sweep_stages, int) or not 1 <= self.sweep_stages <= 8:
@@ -129,6 +135,9 @@ class KernelTuning:
         if (not isinstance(self.event_tile, int) or not 16 <= self.event_tile <= 16384
                 or self.event_tile & (self.event_tile - 1)):
             raise InvalidArgumentError(f"event_tile: expected a power of two from 16 to 16384, got {self.event_tile!r}")
+        if (not isinstance(self.gather_slots, int) or not 1 <= self.gather_slots <= 64
+                or self.gather_slots & (self.gather_slots - 1)):
+            raise InvalidArgumentError(f"gather_slots: expected a power of two from 1 to 64, got {self.gather_slots!r}")
 
 
 _TUNING = [KernelTuning()]
@@ -326,27 +335,30 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
         tl.atomic_add(gv0_ptr + b * neurons + j, g * _powi(beta, t + 1), mask=valid, sem=ATOMIC_SEM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slots"])
 def _gather_staged_kernel(counts_ptr, offsets_ptr, slot_start_ptr, stage_index_ptr, stage_surr_ptr, index_ptr,
-                          asurr_ptr, steps, blocks, stage_capacity, list_limit, BLOCK: tl.constexpr):
-    # One program per (b, t, block) slot of the forward: its active entries, staged by the forward's
-    # program (b, block) at the slot's start in that program's area, copied to the slot's offset in
-    # the ordered list. Entries at or past `list_limit` (a captured graph's fixed-length list that
-    # overflowed), or past the end of their program's area (it overflowed: they were never staged),
-    # are left as the list's padding; the caller raises the plan's flag. Only a captured graph
-    # gathers from an overflowed area (eager calls rerun the sweep instead).
-    slot = tl.program_id(0).to(tl.int64)
-    count = tl.load(counts_ptr + slot)
-    if count > 0:
-        b = slot // (steps * blocks)
-        start = tl.load(slot_start_ptr + slot)
-        source = (b * blocks + slot % blocks) * stage_capacity + start
-        target = tl.load(offsets_ptr + slot)
-        for k in range(0, count, BLOCK):
-            ks = k + tl.arange(0, BLOCK)
-            m = (ks < count) & (target + ks < list_limit) & (start + ks < stage_capacity)
-            tl.store(index_ptr + target + ks, tl.load(stage_index_ptr + source + ks, mask=m), mask=m)
-            tl.store(asurr_ptr + target + ks, tl.load(stage_surr_ptr + source + ks, mask=m), mask=m)
+                          asurr_ptr, steps, blocks, stage_capacity, list_limit, slots, BLOCK: tl.constexpr,
+                          SLOTS: tl.constexpr):
+    # SLOTS (b, t, block) slots of the forward per program (KernelTuning.gather_slots), each: its
+    # active entries, staged by the forward's program (b, block) at the slot's start in that
+    # program's area, copied to the slot's offset in the ordered list. Entries at or past
+    # `list_limit` (a captured graph's fixed-length list that overflowed), or past the end of their
+    # program's area (it overflowed: they were never staged), are left as the list's padding; the
+    # caller raises the plan's flag. Only a captured graph gathers from an overflowed area (eager
+    # calls rerun the sweep instead).
+    for i in range(SLOTS):
+        slot = tl.program_id(0).to(tl.int64) * SLOTS + i
+        count = tl.load(counts_ptr + slot, mask=slot < slots, other=0)
+        if count > 0:
+            b = slot // (steps * blocks)
+            start = tl.load(slot_start_ptr + slot)
+            source = (b * blocks + slot % blocks) * stage_capacity + start
+            target = tl.load(offsets_ptr + slot)
+            for k in range(0, count, BLOCK):
+                ks = k + tl.arange(0, BLOCK)
+                m = (ks < count) & (target + ks < list_limit) & (start + ks < stage_capacity)
+                tl.store(index_ptr + target + ks, tl.load(stage_index_ptr + source + ks, mask=m), mask=m)
+                tl.store(asurr_ptr + target + ks, tl.load(stage_surr_ptr + source + ks, mask=m), mask=m)
 
 
 @triton.jit
@@ -882,7 +894,7 @@ def _unused(dtype: torch.dtype, device) -> Tensor:
     # A placeholder for a pointer argument the kernel neither reads nor writes (its flags say so).
     # One per dtype and device, kept: allocating it on every call is host time, and a sparse layer
     # on a GPU is mostly host time. Never returned to a caller, never converted.
-    key = (dtype, str(device))
+    key = (dtype, device)  # torch.device hashes by type and index (str() of it costs more than the rest)
     placeholder = _PLACEHOLDERS.get(key)
     if placeholder is None:
         placeholder = _PLACEHOLDERS[key] = torch.empty(1, dtype=dtype, device=device)
@@ -1079,9 +1091,12 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         index = torch.empty(total, dtype=torch.int64, device=device)
         values = torch.empty(total, dtype=acc, device=device)
     if total and staged_in_full:
-        module._gather_staged_kernel[(counts.numel(),)](counts, offsets, stage.slot_start, stage.index, stage.surr,
-                                                        index, values, steps, blocks, stage.capacity, total,
-                                                        BLOCK=block)
+        per_program = current_tuning().gather_slots
+        # One slot per program: a program of the sweep's width; several: one warp walks them.
+        lanes, warps = (block, 4) if per_program == 1 else (32, 1)
+        module._gather_staged_kernel[(-(-slots // per_program),)](
+            counts, offsets, stage.slot_start, stage.index, stage.surr, index, values, steps, blocks, stage.capacity,
+            total, slots, BLOCK=lanes, SLOTS=per_program, num_warps=warps)
     elif total:
         # The state buffers were advanced by the first pass; rerun from fresh copies of the initial state.
         fresh = list(args)
