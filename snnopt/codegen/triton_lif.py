@@ -102,10 +102,11 @@ class KernelTuning:
       to a power of two, at most 1024. One row of the seed network's input (784 features) was too
       little work for a program to hide its loads' latency.
     * ``gather_slots``: (b, t, block) slots per program of the copy that orders the one-pass
-      compaction's staged entries (a power of two, 1 to 64). With 1, a program of ``BLOCK_N`` lanes
-      copies one slot's few entries (about 4 at the ON layer's 1.5 % activity, 0.5 at the seed
-      network's): 128k programs at n = 4096, 84 µs on an H200 in run 5. With more, a one-warp
-      program walks that many slots.
+      compaction's staged entries (a power of two, 1 to 64). With 1 (until run 5), a program of
+      ``BLOCK_N`` lanes copies one slot's few entries (about 4 at the ON layer's 1.5 % activity, 0.5
+      at the seed network's): 128k programs at n = 4096, 84 µs on an H200 in run 5. With more, a
+      one-warp program walks that many slots. 8 is an estimate (16k one-warp programs, each a few
+      dependent loads per slot), not yet measured: the suite's trial ``gather_slots_1`` times it.
 
     The defaults are what snnopt ships; :func:`tuning` changes them for a block of code, so a
     benchmark can time alternatives side by side (``benchmarks/gpu_suite.py``, ``kernel_tuning``).
@@ -117,7 +118,7 @@ class KernelTuning:
     pair_block: int = 128
     one_pass_compaction: bool = True
     event_tile: int = 4096
-    gather_slots: int = 1
+    gather_slots: int = 8
 
     def __post_init__(self):
         if not isinstance(self.sweep_stages, int) or not 1 <= self.sweep_stages <= 8:

@@ -40,7 +40,8 @@ COMPACT_KERNELS = {
              ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))],
     "_sparse_input_grad_kernel": [dict(BLOCK_A=TUNING.pair_block // 2,
                                        num_warps=triton_lif._warps(TUNING.pair_block // 2))],
-    "_gather_staged_kernel": [dict(BLOCK=256, SLOTS=1), dict(BLOCK=32, SLOTS=8, num_warps=1)],  # gather_slots
+    # one slot per program, or TUNING.gather_slots per one-warp program
+    "_gather_staged_kernel": [dict(BLOCK=256, SLOTS=1), dict(BLOCK=32, SLOTS=TUNING.gather_slots, num_warps=1)],
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
     "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16"), dict(BLOCK=128, out_ptr="*i8")],
     "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split

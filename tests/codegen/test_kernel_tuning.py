@@ -21,7 +21,7 @@ from snnopt.errors import InvalidArgumentError  # noqa: E402
 from snnopt.surrogate import Surrogate  # noqa: E402
 
 TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
-           dict(pair_block=32), dict(event_tile=16), dict(event_tile=64), dict(gather_slots=8),
+           dict(pair_block=32), dict(event_tile=16), dict(event_tile=64), dict(gather_slots=1),
            dict(gather_slots=64, max_block=16),
            dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False, pair_block=256)]
 

@@ -144,8 +144,8 @@ class _LaunchLog:
 
 
 @pytest.mark.parametrize("stage_fraction, one_pass, gather_slots, expected", [
-    (1.0, True, 1, "_gather_staged_kernel"),       # every program's entries fit: one sweep, a parallel copy
-    (1.0, True, 8, "_gather_staged_kernel"),       # ... copied by one warp per 8 slots (KernelTuning.gather_slots)
+    (1.0, True, 8, "_gather_staged_kernel"),       # every program's entries fit: one sweep, a parallel copy
+    (1.0, True, 1, "_gather_staged_kernel"),       # ... by one program per slot (KernelTuning.gather_slots)
     (1.0, True, 64, "_gather_staged_kernel"),      # ... per 64: more slots per program than there are (81)
     (1e-9, True, 1, "_lif_fwd_kernel:rerun"),      # area of one step's lanes, overflowed: the second sweep
     (1.0, False, 1, "_lif_fwd_kernel:rerun"),      # staging off (KernelTuning.one_pass_compaction)
