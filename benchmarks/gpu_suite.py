@@ -1308,8 +1308,9 @@ def _trial_device_time(case: Case, changes: dict, device: torch.device) -> dict:
             profile = profile_case(case, device)
     except Exception as error:  # diagnostic: the timed rounds above already passed
         return {"error": describe(error)}
+    # (name, µs) pairs: names cut to 60 characters may coincide (torch's elementwise kernels)
     return {phase: {"busy_us": p["device_busy_us"],
-                    "kernels": {name[:60]: k["device_us"] for name, k in list(p["top"].items())[:6]}}
+                    "kernels": [[name[:60], k["device_us"]] for name, k in list(p["top"].items())[:6]]}
             for phase, p in profile.items()}
 
 
