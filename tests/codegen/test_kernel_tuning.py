@@ -2,10 +2,11 @@
 
 Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
 ordered atomics, the two-sweep compaction, other event-pair block sizes, one or several input rows
-per event-listing program, one or several compaction slots per gathering program) against the
-shipped one, on the paths that use it: the compact event route (the weight gradient's atomics, the
-restricted input gradient), the compact dense weight route (reverse sweep), a membrane loss's full
-sweep, the flag sweep of a sparse layer with zero reset, and the exact sweep. Triton's interpreter
+per event-listing program) against the shipped one, on the paths that use it: the compact event
+route (the weight gradient's atomics, the restricted input gradient), the compact dense weight
+route (reverse sweep), a membrane loss's full sweep, the flag sweep of a sparse layer with zero
+reset, and the exact sweep. (These layers overflow the one-pass compaction's staging: its
+gathering program, ``gather_slots``, is compared in test_triton_compact.py.) Triton's interpreter
 on CPU, the compiled kernels on a GPU (where the atomics' order may differ, hence a float32-rounding
 tolerance on the gradients).
 """
@@ -21,8 +22,7 @@ from snnopt.errors import InvalidArgumentError  # noqa: E402
 from snnopt.surrogate import Surrogate  # noqa: E402
 
 TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
-           dict(pair_block=32), dict(event_tile=16), dict(event_tile=64), dict(gather_slots=1),
-           dict(gather_slots=64, max_block=16),
+           dict(pair_block=32), dict(event_tile=16), dict(event_tile=64),
            dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False, pair_block=256)]
 
 
