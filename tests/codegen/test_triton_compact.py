@@ -365,13 +365,12 @@ def test_eager_layer_call_binds_no_signature(monkeypatch, device):
 
     x, w, _, _ = _inputs(2, 6, 5, 4, torch.float32, device, gain=2.5, seed=3)
     signed, real = [], inspect.signature
-    # (Triton's interpreter inspects its kernels on every launch: only the layer's own functions count.)
+    # (Triton's interpreter inspects a kernel on its first launch: only the layer's own functions count.)
     monkeypatch.setattr(inspect, "signature", lambda fn, *a, **k: (signed.append(fn), real(fn, *a, **k))[1])
     out = SF.linear_lif(x, w, beta=0.9, window=0.5, backend="triton")
     assert "Eager" in type(out.grad_fn).__name__
     out.sum().backward()
     assert w.grad is not None and w.grad.abs().max() > 0
-    assert signed, "the interpreter's own calls show the patch is seen"
     bound = [fn for fn in signed if getattr(fn, "__module__", "") in ("snnopt.triton_ops", "torch.autograd.function")]
     assert not bound
 
