@@ -207,7 +207,7 @@ class _EagerLifTriton(torch.autograd.Function):
 
     The forward takes ``ctx`` and sets it up itself rather than through a ``setup_context`` method:
     with one, every ``apply`` binds its arguments to the forward's signature with ``inspect``
-    (~30 µs on a 2-core Xeon, against ~15 µs for the whole apply without). Plain eager mode only,
+    (~30 µs on a 2-core AMD EPYC, against ~15 µs for the whole apply without). Plain eager mode only,
     where the functorch transforms that need ``setup_context`` are not active (:func:`_plain_eager`).
     """
 
