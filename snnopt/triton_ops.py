@@ -65,14 +65,32 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
     # whether x is spikes (checking the few nonzeros instead of all of x).
     events = None
     checks = []  # the events' spike check, where their count brought it back
+
+    def forward_route():
+        # x·Wᵀ's route (spike_matmul; a captured step follows the recorded one), from the events' spike
+        # check where their count brought it back (a compact layer), else from x itself.
+        return _decided(site, static, "split_linear", lambda: spike_matmul.linear_route(
+            x, weight, kind=checks[0] if checks else spike_matmul.UNCHECKED))
+
+    routed = []  # (route, its spike operand or None), where the events' listing decided it
     if compact:
         # The check only where a product of this layer may take a tensor-core route (on the input as
         # x·Wᵀ's left operand, or as the weight gradient's right one).
         batch, steps, features = x.shape
         products = ((batch * steps, features, weight.shape[0]), (weight.shape[0], batch * steps, features))
         check = any(spike_matmul.applies(x, weight, shape) for shape in products)
-        events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag) if static
-                  else triton_lif.input_events(x, acc, checked=checks.append if check else None))
+
+        def gemm_operand() -> Optional[Tensor]:
+            # Between the events' count (the spike check with it) and their listing: x·Wᵀ's route is
+            # decided here, and a tensor-core route's spike operand is written by the listing launch.
+            route = forward_route()
+            operand = _operand_buffer(route, batch * steps, features, x.device) if route else None
+            routed.append((route, operand))
+            return operand
+
+        events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag, operand=gemm_operand) if static
+                  else triton_lif.input_events(x, acc, checked=checks.append if check else None,
+                                               operand=gemm_operand))
         if checks:
             _INPUT_KINDS[events[2]] = checks[0]  # for this layer's backward (which would read it again)
         if site is not None and not static:
@@ -84,18 +102,13 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
         # bfloat16 tensor cores at float32 accuracy, see spike_matmul); the kernels read it in `acc`.
         batch, steps, features = x.shape
         nonzeros = events[2] if events is not None else None
-        # spike_matmul's route for it (a captured step follows the recorded one), from the events' spike
-        # check where their count brought it back.
-        route = _decided(site, static, "split_linear",
-                         lambda: spike_matmul.linear_route(x, weight, nonzeros,
-                                                           kind=checks[0] if checks else spike_matmul.UNCHECKED))
+        route, operand = routed[0] if routed else (forward_route(), None)
         if static:  # the routes assume spikes: say so on the device if this input is not
             for kind in site.spike_routes():
                 plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)
         current = spike_matmul.linear(
             x, weight, bias, nonzeros=nonzeros, route=route,
-            spike_operand=None if events is None else lambda kind: _dense_spikes(events, batch, steps, features, kind,
-                                                                                 stacked=True))
+            spike_operand=None if operand is None else lambda kind: operand)
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
@@ -575,13 +588,19 @@ def _weight_grad_from_current(grad_current: Tensor, events, weight: Tensor, batc
     return grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
 
 
-def _dense_spikes(events, batch: int, steps: int, features: int, kind, *, stacked: bool = False) -> Tensor:
-    """The layer input rebuilt from its events as a GEMM operand: ``kind`` a ``spike_matmul`` route (bfloat16,
-    with ``stacked`` :data:`~snnopt.codegen.spike_matmul.SPLIT_PARTS` times side by side as the forward's
-    split GEMM reads it; int8) or a dtype."""
+def _operand_buffer(route: str, rows: int, features: int, device) -> Tensor:
+    """Room for x·Wᵀ's spike operand on ``route`` (what ``spike_matmul.linear`` asks its ``spike_operand`` for):
+    bfloat16 :data:`~snnopt.codegen.spike_matmul.SPLIT_PARTS` times side by side, or int8 once."""
+    if route in spike_matmul.INT8_ROUTES:
+        return torch.empty((rows, features), dtype=torch.int8, device=device)
+    return torch.empty((rows, spike_matmul.SPLIT_PARTS * features), dtype=torch.bfloat16, device=device)
+
+
+def _dense_spikes(events, batch: int, steps: int, features: int, kind) -> Tensor:
+    """The layer input rebuilt from its events as a GEMM operand: ``kind`` a ``spike_matmul`` route (bfloat16;
+    int8) or a dtype."""
     if kind == spike_matmul.BFLOAT16:
-        copies = spike_matmul.SPLIT_PARTS if stacked else 1
-        return triton_lif.dense_input(events, batch, steps, features, torch.bfloat16, copies, side_by_side=stacked)
+        return triton_lif.dense_input(events, batch, steps, features, torch.bfloat16)
     dtype = torch.int8 if kind in spike_matmul.INT8_ROUTES else kind
     return triton_lif.dense_input(events, batch, steps, features, dtype)
 

@@ -589,8 +589,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
 
     ``nonzeros``: the nonzero entries of ``x``, where the caller has them listed (a compact layer's
     input events): whether ``x`` is spikes is then read from those, a much smaller tensor, instead
-    of passes over ``x``. ``spike_operand(route)``: builds the GEMM's left operand where the caller
-    can do that more cheaply than from the dense ``x`` (from those events): for :data:`BFLOAT16`
+    of passes over ``x``. ``spike_operand(route)``: the GEMM's left operand where the caller has it
+    already (a compact layer's: written by the launch that lists the events): for :data:`BFLOAT16`
     ``x`` as bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, for
     :data:`INT8` (asked for both int8 routes) ``x`` as int8 ``(rows, features)``. ``route``: decided by the caller
     (:func:`linear_route`; a captured CUDA graph cannot read the device), False for the reference;

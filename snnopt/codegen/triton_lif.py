@@ -247,12 +247,16 @@ def _powi(base, n):
 
 
 @triton.jit(do_not_specialize=["rows", "capacity"])
-def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_ptr, rows, steps, features, capacity,
-                         WRITE: tl.constexpr, CHECK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_ptr, op_ptr, rows, steps, features,
+                         capacity, WRITE: tl.constexpr, CHECK: tl.constexpr, OPERAND: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # One program per ROWS (b, t) rows of the input: counts each row's nonzeros, or (WRITE) lists them
     # as (t * features + i, value) at the row's offset. Rows in order, so events are grouped by b, then
     # t. Several rows per program: a row of a few hundred features is too little work for one.
     # Events at or past `capacity` are not written (a captured graph's fixed list; the caller flags it).
+    # OPERAND (writing): the pass reads every entry anyway, so it also writes the input as the forward
+    # GEMM's spike operand, OPERAND copies side by side per row ((B*T, OPERAND*features) of op_ptr's
+    # dtype, every entry written: no zero fill, no rebuild from the events).
     # CHECK (counting): kind[0] = 1 where a nonzero is not a bfloat16 value, kind[1] = 1 where one is
     # not an integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -270,6 +274,11 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
         xv = tl.load(x_ptr + r[:, None] * features + offs[None, :], mask=m, other=0.0)
         nz = (xv != 0) & m
         if WRITE:
+            if OPERAND > 0:
+                operand = xv.to(op_ptr.dtype.element_ty)  # exact: the caller's route checked the values
+                for c in tl.static_range(OPERAND):
+                    tl.store(op_ptr + r[:, None] * (OPERAND * features) + c * features + offs[None, :], operand,
+                             mask=m)
             pos = base[:, None] + tl.cumsum(nz.to(tl.int64), axis=1) - 1
             keep = nz & (pos < capacity)
             tl.store(pos_ptr + pos, (t[:, None] * features + offs[None, :]).to(pos_ptr.dtype.element_ty), mask=keep)
@@ -506,7 +515,7 @@ def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row
                            BLOCK: tl.constexpr):
     # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
     # of every copy of the dense input (zero elsewhere beforehand): the input rebuilt from its events.
-    # Copies stacked below each other (copy_stride = B*T*features) or side by side (= features).
+    # Copies stacked below each other (copy_stride = B*T*features).
     r = tl.program_id(0).to(tl.int64)
     start = tl.load(offsets_ptr + r)
     stop = tl.load(offsets_ptr + r + 1)
@@ -1114,7 +1123,8 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
 
 def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
                  flag: Optional[Callable[[Tensor], None]] = None, *,
-                 checked: Optional[Callable[[Optional[str]], None]] = None):
+                 checked: Optional[Callable[[Optional[str]], None]] = None,
+                 operand: Optional[Callable[[], Optional[Tensor]]] = None):
     """The nonzero entries of ``x`` ``(B, T, F)`` as events grouped by (b, t): ``(offsets, pos, values)``.
 
     ``offsets`` has ``B*T + 1`` entries (row (b, t) holds events ``offsets[bT+t] … offsets[bT+t+1]``),
@@ -1124,6 +1134,11 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     past the length), the offsets are clamped to it, no host read; ``flag`` gets the overflow.
     ``checked`` (without a capacity): given ``spike_matmul.spike_kind`` of the events' values, which
     the counting launch works out on the way and the one host read of the count brings back.
+    ``operand``: called once, after ``checked`` and before the events are written; it may return a
+    ``(B*T, copies*F)`` tensor (the forward GEMM's spike operand, :func:`dense_input`'s side-by-side
+    layout) that the writing launch fills with ``x`` converted to its dtype, ``copies`` times per row:
+    the input is read once for both, where a rebuild from the events would zero-fill the operand and
+    scatter into it (two more launches over it).
     """
     from snnopt.codegen import spike_matmul
 
@@ -1146,8 +1161,9 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     ends = torch.zeros(rows + 3 if check else rows + 1, dtype=torch.int64, device=device)
     offsets = ends[:rows + 1]
     module._input_events_kernel[grid](x, counts, nothing, _unused(pos_dtype, device), _unused(acc, device),
-                                      ends[rows + 1:] if check else nothing, rows, steps, features, 0, WRITE=False,
-                                      CHECK=check, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+                                      ends[rows + 1:] if check else nothing, _unused(torch.bfloat16, device), rows,
+                                      steps, features, 0, WRITE=False, CHECK=check, OPERAND=0, ROWS=rows_per_program,
+                                      BLOCK=block, num_warps=warps)
     torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
     if capacity is not None:
         total = capacity
@@ -1161,10 +1177,18 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
             total = int(offsets[-1])
         pos = torch.empty(total, dtype=pos_dtype, device=device)
         values = torch.empty(total, dtype=acc, device=device)
-    if total:
-        module._input_events_kernel[grid](x, counts, offsets, pos, values, nothing, rows, steps, features, total,
-                                          WRITE=True, CHECK=False, ROWS=rows_per_program, BLOCK=block,
-                                          num_warps=warps)
+    dense = operand() if operand is not None else None
+    copies = 0
+    if dense is not None:
+        copies = dense.shape[1] // max(features, 1)
+        if dense.shape != (rows, copies * features) or not dense.is_contiguous() or dense.device != device:
+            raise ValueError(f"operand: expected a contiguous ({rows}, copies * {features}) tensor on {device}, "
+                             f"got {tuple(dense.shape)} on {dense.device}")
+    if total or copies:
+        module._input_events_kernel[grid](x, counts, offsets, pos, values, nothing,
+                                          dense if copies else _unused(torch.bfloat16, device), rows, steps,
+                                          features, total, WRITE=True, CHECK=False, OPERAND=copies,
+                                          ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     if capacity is not None:
         flag(offsets[-1] > capacity)
         offsets.clamp_(max=capacity)
@@ -1389,22 +1413,19 @@ def int8_gemm(a: Tensor, b: Tensor, shifts: Tensor, digits_on_b: bool) -> Tensor
     return out
 
 
-def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1, *,
-                side_by_side: bool = False) -> Tensor:
-    """The layer input rebuilt from its events: ``(copies·B·T, F)`` rows of ``dtype``, or ``(B·T, copies·F)``.
+def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
+    """The layer input rebuilt from its events: ``(copies·B·T, F)`` rows of ``dtype``.
 
-    ``copies`` > 1 writes it that many times over (the spike operand of the split GEMM, stacked along
-    its contraction: below each other for the weight gradient's, side by side, ``side_by_side``, for
-    the forward's). One zero fill and one launch, whatever the events.
+    ``copies`` > 1 writes it that many times below each other (the weight gradient's split-GEMM spike
+    operand, stacked along its contraction). One zero fill and one launch, whatever the events. (The
+    forward's operand is written by the events' own listing launch: :func:`input_events`.)
     """
     offsets, pos, values = events
     rows = batch * steps
-    shape = (rows, copies * features) if side_by_side else (copies * rows, features)
-    dense = torch.zeros(shape, dtype=dtype, device=pos.device)
-    row_stride, copy_stride = (copies * features, features) if side_by_side else (features, rows * features)
+    dense = torch.zeros((copies * rows, features), dtype=dtype, device=pos.device)
     if pos.numel():
         kernels(_PLAIN_SPEC, torch.float32)._scatter_events_kernel[(rows,)](
-            offsets, pos, values, dense, features, row_stride, copy_stride, copies, BLOCK=128)
+            offsets, pos, values, dense, features, features, rows * features, copies, BLOCK=128)
     return dense
 
 

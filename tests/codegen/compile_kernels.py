@@ -31,8 +31,13 @@ TUNING = triton_lif.KernelTuning()  # the shipped launch choices
 STAGES = TUNING.sweep_stages
 # The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
 COMPACT_KERNELS = {
-    "_input_events_kernel": [dict(WRITE=write, CHECK=check, ROWS=TUNING.event_tile // 1024, BLOCK=1024, num_warps=8)
-                             for write, check in ((False, False), (False, True), (True, False))],
+    # counting (with or without the spike check), listing, and listing that also writes the forward
+    # GEMM's spike operand (bfloat16 three times side by side, or int8 once)
+    "_input_events_kernel": [dict(WRITE=write, CHECK=check, OPERAND=copies, ROWS=TUNING.event_tile // 1024,
+                                  BLOCK=1024, num_warps=8, **({"op_ptr": op} if op else {}))
+                             for write, check, copies, op in ((False, False, 0, None), (False, True, 0, None),
+                                                              (True, False, 0, None), (True, False, 3, "*bf16"),
+                                                              (True, False, 1, "*i8"))],
     "_sparse_weight_grad_kernel": [
         dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=TUNING.pair_block,
              ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block)),

@@ -254,15 +254,15 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
     monkeypatch.setattr(spike_matmul, "weight_grad_from_parts",
                         lambda *a, **k: (used.append("parts"), real_parts(*a, **k))[1])
-    real_dense = triton_lif.dense_input
-    monkeypatch.setattr(triton_lif, "dense_input", lambda *a, **k: (
-        used.append("a from events") if k.get("side_by_side") else None, real_dense(*a, **k))[1])
+    real_buffer = triton_ops._operand_buffer
+    monkeypatch.setattr(triton_ops, "_operand_buffer", lambda *a: (used.append("a from the listing"),
+                                                                    real_buffer(*a))[1])
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
-    # The forward current (its spike operand stacked straight from the input events), then the weight
-    # gradient: from dL/dI split by the reverse-filter kernel, or (membrane loss: the full dense sweep)
-    # split afterwards.
-    assert used == ["a from events", "b" if membrane_loss else "parts"]
+    # The forward current (its spike operand written, uninitialised before, by the launch that lists
+    # the input's events), then the weight gradient: from dL/dI split by the reverse-filter kernel, or
+    # (membrane loss: the full dense sweep) split afterwards.
+    assert used == ["a from the listing", "b" if membrane_loss else "parts"]
 
 
 @pytest.mark.parametrize("reset", ["subtract", "none"])
@@ -531,19 +531,54 @@ def test_event_count_reads_the_spike_check_with_it(values, dtype, device):
     assert torch.equal(offsets, triton_lif.input_events(x, acc)[0])
 
 
-@pytest.mark.parametrize("dtype, copies, side_by_side", [(torch.float32, 1, False), (torch.bfloat16, 3, False),
-                                                          (torch.float64, 2, False), (torch.bfloat16, 3, True)])
-def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, side_by_side, device):
-    # The dense weight route's x (copies below each other) and the forward's split-GEMM operand (side
-    # by side): every copy equal to the input, empty rows and all-zero input included.
+@pytest.mark.parametrize("dtype, copies", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float64, 2)])
+def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, device):
+    # The dense weight route's x (copies below each other): every copy equal to the input, empty rows
+    # and all-zero input included.
     gen = torch.Generator().manual_seed(4)
     x = (torch.rand(3, 5, 70, generator=gen) < 0.2).to(dtype) * torch.randint(1, 4, (3, 5, 70), generator=gen)
     x[1, 2] = 0  # a (b, t) row without events
     for inp in (x.to(device), torch.zeros_like(x, device=device)):
         events = triton_lif.input_events(inp, triton_lif.accumulation_dtype(dtype))
-        rows = triton_lif.dense_input(events, 3, 5, 70, dtype, copies=copies, side_by_side=side_by_side)
-        expected = inp.reshape(15, 70).repeat(1, copies) if side_by_side else inp.reshape(15, 70).repeat(copies, 1)
-        assert rows.dtype == dtype and torch.equal(rows, expected)
+        rows = triton_lif.dense_input(events, 3, 5, 70, dtype, copies=copies)
+        assert rows.dtype == dtype and torch.equal(rows, inp.reshape(15, 70).repeat(copies, 1))
+
+
+@pytest.mark.parametrize("event_tile", [16, 4096])
+@pytest.mark.parametrize("operand_dtype, copies", [(torch.bfloat16, 3), (torch.int8, 1), (torch.bfloat16, 1)])
+@pytest.mark.parametrize("capacity", [None, 7])
+def test_event_listing_writes_the_forward_gemm_operand(operand_dtype, copies, capacity, event_tile, device):
+    # The listing launch also writes x as the forward GEMM's spike operand, `copies` side by side per
+    # row, into a buffer that starts as garbage: every entry written (empty rows, rows past a
+    # program's last, rows longer than one block, an all-zero input whose listing has no events),
+    # whatever the capacity of a captured graph's list; the events themselves unchanged. The
+    # callback runs after the count's spike check.
+    from snnopt.codegen import spike_matmul
+
+    gen = torch.Generator().manual_seed(6)
+    for shape in ((3, 5, 70), (2, 3, 1100)):
+        x = (torch.rand(shape, generator=gen) < 0.1).float() * torch.randint(1, 4, shape, generator=gen)
+        x[0, 1] = 0
+        for inp in (x.to(device), torch.zeros_like(x, device=device)):
+            rows, features = shape[0] * shape[1], shape[2]
+            order, buffers = [], []
+
+            def operand():
+                order.append("operand")
+                buffers.append(torch.full((rows, copies * features), 77, dtype=operand_dtype, device=device))
+                return buffers[-1]
+
+            with triton_lif.tuning(event_tile=event_tile):
+                plain = triton_lif.input_events(inp, torch.float32, capacity, (lambda flag: None))
+                listed = triton_lif.input_events(inp, torch.float32, capacity, (lambda flag: None), operand=operand,
+                                                 checked=None if capacity else order.append)
+            assert order == ([] if capacity else [spike_matmul.INT8]) + ["operand"]
+            expected = inp.reshape(rows, features).to(operand_dtype).repeat(1, copies)
+            assert torch.equal(buffers[0], expected)
+            kept = int(plain[0][-1])  # (past a capacity's clamped length the list is not read)
+            assert torch.equal(plain[0], listed[0])
+            for a, b in zip(plain[1:], listed[1:]):
+                assert a.shape == b.shape and torch.equal(a[:kept], b[:kept])
 
 
 def test_weight_grad_from_parts_rejects_a_wrong_layout():
