@@ -511,12 +511,21 @@ def _int8_gemm_kernel(a_ptr, b_ptr, shift_ptr, out_ptr, rows, cols, depth, strid
 
 
 @triton.jit
-def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row_stride, copy_stride, copies,
-                           BLOCK: tl.constexpr):
-    # One program per (b, t) row: its input events (pos = t * features + i) written into row b*T + t
-    # of every copy of the dense input (zero elsewhere beforehand): the input rebuilt from its events.
+def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, copy_stride, copies,
+                           BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    # One program per (b, t) row: row b*T + t of every copy of the dense input zeroed, then its input
+    # events (pos = t * features + i) written there: the input rebuilt from its events, into memory
+    # never filled before (one launch, where a zero fill of the whole operand and a scatter were two).
     # Copies stacked below each other (copy_stride = B*T*features).
     r = tl.program_id(0).to(tl.int64)
+    for f in range(0, features, ZERO_BLOCK):
+        fs = f + tl.arange(0, ZERO_BLOCK)
+        for c in range(copies):
+            tl.store(out_ptr + c * copy_stride + r * features + fs, tl.zeros([ZERO_BLOCK], out_ptr.dtype.element_ty),
+                     mask=fs < features)
+    # The events' stores below may hit entries another thread of this program just zeroed: they must
+    # land after (a block barrier orders the program's global stores).
+    tl.debug_barrier()
     start = tl.load(offsets_ptr + r)
     stop = tl.load(offsets_ptr + r + 1)
     for k in range(start, stop, BLOCK):
@@ -525,7 +534,7 @@ def _scatter_events_kernel(offsets_ptr, pos_ptr, val_ptr, out_ptr, features, row
         i = tl.load(pos_ptr + ks, mask=m, other=0).to(tl.int64) % features
         value = tl.load(val_ptr + ks, mask=m, other=0.0).to(out_ptr.dtype.element_ty)
         for c in range(copies):
-            tl.store(out_ptr + c * copy_stride + r * row_stride + i, value, mask=m)
+            tl.store(out_ptr + c * copy_stride + r * features + i, value, mask=m)
 
 
 @triton.jit(do_not_specialize=["count", "entries"])
@@ -1185,7 +1194,9 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
             raise ValueError(f"operand: expected a contiguous ({rows}, copies * {features}) tensor on {device}, "
                              f"got {tuple(dense.shape)} on {dense.device}")
     if total or copies:
-        module._input_events_kernel[grid](x, counts, offsets, pos, values, nothing,
+        # (no events: the launch writes only the operand; placeholders, not empty tensors, for the lists)
+        module._input_events_kernel[grid](x, counts, offsets, pos if total else _unused(pos_dtype, device),
+                                          values if total else _unused(acc, device), nothing,
                                           dense if copies else _unused(torch.bfloat16, device), rows, steps,
                                           features, total, WRITE=True, CHECK=False, OPERAND=copies,
                                           ROWS=rows_per_program, BLOCK=block, num_warps=warps)
@@ -1417,15 +1428,17 @@ def dense_input(events, batch: int, steps: int, features: int, dtype: torch.dtyp
     """The layer input rebuilt from its events: ``(copies·B·T, F)`` rows of ``dtype``.
 
     ``copies`` > 1 writes it that many times below each other (the weight gradient's split-GEMM spike
-    operand, stacked along its contraction). One zero fill and one launch, whatever the events. (The
+    operand, stacked along its contraction). One launch, which zeroes each row before its events. (The
     forward's operand is written by the events' own listing launch: :func:`input_events`.)
     """
     offsets, pos, values = events
     rows = batch * steps
-    dense = torch.zeros((copies * rows, features), dtype=dtype, device=pos.device)
-    if pos.numel():
+    dense = torch.empty((copies * rows, features), dtype=dtype, device=pos.device)  # every entry written below
+    if dense.numel():
+        if not pos.numel():  # no events: the kernel only zeroes (placeholders, not empty tensors, for the lists)
+            pos, values = _unused(pos.dtype, pos.device), _unused(values.dtype, pos.device)
         kernels(_PLAIN_SPEC, torch.float32)._scatter_events_kernel[(rows,)](
-            offsets, pos, values, dense, features, features, rows * features, copies, BLOCK=128)
+            offsets, pos, values, dense, features, rows * features, copies, BLOCK=128, ZERO_BLOCK=1024)
     return dense
 
 

@@ -48,7 +48,8 @@ COMPACT_KERNELS = {
     # one slot per program, or TUNING.gather_slots per one-warp program
     "_gather_staged_kernel": [dict(BLOCK=256, SLOTS=1), dict(BLOCK=32, SLOTS=TUNING.gather_slots, num_warps=1)],
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
-    "_scatter_events_kernel": [dict(BLOCK=128), dict(BLOCK=128, out_ptr="*bf16"), dict(BLOCK=128, out_ptr="*i8")],
+    "_scatter_events_kernel": [dict(BLOCK=128, ZERO_BLOCK=1024, **({"out_ptr": out} if out else {}))
+                               for out in (None, "*bf16", "*i8")],
     "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split
     # spike_matmul's int8 route: the fixed-point digits, and the product put back together (both orientations)
     "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, src_ptr="*fp32",

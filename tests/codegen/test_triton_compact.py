@@ -531,17 +531,25 @@ def test_event_count_reads_the_spike_check_with_it(values, dtype, device):
     assert torch.equal(offsets, triton_lif.input_events(x, acc)[0])
 
 
-@pytest.mark.parametrize("dtype, copies", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float64, 2)])
-def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, device):
-    # The dense weight route's x (copies below each other): every copy equal to the input, empty rows
-    # and all-zero input included.
+@pytest.mark.parametrize("dtype, copies", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float64, 2),
+                                          (torch.int8, 1)])
+@pytest.mark.parametrize("features", [70, 1100])
+def test_dense_input_rebuilds_the_input_from_its_events(dtype, copies, features, device, monkeypatch):
+    # The dense weight route's x (copies below each other) in memory that starts as garbage (the
+    # kernel zeroes each row before its events): every copy equal to the input, empty rows, rows
+    # longer than one zeroing block and an all-zero input (no events at all) included.
     gen = torch.Generator().manual_seed(4)
-    x = (torch.rand(3, 5, 70, generator=gen) < 0.2).to(dtype) * torch.randint(1, 4, (3, 5, 70), generator=gen)
+    shape = (3, 5, features)
+    input_dtype = torch.float32 if dtype == torch.int8 else dtype  # (int8: the operand of an int8 GEMM)
+    x = (torch.rand(shape, generator=gen) < 0.2).to(input_dtype) * torch.randint(1, 4, shape, generator=gen)
     x[1, 2] = 0  # a (b, t) row without events
+    real_empty = torch.empty
     for inp in (x.to(device), torch.zeros_like(x, device=device)):
-        events = triton_lif.input_events(inp, triton_lif.accumulation_dtype(dtype))
-        rows = triton_lif.dense_input(events, 3, 5, 70, dtype, copies=copies)
-        assert rows.dtype == dtype and torch.equal(rows, inp.reshape(15, 70).repeat(copies, 1))
+        events = triton_lif.input_events(inp, triton_lif.accumulation_dtype(input_dtype))
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(77))
+            rows = triton_lif.dense_input(events, 3, 5, features, dtype, copies=copies)
+        assert rows.dtype == dtype and torch.equal(rows, inp.reshape(15, features).to(dtype).repeat(copies, 1))
 
 
 @pytest.mark.parametrize("event_tile", [16, 4096])
