@@ -45,6 +45,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import math
@@ -1262,14 +1263,10 @@ def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict
 def _time_tunings(cases: dict[str, Case], trials: dict[str, dict], sizes: SuiteSizes, errors: dict,
                   device: torch.device, label: str) -> dict:
     """{case: {trial: summary}}: every (case, trial) pair one run of the same interleaved rounds."""
-    from snnopt.codegen import spike_matmul, triton_lif
 
     def run(case: Case, changes: dict) -> Callable[[], list[float]]:
-        changes = dict(changes)
-        route = changes.pop("spike_route", "auto")  # spike_matmul's GEMM route, not a KernelTuning field
-
         def timed():
-            with triton_lif.tuning(**changes), spike_matmul.prefer(route):
+            with _under_trial(changes):
                 return case.timed()
         return timed
 
@@ -1292,6 +1289,18 @@ def _time_tunings(cases: dict[str, Case], trials: dict[str, dict], sizes: SuiteS
     return result
 
 
+@contextlib.contextmanager
+def _under_trial(changes: dict):
+    """A trial's launch choices in force: its KernelTuning fields, and ``spike_route`` (spike_matmul's GEMM
+    route, not a KernelTuning field)."""
+    from snnopt.codegen import spike_matmul, triton_lif
+
+    changes = dict(changes)
+    route = changes.pop("spike_route", "auto")
+    with triton_lif.tuning(**changes), spike_matmul.prefer(route):
+        yield
+
+
 def _trial_device_time(case: Case, changes: dict, device: torch.device) -> dict:
     """Kernel time of one profiled step under a trial's tuning: ``{phase: {"busy_us", "kernels"}}``.
 
@@ -1299,12 +1308,8 @@ def _trial_device_time(case: Case, changes: dict, device: torch.device) -> dict:
     layer's 49 µs of backward kernels in a 0.63 ms interval), so a launch choice that only changes
     kernel time shows here, per kernel, and not there.
     """
-    from snnopt.codegen import spike_matmul, triton_lif
-
-    changes = dict(changes)
-    route = changes.pop("spike_route", "auto")
     try:
-        with triton_lif.tuning(**changes), spike_matmul.prefer(route):
+        with _under_trial(changes):
             profile = profile_case(case, device)
     except Exception as error:  # diagnostic: the timed rounds above already passed
         return {"error": describe(error)}
