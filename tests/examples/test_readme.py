@@ -18,8 +18,8 @@ def test_readme_python_examples_run():
 def test_readme_test_command_is_the_one_ci_runs():
     ci_commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
                    if line.strip() and not line.lstrip().startswith("#")]
-    assert ci_commands[-1] == "python -m pytest"
-    assert "the test command `python -m pytest`" in README
+    assert ci_commands[-1] == "python -m pytest -n auto"
+    assert "the test command `python -m pytest -n auto`" in README
     assert "bash .ci/run" in README
 
 
