@@ -446,7 +446,7 @@ def weight_grad_from_parts(parts: Tensor, x_rows: Tensor, *, stacked: bool = Fal
         raise ValueError(f"x_rows: expected stacked ({count * rows}, K) bfloat16, got {tuple(x_rows.shape)} "
                          f"{x_rows.dtype}")
     left = parts.reshape(count * rows, neurons).t()
-    right = x_rows if stacked else _contraction_stack(x_rows.to(torch.bfloat16), 0, repeat=True)
+    right = x_rows if stacked else _contraction_stack(x_rows, 0, repeat=True)
     return _mm_float32_out(left, right)
 
 
@@ -465,12 +465,13 @@ def _contraction_stack(operand: Tensor, dim: int, *, repeat: bool) -> Tensor:
     shape = list(base.shape)
     shape[stack_dim] = size * SPLIT_PARTS
     stacked = torch.empty(shape, dtype=torch.bfloat16, device=base.device)
-    if (not repeat and base.is_cuda and base.dtype == torch.float32 and base.dim() == 2 and base.is_contiguous()
+    if (base.is_cuda and base.dtype == torch.float32 and base.dim() == 2 and base.is_contiguous()
             and _triton_importable()):
         from snnopt.codegen import triton_lif
 
-        # One launch writing the three parts in place, instead of ~9 torch ops on float32 temporaries.
-        triton_lif.split_bfloat16_into(base, stacked, stack_dim)
+        # One launch writing the three parts in place, instead of ~9 torch ops on float32 temporaries;
+        # for the spikes, one launch reading them once instead of a conversion and two copies.
+        triton_lif.split_bfloat16_into(base, stacked, stack_dim, repeat=repeat)
         return stacked.t() if transposed else stacked
     slots = [stacked.narrow(stack_dim, k * size, size) for k in range(SPLIT_PARTS)]
     if repeat:

@@ -383,12 +383,20 @@ def _bfloat16_parts(x):
 
 
 @triton.jit
-def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_stride, BLOCK: tl.constexpr):
+def _split_bfloat16_kernel(src_ptr, out_ptr, cols, total, out_row_stride, slot_stride, REPEAT: tl.constexpr,
+                           BLOCK: tl.constexpr):
     # Each float32 entry of a contiguous (rows, cols) tensor as its three bfloat16 parts, written
-    # smallest first: lo, mid, hi at slots 0, 1, 2 of spike_matmul's stacked GEMM operand.
+    # smallest first: lo, mid, hi at slots 0, 1, 2 of spike_matmul's stacked GEMM operand; or
+    # (REPEAT, the spike operand: bfloat16 values, which the caller checked) the entry in all three.
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < total
-    lo, mid, hi = _bfloat16_parts(tl.load(src_ptr + e, mask=m, other=0.0))
+    x = tl.load(src_ptr + e, mask=m, other=0.0)
+    if REPEAT:
+        lo = x.to(tl.bfloat16)
+        mid = lo
+        hi = lo
+    else:
+        lo, mid, hi = _bfloat16_parts(x)
     target = out_ptr + (e // cols) * out_row_stride + e % cols
     tl.store(target, lo, mask=m)
     tl.store(target + slot_stride, mid, mask=m)
@@ -1345,12 +1353,14 @@ def _input_grad_at(module, input_active: Tensor, g: Tensor, active_index: Tensor
     return grad_x
 
 
-def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int) -> None:
+def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int, *, repeat: bool = False) -> None:
     """Write the three bfloat16 parts of ``base`` (contiguous float32, 2-D) into ``stacked``, smallest first.
 
     ``stacked`` is ``(3·R, C)`` (``stack_dim`` 0) or ``(R, 3·C)`` (``stack_dim`` 1), contiguous: the
     split operand of ``spike_matmul``'s GEMM. One launch, no float32 temporaries (the torch version,
-    ``spike_matmul._split_into``, is the reference: both splits are exact).
+    ``spike_matmul._split_into``, is the reference: both splits are exact). ``repeat``: ``base`` is the
+    spike operand (bfloat16 values, checked by the caller), written as it is into all three slots,
+    still one launch reading it once (the torch version converts once and copies twice).
     """
     rows, cols = base.shape
     total = base.numel()
@@ -1358,7 +1368,7 @@ def split_bfloat16_into(base: Tensor, stacked: Tensor, stack_dim: int) -> None:
     if total:
         block = 1024
         kernels(_PLAIN_SPEC, torch.float32)._split_bfloat16_kernel[(-(-total // block),)](
-            base, stacked, cols, total, row_stride, slot_stride, BLOCK=block, **LAUNCH_OPTIONS)
+            base, stacked, cols, total, row_stride, slot_stride, REPEAT=repeat, BLOCK=block, **LAUNCH_OPTIONS)
 
 
 def quantize_int8_into(t: Tensor, shifts: Tensor, digits: Tensor, scaled_dim: int, slices: int) -> None:

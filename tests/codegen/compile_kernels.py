@@ -50,7 +50,9 @@ COMPACT_KERNELS = {
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
     "_scatter_events_kernel": [dict(BLOCK=128, ZERO_BLOCK=1024, **({"out_ptr": out} if out else {}))
                                for out in (None, "*bf16", "*i8")],
-    "_split_bfloat16_kernel": [dict(BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")],  # spike_matmul's CUDA split
+    # spike_matmul's CUDA split (and the spike operand's three copies)
+    "_split_bfloat16_kernel": [dict(REPEAT=repeat, BLOCK=1024, src_ptr="*fp32", out_ptr="*bf16")
+                               for repeat in (False, True)],
     # spike_matmul's int8 route: the fixed-point digits, and the product put back together (both orientations)
     "_quantize_int8_kernel": [dict(SCALED_DIM=dim, SLICES=spike_matmul.INT8_SLICES, BLOCK=1024, src_ptr="*fp32",
                                    shift_ptr="*i32", out_ptr="*i8") for dim in (0, 1)],

@@ -316,6 +316,26 @@ def test_triton_split_writes_exact_parts_smallest_first(stack_dim):
     assert bool((lo <= mid).all() and (mid <= hi).all()) and bool((lo > 0).any())
 
 
+@pytest.mark.parametrize("stack_dim", [0, 1])
+def test_triton_repeat_writes_the_spikes_into_every_slot(stack_dim):
+    # The spike operand's three copies in one launch (Triton's interpreter here), into garbage: the
+    # same values as the torch route's conversion and copies, in the same slots, for every entry.
+    pytest.importorskip("triton")
+    from snnopt.codegen import triton_lif
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(9, 1030, generator=gen) < 0.1) * torch.randint(-3, 4, (9, 1030), generator=gen).float()
+    x[0, :3] = torch.tensor([1.5, -0.0078125, 2.0**100])  # other bfloat16 values
+    rows, cols = x.shape
+    shape = (3 * rows, cols) if stack_dim == 0 else (rows, 3 * cols)
+    stacked = torch.full(shape, 77.0, dtype=torch.bfloat16)
+    triton_lif.split_bfloat16_into(x, stacked, stack_dim, repeat=True)
+    slots = stacked.reshape(3, rows, cols) if stack_dim == 0 else stacked.reshape(rows, 3, cols).transpose(0, 1)
+    for slot in slots:
+        assert torch.equal(slot.float(), x)
+    assert torch.equal(stacked, spike_matmul._contraction_stack(x, stack_dim, repeat=True))
+
+
 # ----------------------------------------------------------------------------- the int8 route
 
 
