@@ -1152,10 +1152,10 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     ``checked`` (without a capacity): given ``spike_matmul.spike_kind`` of the events' values, which
     the counting launch works out on the way and the one host read of the count brings back.
     ``operand``: called once, after ``checked`` and before the events are written; it may return a
-    ``(B*T, copies*F)`` tensor (the forward GEMM's spike operand, :func:`dense_input`'s side-by-side
-    layout) that the writing launch fills with ``x`` converted to its dtype, ``copies`` times per row:
-    the input is read once for both, where a rebuild from the events would zero-fill the operand and
-    scatter into it (two more launches over it).
+    ``(B*T, copies*F)`` tensor (the forward GEMM's spike operand: ``x`` ``copies`` times side by side
+    per row) that the writing launch fills with ``x`` converted to its dtype: the input is read once
+    for both, where a rebuild from the events would zero-fill the operand and scatter into it (two
+    more launches over it).
     """
     from snnopt.codegen import spike_matmul
 
