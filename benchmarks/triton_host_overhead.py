@@ -8,11 +8,18 @@ overhead only: no kernel runs, and CPU tensor ops stand in for CUDA ones.
 
     python benchmarks/triton_host_overhead.py            # B=4, T=100, 784 -> 200, sparse
     python benchmarks/triton_host_overhead.py --backward exact --calls 5000
+    # the Open Neuromorphic layer's path (a large CUDA layer's routes, forced at a small size):
+    python benchmarks/triton_host_overhead.py --shape 2 50 512 512 --rate 0.05 --gemm-routes --dense-weight-route
 
 Prints the median and minimum time of one ``backward`` call (``retain_graph=True``, same graph)
 and the launches it makes; then, for one forward and one backward, the torch operations the host
 issues (top-level ATen calls, counted with ``torch.profiler``; the stubs' own writes left out). On
 a GPU each is a dispatch and often a launch, so their number is what a host-bound layer pays.
+
+``--gemm-routes`` forces what a large layer takes on a GPU: its spike GEMMs on spike_matmul's
+split-bfloat16 route (here the products run as float32 ones, and the weight's split, one Triton
+launch on CUDA, as torch operations). ``--dense-weight-route`` forces the weight gradient's dense
+route (a reverse sweep and one GEMM), which a layer with many input events takes.
 """
 
 from __future__ import annotations
@@ -79,11 +86,20 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", choices=("sparse", "exact"), default="sparse")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--shape", type=int, nargs=4, default=(4, 100, 784, 200), metavar=("B", "T", "IN", "N"))
+    parser.add_argument("--rate", type=float, default=0.004, help="input spike probability per entry")
+    parser.add_argument("--gemm-routes", action="store_true", help="spike GEMMs on the split-bfloat16 route")
+    parser.add_argument("--dense-weight-route", action="store_true", help="the weight gradient's dense route")
     args = parser.parse_args(argv)
     _stub_kernels()
+    if args.gemm_routes:
+        from snnopt.codegen import spike_matmul
+
+        spike_matmul.applies = lambda spikes, other, shape: other.dtype == torch.float32
+    if args.dense_weight_route:
+        triton_lif.events_are_cheaper = lambda *args: False
     torch.manual_seed(0)
     batch, steps, features, neurons = args.shape
-    x = (torch.rand(batch, steps, features) < 0.004).float()
+    x = (torch.rand(batch, steps, features) < args.rate).float()
     weight = (torch.randn(neurons, features) * 0.05).requires_grad_()
     upstream = torch.randn(batch, steps, neurons)
     spikes = SF.linear_lif(x, weight, beta=0.9, backend="triton", backward=args.backward)
