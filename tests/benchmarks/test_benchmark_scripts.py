@@ -141,6 +141,17 @@ def test_triton_host_overhead_script_counts_the_sparse_backward_launch(tmp_path)
     assert "sparse backward" in result.stdout and "'_sparse_weight_grad_kernel': 1.0" in result.stdout
 
 
+def test_triton_host_overhead_script_takes_the_on_layer_routes_when_forced(tmp_path):
+    # --gemm-routes / --dense-weight-route: the large GPU layer's path at a small size (its forward
+    # lists the events and writes the GEMM operand in one launch; the dense weight route's three).
+    pytest.importorskip("triton")
+    result = _run([str(ROOT / "benchmarks" / "triton_host_overhead.py"), "--calls", "5", "--shape", "2", "10", "64",
+                   "64", "--rate", "0.1", "--gemm-routes", "--dense-weight-route"], tmp_path)
+    backward = next(line for line in result.stdout.splitlines() if line.startswith("sparse backward:"))
+    assert "_reverse_filter_kernel" in backward and "_scatter_events_kernel" in backward, result.stdout
+    assert "_sparse_weight_grad_kernel" not in backward and "'aten::mm': 1" in backward, result.stdout
+
+
 def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path):
     # On the GPU these launches time the host cost per call; here Triton's interpreter runs the same
     # calls on CPU tensors, so a wrong argument list fails before GPU time is spent on it.
