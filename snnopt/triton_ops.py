@@ -84,7 +84,7 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
             # Between the events' count (the spike check with it) and their listing: x·Wᵀ's route is
             # decided here, and a tensor-core route's spike operand is written by the listing launch.
             route = forward_route()
-            operand = _operand_buffer(route, batch * steps, features, x.device) if route else None
+            operand = spike_matmul.spike_operand_buffer(route, batch * steps, features, x.device) if route else None
             routed.append((route, operand))
             return operand
 
@@ -108,7 +108,7 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
                 plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)
         current = spike_matmul.linear(
             x, weight, bias, nonzeros=nonzeros, route=route,
-            spike_operand=None if operand is None else lambda kind: operand)
+            spike_operand=operand)
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
@@ -586,14 +586,6 @@ def _weight_grad_from_current(grad_current: Tensor, events, weight: Tensor, batc
                                            copies=spike_matmul.SPLIT_PARTS)
         return spike_matmul.weight_grad_from_parts(grad_current, x_stacked, stacked=True)
     return grad_current.t().mm(triton_lif.dense_input(events, batch, steps, features, grad_current.dtype))
-
-
-def _operand_buffer(route: str, rows: int, features: int, device) -> Tensor:
-    """Room for x·Wᵀ's spike operand on ``route`` (what ``spike_matmul.linear`` asks its ``spike_operand`` for):
-    bfloat16 :data:`~snnopt.codegen.spike_matmul.SPLIT_PARTS` times side by side, or int8 once."""
-    if route in spike_matmul.INT8_ROUTES:
-        return torch.empty((rows, features), dtype=torch.int8, device=device)
-    return torch.empty((rows, spike_matmul.SPLIT_PARTS * features), dtype=torch.bfloat16, device=device)
 
 
 def _dense_spikes(events, batch: int, steps: int, features: int, kind) -> Tensor:

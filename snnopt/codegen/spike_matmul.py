@@ -93,7 +93,7 @@ import contextlib
 import functools
 import os
 import statistics
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -583,17 +583,24 @@ def linear_route(x: Tensor, weight: Tensor, nonzeros: Optional[Tensor] = None, *
                      kind=kind)
 
 
+def spike_operand_buffer(route: str, rows: int, features: int, device) -> Tensor:
+    """Uninitialised room for :func:`linear`'s spike operand on ``route``: ``x`` as bfloat16 :data:`SPLIT_PARTS`
+    times side by side ``(rows, SPLIT_PARTS·features)``, or as int8 ``(rows, features)`` on the int8 routes."""
+    if route in INT8_ROUTES:
+        return torch.empty((rows, features), dtype=torch.int8, device=device)
+    return torch.empty((rows, SPLIT_PARTS * features), dtype=torch.bfloat16, device=device)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           nonzeros: Optional[Tensor] = None, spike_operand: Optional[Callable[[str], Tensor]] = None,
+           nonzeros: Optional[Tensor] = None, spike_operand: Optional[Tensor] = None,
            route: Optional[str] | bool = None) -> Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``; on tensor cores when ``x`` is spikes and it pays.
 
     ``nonzeros``: the nonzero entries of ``x``, where the caller has them listed (a compact layer's
     input events): whether ``x`` is spikes is then read from those, a much smaller tensor, instead
-    of passes over ``x``. ``spike_operand(route)``: the GEMM's left operand where the caller has it
-    already (a compact layer's: written by the launch that lists the events): for :data:`BFLOAT16`
-    ``x`` as bfloat16 :data:`SPLIT_PARTS` times side by side ``(rows, SPLIT_PARTS·features)``, for
-    :data:`INT8` (asked for both int8 routes) ``x`` as int8 ``(rows, features)``. ``route``: decided by the caller
+    of passes over ``x``. ``spike_operand``: the GEMM's left operand for ``route`` where the caller has
+    it already, in :func:`spike_operand_buffer`'s layout (a compact layer's: written by the launch that
+    lists the events). ``route``: decided by the caller
     (:func:`linear_route`; a captured CUDA graph cannot read the device), False for the reference;
     a tensor-core route only where ``x`` suits it, which the caller has checked or will check.
     """
@@ -603,10 +610,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         route = linear_route(x, weight, nonzeros)
     if route:
         if route in INT8_ROUTES:
-            spikes = spike_operand(INT8) if spike_operand is not None else x.reshape(rows, features).to(torch.int8)
+            spikes = spike_operand if spike_operand is not None else x.reshape(rows, features).to(torch.int8)
             out = int8_mm(spikes, weight.t(), spikes="a", fused=route == INT8_TRITON)
         elif spike_operand is not None:
-            out = _mm_float32_out(spike_operand(BFLOAT16), _contraction_stack(weight.t(), 0, repeat=False))
+            out = _mm_float32_out(spike_operand, _contraction_stack(weight.t(), 0, repeat=False))
         else:
             out = split_mm(x.reshape(rows, features), weight.t(), spikes="a")  # converted while stacked
         if bias is not None:

@@ -254,9 +254,9 @@ def test_split_bfloat16_gemms_in_forward_and_dense_route(reset, membrane_loss, m
     monkeypatch.setattr(spike_matmul, "split_mm", lambda *a, **k: (used.append(k["spikes"]), real(*a, **k))[1])
     monkeypatch.setattr(spike_matmul, "weight_grad_from_parts",
                         lambda *a, **k: (used.append("parts"), real_parts(*a, **k))[1])
-    real_buffer = triton_ops._operand_buffer
-    monkeypatch.setattr(triton_ops, "_operand_buffer", lambda *a: (used.append("a from the listing"),
-                                                                    real_buffer(*a))[1])
+    real_buffer = spike_matmul.spike_operand_buffer
+    monkeypatch.setattr(spike_matmul, "spike_operand_buffer", lambda *a: (used.append("a from the listing"),
+                                                                          real_buffer(*a))[1])
     x, w, b, beta = _inputs(3, 8, 10, 6, torch.float32, device, seed=5)
     _check(x, w, b, beta, reset=reset, membrane_loss=membrane_loss, device=device)
     # The forward current (its spike operand written, uninitialised before, by the launch that lists
