@@ -1,7 +1,9 @@
 """Where a sparse layer's step spends its time on a GPU: host (Python, dispatch, launches) or kernels.
 
 The GPU suite's per-layer times are CUDA-event intervals: when the device waits on the host they
-are host time. This script takes the seed network's two hidden layers (B=256, T=100, H=200), its
+are host time. This script takes three floors of a backward call (autograd's own, a custom op's,
+a custom op's with one zero fill and one Triton launch, as a seed layer's sparse backward makes),
+the seed network's two hidden layers (B=256, T=100, H=200), its
 whole training step (to the loss and back), and the Open Neuromorphic layer (n=4096), eager and
 replayed from CUDA graphs, and reports for each
 phase: the event interval, the host wall time (synchronised before and after), the device busy
@@ -128,11 +130,61 @@ def autograd_floor(device) -> "gpu_suite.Case":
                           lambda y: torch.autograd.backward(y, grad), [x])
 
 
+# The floors between autograd's and a sparse layer's backward, one cost added at a time (what is
+# left of the layer's time above the last one is snnopt's own host work):
+#   custom_op_floor: a torch.library custom op whose registered backward returns its gradient
+#     (the Python autograd wrapper every snnopt op's backward goes through);
+#   launch_floor: the same, its backward also doing what a seed layer's sparse backward does besides
+#     its own Python: a zero-filled (200, 784) weight gradient and one Triton launch (one element).
+_FLOOR_OPS: dict = {}
+
+
+def _floor_op(name: str, backward):
+    if name not in _FLOOR_OPS:
+        @torch.library.custom_op(f"snnopt_host_profile::{name}", mutates_args=())
+        def op(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        op.register_fake(lambda x: torch.empty_like(x))
+        op.register_autograd(backward)
+        _FLOOR_OPS[name] = op
+    return _FLOOR_OPS[name]
+
+
+def _identity_backward(ctx, grad):
+    return grad
+
+
+def _launch_backward(ctx, grad):
+    from snnopt.codegen import triton_lif
+
+    weight_grad = torch.zeros(200, 784, device=grad.device)
+    one = torch.ones(1, 1, device=grad.device)
+    triton_lif.split_bfloat16_into(one, torch.empty(3, 1, dtype=torch.bfloat16, device=grad.device), 0)
+    del weight_grad
+    return grad
+
+
+def op_floors(device) -> dict:
+    """``custom_op_floor`` and ``launch_floor`` (above); the launch needs CUDA (no interpreter here)."""
+    x = torch.ones(1, device=device, requires_grad=True)
+    grad = torch.ones(1, device=device)
+    cases = {}
+    for name, backward, label in (("custom_op_floor", _identity_backward, "custom op, identity backward"),
+                                  ("launch_floor", _launch_backward, "custom op, zeros + one Triton launch")):
+        if name == "launch_floor" and device.type != "cuda":
+            cases[name] = "launch_floor needs CUDA (a Triton launch on CPU tensors needs TRITON_INTERPRET=1)"
+            continue
+        op = _floor_op(name, backward)
+        cases[name] = gpu_suite.Case(name, label, lambda op=op: op(x), lambda y: torch.autograd.backward(y, grad), [x])
+    return cases
+
+
 def cases(device, smoke: bool) -> dict:
     sizes = gpu_suite.MODES["smoke" if smoke else "full"]
     cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=200)
     x, weights, s1, active1 = gpu_suite.seed_layer_inputs(cfg, device)
-    out = {"autograd_floor": autograd_floor(device)}
+    out = {"autograd_floor": autograd_floor(device), **op_floors(device)}
     for name, inp, weight, needs in (("seed_L1", x, weights[0], False), ("seed_L2", s1, weights[1], True)):
         grad_out = torch.randn(cfg.batch, cfg.steps, cfg.hidden, device=device)
         errors: dict = {}
