@@ -244,6 +244,60 @@ def timing_device(device):
         StepTimer.device = previous
 
 
+def idle_gaps(device_spans, host_spans, window, *, min_us: float = 5.0, top: int = 8) -> dict:
+    """Where a device waited for its host within ``window``: the stretches no device span covers.
+
+    ``device_spans`` and ``host_spans`` are ``(start_us, end_us, name)`` on one clock (a profiler
+    trace's kernels and host operations); ``window`` is ``(start_us, end_us)`` of the traced call.
+    Returns ``idle_us`` (all idle time) and the ``top`` longest ``gaps`` of at least ``min_us``, each
+    with the device work before and after it and ``host``: the host operations that ran during it
+    (those overlapping it without covering it whole: what kept the host busy or waiting), by overlap.
+    An eager layer whose device time is far below its event time shows here where the host held it up.
+
+    Example::
+
+        >>> idle_gaps([(10, 20, "k1"), (50, 60, "k2")], [(22, 48, "aten::empty")], (0, 70))["idle_us"]
+        50.0
+    """
+    merged: list[list] = []  # [start, end, first name, last name]
+    for start, end, name in sorted(device_spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+            merged[-1][3] = name
+        else:
+            merged.append([start, end, name, name])
+    begin, finish = window
+    bounds = [(begin, "start of call")] + [(m[1], m[3]) for m in merged]
+    nexts = [(m[0], m[2]) for m in merged] + [(finish, "end of call")]
+    gaps = []
+    for (gap_start, after), (gap_end, before) in zip(bounds, nexts):
+        gap_start, gap_end = max(gap_start, begin), min(gap_end, finish)
+        if gap_end - gap_start <= 0:
+            continue
+        overlap: dict = {}
+        for start, end, name in host_spans:
+            covered = min(end, gap_end) - max(start, gap_start)
+            if covered > 0 and not (start <= gap_start and end >= gap_end):
+                overlap[name] = overlap.get(name, 0.0) + covered
+        gaps.append({"idle_us": round(gap_end - gap_start, 1), "after": after, "before": before,
+                     "host": {name: round(us, 1) for name, us in sorted(overlap.items(), key=lambda kv: -kv[1])[:6]}})
+    return {"idle_us": round(sum(g["idle_us"] for g in gaps), 1),
+            "gaps": sorted((g for g in gaps if g["idle_us"] >= min_us), key=lambda g: -g["idle_us"])[:top]}
+
+
+def profiler_gaps(prof) -> dict:
+    """:func:`idle_gaps` of a ``torch.profiler`` trace: its CUDA kernels and copies against its host
+    operations, over the span of the host operations (no CUDA activity: every stretch is idle)."""
+    device_spans, host_spans = [], []
+    for event in prof.events():
+        span = (float(event.time_range.start), float(event.time_range.end), event.name)
+        (device_spans if str(getattr(event, "device_type", "")).endswith("CUDA") else host_spans).append(span)
+    if not host_spans:
+        return {"idle_us": 0.0, "gaps": []}
+    window = (min(s[0] for s in host_spans), max(s[1] for s in host_spans))
+    return idle_gaps(device_spans, host_spans, window)
+
+
 def synchronize(device) -> None:
     """Wait for the device's queued work (no-op on CPU)."""
     if torch.device(device).type == "cuda":

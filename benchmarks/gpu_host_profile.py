@@ -255,6 +255,7 @@ def main(argv=None) -> int:
             entry["device"] = {phase: {k: profile[phase][k] for k in ("device_busy_us", "device_launches",
                                                                       "wall_us_under_profiler")}
                                for phase in profile}
+            entry["device_idle"] = {phase: profile[phase]["idle"] for phase in profile if "idle" in profile[phase]}
             entry["device_top"] = {phase: profile[phase]["top"] for phase in profile}
             entry["host_top"] = cpu_side(case, device)
         except Exception as error:  # a diagnostic: one failing case must not hide the others
@@ -266,6 +267,10 @@ def main(argv=None) -> int:
         for phase, lines in entry.get("python", {}).items():
             print(f"--- {name} {phase}: python by own time (us per step: own, cumulative, calls)")
             print("\n".join(lines))
+        for phase, idle in entry.get("device_idle", {}).items():
+            print(f"--- {name} {phase}: device idle {idle['idle_us']} us under the profiler; longest gaps:")
+            print("\n".join(f"  {g['idle_us']:>9} after {g['after'][:40]} before {g['before'][:40]}; host: "
+                            + ", ".join(f"{k[:40]} {v}" for k, v in g["host"].items()) for g in idle["gaps"]))
         for phase, ops in entry.get("host_top", {}).items():
             print(f"--- {name} {phase}: host operations by self CPU time (us)")
             print("\n".join(f"  {v['self_cpu_us']:>10} {v['calls']:>5}  {k[:90]}" for k, v in ops.items()))

@@ -206,6 +206,8 @@ def profile_case(case: Case, device: torch.device) -> dict:
             _harness.synchronize(device)
             wall = time.perf_counter() - start
         report[phase] = _profile_summary(prof, wall)
+        if device.type == "cuda":  # where the device waited for the host, and on what
+            report[phase]["idle"] = _harness.profiler_gaps(prof)
     del out
     case._clear()
     return report

@@ -557,7 +557,8 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    quick = dict(batch=8, steps=20, repeat=2, warmup=1) if args.quick else dict(batch=128, steps=100, repeat=20, warmup=3)
+    quick = (dict(batch=8, steps=20, repeat=2, warmup=1) if args.quick
+             else dict(batch=128, steps=100, repeat=20, warmup=3))
     batch = args.batch or quick["batch"]
     cfg = SeedConfig(batch=batch, steps=args.steps or quick["steps"], seed=args.seed)
     repeat = args.repeat or quick["repeat"]
@@ -630,7 +631,8 @@ def main(argv=None) -> dict:
     base, unbind = results["dense_eager"], results["dense_eager_unbind"]
     for res in results.values():
         for name, baseline in (("speedup_vs_dense", base), ("speedup_vs_dense_unbind", unbind)):
-            res[name] = {phase: baseline[f"{phase}_ms"] / res[f"{phase}_ms"] for phase in ("forward", "backward", "step")}
+            res[name] = {phase: baseline[f"{phase}_ms"] / res[f"{phase}_ms"]
+                         for phase in ("forward", "backward", "step")}
         res["saved_bytes_ratio_vs_dense"] = (res["saved_for_backward_bytes"]["total"]
                                              / base["saved_for_backward_bytes"]["total"])
 
