@@ -272,17 +272,21 @@ def idle_gaps(device_spans, host_spans, window, *, min_us: float = 5.0, top: int
     gaps = []
     for (gap_start, after), (gap_end, before) in zip(bounds, nexts):
         gap_start, gap_end = max(gap_start, begin), min(gap_end, finish)
-        if gap_end - gap_start <= 0:
-            continue
+        if gap_end - gap_start > 0:
+            gaps.append((gap_end - gap_start, gap_start, gap_end, after, before))
+    # The host operations of the longest gaps only: a dense loop's trace has thousands of each.
+    longest = sorted((g for g in gaps if g[0] >= min_us), key=lambda g: -g[0])[:top]
+    described = []
+    for length, gap_start, gap_end, after, before in longest:
         overlap: dict = {}
         for start, end, name in host_spans:
             covered = min(end, gap_end) - max(start, gap_start)
             if covered > 0 and not (start <= gap_start and end >= gap_end):
                 overlap[name] = overlap.get(name, 0.0) + covered
-        gaps.append({"idle_us": round(gap_end - gap_start, 1), "after": after, "before": before,
-                     "host": {name: round(us, 1) for name, us in sorted(overlap.items(), key=lambda kv: -kv[1])[:6]}})
-    return {"idle_us": round(sum(g["idle_us"] for g in gaps), 1),
-            "gaps": sorted((g for g in gaps if g["idle_us"] >= min_us), key=lambda g: -g["idle_us"])[:top]}
+        busiest = sorted(overlap.items(), key=lambda kv: -kv[1])[:6]
+        described.append({"idle_us": round(length, 1), "after": after, "before": before,
+                          "host": {name: round(us, 1) for name, us in busiest}})
+    return {"idle_us": round(sum(g[0] for g in gaps), 1), "gaps": described}
 
 
 def profiler_gaps(prof) -> dict:
