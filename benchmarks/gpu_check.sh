@@ -4,7 +4,7 @@
 # SpikingJelly and their pure-Python dependency loguru travel as wheels in .whl/ (prepared with
 # `pip download --no-deps`, see benchmarks/README.md), and snnopt runs from the source tree.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh          # under 10 minutes (575 s of limits) on a warm GPU
+#   OUT=/some/folder bash benchmarks/gpu_check.sh          # under 10 minutes (580 s of limits) on a warm GPU
 #
 # Steps: install the wheels into /tmp/site; print nvidia-smi and versions; a probe of the CUDA-graph
 # capture in its own process (at most 75 s, compiling the kernels the suite then finds in Triton's
@@ -15,8 +15,9 @@
 # kernel-tuning trials until 220 s; 5 timed rounds; torch.compile of the whole 500-step loop left
 # out, see gpu_suite.py --with-compile; torch.compile of the step is in); the host profile (at
 # most 60 s: where the per-layer and whole-step times go, host or kernels);
-# then the GPU tests (pytest -m gpu, at most 120 s), then the capture-plan, compact-path and
-# kernel-tuning test files with the compiled kernels (at most 80 s). The suite before the tests: a
+# then the GPU tests (pytest -m gpu, at most 115 + 5 s), then the capture-plan, compact-path and
+# kernel-tuning test files with the compiled kernels (at most 80 + 5 s), both over 8 pytest-xdist
+# processes where the image has it. The suite before the tests: a
 # lease cut short keeps the numbers.
 # Logs: $OUT/env.log, gpu_probe.log, gpu_suite.log, gpu_host_profile.log, gpu_tests.log,
 # gpu_unit_tests.log; results: $OUT/gpu_host_profile.json, $OUT/gpu_suite_<device>.json
@@ -78,8 +79,16 @@ echo "== host profile (limit 60 s)" | tee "$OUT/gpu_host_profile.log"
 timeout 60 python3 benchmarks/gpu_host_profile.py --out "$OUT" 2>&1 | tee -a "$OUT/gpu_host_profile.log" >/dev/null
 echo "gpu_host_profile exit status ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_host_profile.log"
 
-echo "== GPU tests (pytest -m gpu, limit 120 s)" | tee "$OUT/gpu_tests.log"
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee -a "$OUT/gpu_tests.log"
+# pytest-xdist is on the GPU image: the test runs below spread over 8 processes (16 cores there).
+# Most of their time is Triton compiling each kernel variant on the host (run 5's compiled runs of
+# the interpreter suites did not finish within 80 s in one process). One GPU serves them all. Their
+# time limits send SIGINT: pytest then stops its workers and still prints what passed and failed.
+PARALLEL=""
+if python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n 8"; fi
+
+echo "== GPU tests (pytest -m gpu ${PARALLEL}, limit 115 s)" | tee "$OUT/gpu_tests.log"
+# shellcheck disable=SC2086  # $PARALLEL is empty or two words
+timeout -s INT -k 5 115 python3 -m pytest -m gpu -q -p no:cacheprovider $PARALLEL tests 2>&1 | tee -a "$OUT/gpu_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out)" | tee -a "$OUT/gpu_tests.log"
 
 # The interpreter suites of the capture plans, the compact path and the kernel tunings, run here
@@ -87,9 +96,11 @@ echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out
 # lists, overflow flag), every code path of the one-sweep compaction, the event kernels and each
 # tuning against the reference on the GPU, at tiny shapes, and deterministic algorithms (no atomic
 # sums: two runs bit for bit). No -x: one failure must not hide the rest.
-echo "== compiled-kernel runs of the interpreter suites (limit 80 s)" | tee "$OUT/gpu_unit_tests.log"
-# Most GPU-specific first (they did not all finish within the limit in run 5: each compiles its variants).
-timeout 80 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_capture_plan.py \
+echo "== compiled-kernel runs of the interpreter suites (${PARALLEL:-one process}, limit 80 s)" \
+  | tee "$OUT/gpu_unit_tests.log"
+# In one process, most GPU-specific first (run 5 did not finish them: each compiles its variants).
+# shellcheck disable=SC2086
+timeout -s INT -k 5 80 python3 -m pytest -q -p no:cacheprovider $PARALLEL tests/codegen/test_capture_plan.py \
   tests/codegen/test_deterministic.py tests/codegen/test_triton_compact.py tests/codegen/test_kernel_tuning.py \
   2>&1 | tee -a "$OUT/gpu_unit_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/gpu_unit_tests.log"
