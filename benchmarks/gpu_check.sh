@@ -88,7 +88,7 @@ if python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n 8"; fi
 
 echo "== GPU tests (pytest -m gpu ${PARALLEL}, limit 115 s)" | tee "$OUT/gpu_tests.log"
 # shellcheck disable=SC2086  # $PARALLEL is empty or two words
-timeout -s INT -k 5 115 python3 -m pytest -m gpu -q -p no:cacheprovider $PARALLEL tests 2>&1 | tee -a "$OUT/gpu_tests.log"
+timeout -s INT -k 5 115 python3 -m pytest -m gpu -rfE -p no:cacheprovider $PARALLEL tests 2>&1 | tee -a "$OUT/gpu_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (5: no test marked gpu; 124: timed out)" | tee -a "$OUT/gpu_tests.log"
 
 # The interpreter suites of the capture plans, the compact path and the kernel tunings, run here
@@ -100,7 +100,7 @@ echo "== compiled-kernel runs of the interpreter suites (${PARALLEL:-one process
   | tee "$OUT/gpu_unit_tests.log"
 # In one process, most GPU-specific first (run 5 did not finish them: each compiles its variants).
 # shellcheck disable=SC2086
-timeout -s INT -k 5 80 python3 -m pytest -q -p no:cacheprovider $PARALLEL tests/codegen/test_capture_plan.py \
+timeout -s INT -k 5 80 python3 -m pytest -rfE -p no:cacheprovider $PARALLEL tests/codegen/test_capture_plan.py \
   tests/codegen/test_deterministic.py tests/codegen/test_triton_compact.py tests/codegen/test_kernel_tuning.py \
   2>&1 | tee -a "$OUT/gpu_unit_tests.log"
 echo "pytest exit status ${PIPESTATUS[0]} (124: timed out)" | tee -a "$OUT/gpu_unit_tests.log"
