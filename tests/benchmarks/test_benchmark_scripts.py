@@ -166,3 +166,15 @@ def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path
     report = json.loads(result.stdout.strip().splitlines()[-1])
     timed = {name: entry for name, entry in report.items() if name != "calls"}
     assert len(timed) >= 6 and all(entry.get("host_us", 0) > 0 for entry in timed.values()), timed
+
+
+def test_gpu_check_script_parses_and_its_limits_fit_one_device_call():
+    """gpu_check.sh runs as one device command, at most 600 s: its steps' limits (plus the grace
+    periods after SIGINT) must leave room for the installs and printing around them."""
+    import re
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    limits = re.findall(r"^\s*timeout (?:-s [A-Z]+ )?(?:-k (\d+) )?(\d+) ", script.read_text(), flags=re.MULTILINE)
+    assert len(limits) == 5, limits  # probe, suite, host profile, GPU tests, compiled interpreter suites
+    assert sum(int(grace or 0) + int(limit) for grace, limit in limits) <= 585
