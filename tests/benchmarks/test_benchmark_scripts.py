@@ -89,7 +89,8 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     assert "skipped" in overhead or all(v["host_us"] > 0 for k, v in overhead.items() if k != "calls"), overhead
     targets = payload["targets"]  # computed from the entries above (on CPU, not a statement about the GPU)
     assert set(targets["met"]) == {"seed_backward_speedup", "seed_backward_memory_own", "seed_backward_memory_peak",
-                                   "on_step_ratio", "seed_backward_speedup_graphed", "on_step_ratio_graphed"}
+                                   "seed_backward_memory_added", "on_step_ratio", "seed_backward_speedup_graphed",
+                                   "on_step_ratio_graphed"}
     # The CUDA-graph variants need CUDA: on CPU each says so, and the rest of the run carries on.
     graphed_errors = [v for k, v in payload["errors"].items() if k.endswith("snnopt_sparse_graphed")]
     assert graphed_errors and all("CUDA graphs need CUDA tensors" in v for v in graphed_errors), payload["errors"]
@@ -178,3 +179,16 @@ def test_gpu_check_script_parses_and_its_limits_fit_one_device_call():
     limits = re.findall(r"^\s*timeout (?:-s [A-Z]+ )?(?:-k (\d+) )?(\d+) ", script.read_text(), flags=re.MULTILINE)
     assert len(limits) == 5, limits  # probe, suite, host profile, GPU tests, compiled interpreter suites
     assert sum(int(grace or 0) + int(limit) for grace, limit in limits) <= 585
+
+
+def test_memory_ratios_include_the_seed_papers_measure():
+    """The CUDA-only memory facts (a CPU run has none) turn into the ratios the targets read."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_suite
+
+    dense = {"backward_peak_bytes": 1000, "output_bytes": 100, "input_grad_bytes": 100, "backward_added_bytes": 400}
+    sparse = {"backward_peak_bytes": 300, "output_bytes": 100, "input_grad_bytes": 100, "backward_added_bytes": 120}
+    ratios = gpu_suite._memory_ratios(sparse, dense)
+    assert ratios["backward_peak"] == 0.3 and ratios["backward_added"] == 0.3
+    assert ratios["backward_peak_excluding_caller_tensors"] == 100 / 800
+    assert "backward_added" not in gpu_suite._memory_ratios({"backward_peak_bytes": 300}, dense)
