@@ -284,9 +284,9 @@ def idle_gaps(device_spans, host_spans, window, *, min_us: float = 5.0, top: int
             if covered > 0 and not (start <= gap_start and end >= gap_end):
                 overlap[name] = overlap.get(name, 0.0) + covered
         busiest = sorted(overlap.items(), key=lambda kv: -kv[1])[:6]
-        described.append({"idle_us": round(length, 1), "after": after, "before": before,
+        described.append({"idle_us": round(float(length), 1), "after": after, "before": before,
                           "host": {name: round(us, 1) for name, us in busiest}})
-    return {"idle_us": round(sum(g[0] for g in gaps), 1), "gaps": described}
+    return {"idle_us": round(float(sum(g[0] for g in gaps)), 1), "gaps": described}
 
 
 def profiler_gaps(prof) -> dict:

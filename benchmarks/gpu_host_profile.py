@@ -268,6 +268,9 @@ def main(argv=None) -> int:
             print(f"--- {name} {phase}: python by own time (us per step: own, cumulative, calls)")
             print("\n".join(lines))
         for phase, idle in entry.get("device_idle", {}).items():
+            if "error" in idle:
+                print(f"--- {name} {phase}: device idle not computed: {idle['error']}")
+                continue
             print(f"--- {name} {phase}: device idle {idle['idle_us']} us under the profiler; longest gaps:")
             print("\n".join(f"  {g['idle_us']:>9} after {g['after'][:40]} before {g['before'][:40]}; host: "
                             + ", ".join(f"{k[:40]} {v}" for k, v in g["host"].items()) for g in idle["gaps"]))

@@ -212,7 +212,10 @@ def profile_case(case: Case, device: torch.device) -> dict:
             wall = time.perf_counter() - start
         report[phase] = _profile_summary(prof, wall)
         if device.type == "cuda":  # where the device waited for the host, and on what
-            report[phase]["idle"] = _harness.profiler_gaps(prof)
+            try:
+                report[phase]["idle"] = _harness.profiler_gaps(prof)
+            except Exception as error:  # new on a GPU: its failure must not cost the kernel list above
+                report[phase]["idle"] = {"error": describe(error)}
     del out
     case._clear()
     return report
