@@ -170,15 +170,15 @@ def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path
 
 
 def test_gpu_check_script_parses_and_its_limits_fit_one_device_call():
-    """gpu_check.sh runs as one device command, at most 600 s: its steps' limits (plus the grace
-    periods after SIGINT) must leave room for the installs and printing around them."""
+    """gpu_check.sh runs as one device command within a 15-minute device budget that also pays the
+    machine's start: its steps' limits (plus the grace periods after SIGINT) stay near 8 minutes."""
     import re
 
     script = ROOT / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     limits = re.findall(r"^\s*timeout (?:-s [A-Z]+ )?(?:-k (\d+) )?(\d+) ", script.read_text(), flags=re.MULTILINE)
     assert len(limits) == 5, limits  # probe, suite, host profile, GPU tests, compiled interpreter suites
-    assert sum(int(grace or 0) + int(limit) for grace, limit in limits) <= 585
+    assert sum(int(grace or 0) + int(limit) for grace, limit in limits) <= 510
 
 
 def test_memory_ratios_include_the_seed_papers_measure():
