@@ -1187,16 +1187,20 @@ SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
                       "pair_block_32": {"pair_block": 32}, "pair_block_64": {"pair_block": 64},
                       "pair_block_256": {"pair_block": 256}, "event_rows_1": {"event_tile": 1024},
-                      "gather_slots_1": {"gather_slots": 1}, "as_run4": AS_RUN4}
+                      "gather_slots_1": {"gather_slots": 1}, "read_event_count": {"guess_event_count": False},
+                      "as_run4": AS_RUN4}
 # "spike_route" fixes spike_matmul's GEMM route (shipped: the faster one, timed per shape on first use).
 # "max_block_32": one warp per sweep program, so the compact forward's per-step count and staging scan
 # are warp shuffles without block barriers (3 bar.sync in its sm_90 PTX against 5 at 256 lanes).
 # "gather_slots_1": the compaction's ordering copy as until run 5, a 256-lane program per slot (84 µs
 # at n = 4096 in run 5, for ~4 entries a slot), against one warp per 8 slots (shipped, not measured yet).
+# "read_event_count": the eager compact forward's two device reads (the input events' count, then the
+# active list's length) as until this trial was added, against one (the count guessed from the last call).
 ON_TUNING_TRIALS = {"shipped": {}, "stages_1": {"sweep_stages": 1}, "stages_4": {"sweep_stages": 4},
                     "max_block_128": {"max_block": 128}, "max_block_64": {"max_block": 64},
                     "max_block_32": {"max_block": 32}, "gather_slots_1": {"gather_slots": 1},
                     "two_pass_compaction": {"one_pass_compaction": False}, "event_rows_1": {"event_tile": 1024},
+                    "read_event_count": {"guess_event_count": False},
                     "bfloat16_gemms": {"spike_route": "bfloat16"}, "int8_gemms": {"spike_route": "int8"},
                     "int8_triton_gemms": {"spike_route": "int8_triton"},
                     "as_run4": {**AS_RUN4, "spike_route": "bfloat16"}}

@@ -54,6 +54,46 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
                 backward: str, window: float, record_membrane: bool, needs_backward: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                            Tensor, Tensor]:
+    args = (x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active, reset,
+            detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, record_membrane,
+            needs_backward)
+    try:
+        return _lif_forward(*args, guess_events=True)
+    except _GuessFellShort:  # (rare: the input's events outgrew the last call's, or stopped being spikes)
+        return _lif_forward(*args, guess_events=False)
+
+
+class _GuessFellShort(Exception):
+    """A compact layer's guessed event count (KernelTuning.guess_event_count) did not hold: list again."""
+
+
+# A compact layer's input-event count and spike check of its last eager call, per weight tensor and
+# input shape: the next call's guess (see KernelTuning.guess_event_count).
+_EVENT_COUNTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _event_guess(weight: Tensor, x: Tensor) -> Optional[tuple[int, str | None]]:
+    """Room for the events of ``x`` from the last call's count (a quarter more, at least 256 more,
+    at most every entry), and that call's spike check; None without a last call."""
+    last = _EVENT_COUNTS.get(weight, {}).get((tuple(x.shape), x.dtype))
+    if last is None:
+        return None
+    count, kind = last
+    return min(x.numel(), count + max(count // 4, 256)), kind
+
+
+def _route_suits(route, kind) -> bool:
+    # Whether a GEMM route chosen from a guessed spike check holds for the input's actual one.
+    if not route:
+        return True  # the float32 product takes any input
+    if route in spike_matmul.INT8_ROUTES:
+        return kind == spike_matmul.INT8
+    return kind in (spike_matmul.BFLOAT16, spike_matmul.INT8)
+
+
+def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, initial_v, initial_syn, input_active,
+                 reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window,
+                 record_membrane, needs_backward, *, guess_events: bool):
     cuba, recurrent = alpha is not None, recurrent_weight is not None
     spec = _spec(reset, detach_reset, surrogate, surrogate_param, fire_at_threshold, backward, window, cuba, recurrent)
     acc = triton_lif.accumulation_dtype(x.dtype)
@@ -73,6 +113,8 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
             x, weight, kind=checks[0] if checks else spike_matmul.UNCHECKED))
 
     routed = []  # (route, its spike operand or None), where the events' listing decided it
+    unread = []  # with a guessed event count: [count, (spike check flags)] on the device, read below
+    received = []
     if compact:
         # The check only where a product of this layer may take a tensor-core route (on the input as
         # x·Wᵀ's left operand, or as the weight gradient's right one).
@@ -88,13 +130,23 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
             routed.append((route, operand))
             return operand
 
-        events = (triton_lif.input_events(x, acc, site.events_capacity, plan.flag, operand=gemm_operand) if static
-                  else triton_lif.input_events(x, acc, checked=checks.append if check else None,
-                                               operand=gemm_operand))
-        if checks:
-            _INPUT_KINDS[events[2]] = checks[0]  # for this layer's backward (which would read it again)
+        guessing = guess_events and site is None and triton_lif.current_tuning().guess_event_count
+        guess = _event_guess(weight, x) if guessing else None
+        if static:
+            events = triton_lif.input_events(x, acc, site.events_capacity, plan.flag, operand=gemm_operand)
+        elif guess is not None:
+            # No read here: the count and the spike check come back with the active list's length below.
+            if check:
+                checks.append(guess[1])  # the route is chosen from the last call's check, verified below
+            events = triton_lif.input_events(x, acc, checked=checks.append if check else None,
+                                             operand=gemm_operand, guess=guess[0], unread=unread.append)
+        else:
+            events = triton_lif.input_events(x, acc, checked=checks.append if check else None,
+                                             operand=gemm_operand)
         if site is not None and not static:
             site.events_seen = max(site.events_seen, events[1].numel())
+            if checks:
+                _INPUT_KINDS[events[2]] = checks[0]  # for this layer's backward (which would read it again)
     if weight is None:
         current = x.to(acc, copy=True) if recurrent else x
     else:
@@ -117,8 +169,11 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
         out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
         collect_active=needs_backward and spec.sparse and not compact, compact_active=compact,
         list_capacity=site.active_capacity if (static and compact) else None, flag=plan.flag if static else None,
-        staged=bool(static and site.staged), staging_held=None if (site is None or static) else site.staging_held)
+        staged=bool(static and site.staged), staging_held=None if (site is None or static) else site.staging_held,
+        read_along=(unread[0], received.extend) if unread else None)
     del current
+    if compact and site is None:
+        events = _settle_events(events, unread, received, checks, routed, weight, x, check)
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
     saved_membrane = membrane if exact_saves else _empty(x, acc)
     if events is None:
@@ -138,6 +193,32 @@ def _lif_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rec
     return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
             saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
             active_surr, active_offsets, *events)
+
+
+def _settle_events(events, unread, received, checks, routed, weight: Tensor, x: Tensor, check: bool):
+    """An eager compact layer's input events once their count is known: kept for the next call's guess
+    and, where they were listed from a guess, cut to the count (or :class:`_GuessFellShort`)."""
+    offsets, pos, values = events
+    if unread:
+        count, *flags = received
+        if check:
+            not_bfloat16, not_int8 = flags
+            checks[0] = (None if not_bfloat16 else spike_matmul.BFLOAT16 if not_int8 else spike_matmul.INT8)
+        route = routed[0][0] if routed else None
+        if count > pos.numel() or not _route_suits(route, checks[0] if check else None):
+            _remember_events(weight, x, count, checks[0] if check else None)
+            raise _GuessFellShort
+        pos, values = pos[:count], values[:count]
+    else:
+        count = pos.numel()
+    _remember_events(weight, x, count, checks[0] if checks else None)
+    if checks:
+        _INPUT_KINDS[values] = checks[0]  # for this layer's backward (which would read it again)
+    return offsets, pos, values
+
+
+def _remember_events(weight: Tensor, x: Tensor, count: int, kind) -> None:
+    _EVENT_COUNTS.setdefault(weight, {})[(tuple(x.shape), x.dtype)] = (count, kind)
 
 
 # The forward's spike check of a compact layer's input events (spike_matmul.spike_kind's result), by the

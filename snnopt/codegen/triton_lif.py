@@ -107,6 +107,14 @@ class KernelTuning:
       at the seed network's): 128k programs at n = 4096, 84 µs on an H200 in run 5. With more, a
       one-warp program walks that many slots. 8 is an estimate (16k one-warp programs, each a few
       dependent loads per slot), not yet measured: the suite's trial ``gather_slots_1`` times it.
+    * ``guess_event_count``: an eager compact layer called again with the same weight and input
+      shape sizes its input-event lists from the last call's count (with headroom) instead of
+      reading this call's count from the device; the count and the spike check come back with the
+      active list's length, in the forward's one read, and a guess that fell short (or a spike
+      check that no longer suits the GEMM route it chose) reruns the forward with the exact count.
+      Off, the forward reads the device twice (run 5 measured its eager forward on an H200 at
+      3.4 ms against 1.9 ms of kernels: the device waits while the host works after each read).
+      Not measured on a GPU yet: the suite's trial ``read_event_count`` times the two reads.
 
     The defaults are what snnopt ships; :func:`tuning` changes them for a block of code, so a
     benchmark can time alternatives side by side (``benchmarks/gpu_suite.py``, ``kernel_tuning``).
@@ -119,6 +127,7 @@ class KernelTuning:
     one_pass_compaction: bool = True
     event_tile: int = 4096
     gather_slots: int = 8
+    guess_event_count: bool = True
 
     def __post_init__(self):
         if not isinstance(self.sweep_stages, int) or not 1 <= self.sweep_stages <= 8:
@@ -139,6 +148,8 @@ class KernelTuning:
         if (not isinstance(self.gather_slots, int) or not 1 <= self.gather_slots <= 64
                 or self.gather_slots & (self.gather_slots - 1)):
             raise InvalidArgumentError(f"gather_slots: expected a power of two from 1 to 64, got {self.gather_slots!r}")
+        if not isinstance(self.guess_event_count, bool):
+            raise InvalidArgumentError(f"guess_event_count: expected a bool, got {self.guess_event_count!r}")
 
 
 _TUNING = [KernelTuning()]
@@ -981,7 +992,8 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
                 out_dtype: torch.dtype,
                 record_membrane: bool, record_syn: bool, collect_active: bool, compact_active: bool = False,
                 list_capacity: Optional[int] = None, flag: Optional[Callable[[Tensor], None]] = None,
-                staged: bool = False, staging_held: Optional[Callable[[bool], None]] = None):
+                staged: bool = False, staging_held: Optional[Callable[[bool], None]] = None,
+                read_along: Optional[tuple[Tensor, Callable[[list], None]]] = None):
     """Run the recurrence; ``current`` is the ``(B, T, N)`` input current (a fresh tensor: recurrent layers add to it).
 
     Returns ``(spikes, membrane, syn_record, v_final, syn_final, flags, surrogate, compact)``: membrane
@@ -996,7 +1008,9 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
     clamped to it, and no host read; ``flag`` is called with a device bool that holds where the
     list overflowed. Such a list comes from a second sweep or, with ``staged`` (staging held in
     every recorded step), from the staging areas, flagged where one overflowed. Without a
-    capacity, ``staging_held`` is told whether this call's entries all fit their staging areas.
+    capacity, ``staging_held`` is told whether this call's entries all fit their staging areas, and
+    ``read_along = (values, receive)``: an int64 device tensor read in the same host read as the
+    list's length, its values handed to ``receive`` (a compact layer's guessed event count).
     """
     batch, steps, neurons = current.shape
     acc = accumulation_dtype(out_dtype)
@@ -1042,7 +1056,7 @@ def lif_forward(current: Tensor, beta: Tensor, theta: Tensor, alpha: Optional[Te
         module._lif_fwd_kernel[grid](current, *args, 0, steps, steps, neurons, stage.capacity, 0, **consts)
         if compact_active:
             compact = _compact_active(module, current, args, counts, ends, stage, v0, syn0, acc, grid, steps,
-                                      neurons, block, list_capacity, flag, staging_held)
+                                      neurons, block, list_capacity, flag, staging_held, read_along)
     else:
         if compact_active:
             raise ValueError("compact_active: feedforward layers only")
@@ -1086,7 +1100,7 @@ class _Staging:
 
 
 def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, syn0, acc, grid, steps, neurons,
-                    block, list_capacity: Optional[int] = None, flag=None, staging_held=None):
+                    block, list_capacity: Optional[int] = None, flag=None, staging_held=None, read_along=None):
     """The active list from the first launch's counts: ordered from its staging areas, or by a second sweep.
 
     Offsets from the counts into ``ends`` (one host read: the total and the overflow flag); then
@@ -1110,7 +1124,12 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         if staged_in_full:
             flag(ends[slots + 1] != 0)  # a staging area overflowed: its entries are missing
     else:
-        total, overflowed = ends[slots:].tolist()  # the forward's one host sync
+        if read_along is None:
+            total, overflowed = ends[slots:].tolist()  # the forward's one host sync
+        else:
+            along, receive = read_along
+            total, overflowed, *others = torch.cat((ends[slots:], along)).tolist()
+            receive(others)
         staged_in_full = bool(stage.capacity) and not overflowed
         if staging_held is not None:
             staging_held(staged_in_full)
@@ -1141,7 +1160,8 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
 def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
                  flag: Optional[Callable[[Tensor], None]] = None, *,
                  checked: Optional[Callable[[Optional[str]], None]] = None,
-                 operand: Optional[Callable[[], Optional[Tensor]]] = None):
+                 operand: Optional[Callable[[], Optional[Tensor]]] = None,
+                 guess: Optional[int] = None, unread: Optional[Callable[[Tensor], None]] = None):
     """The nonzero entries of ``x`` ``(B, T, F)`` as events grouped by (b, t): ``(offsets, pos, values)``.
 
     ``offsets`` has ``B*T + 1`` entries (row (b, t) holds events ``offsets[bT+t] … offsets[bT+t+1]``),
@@ -1156,6 +1176,12 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     per row) that the writing launch fills with ``x`` converted to its dtype: the input is read once
     for both, where a rebuild from the events would zero-fill the operand and scatter into it (two
     more launches over it).
+    ``guess`` (without a capacity; with ``unread``): ``pos`` and ``values`` have room for that many
+    events and nothing is read: ``unread`` gets the int64 device tensor ``[count]``, or with
+    ``checked`` ``[count, not_bfloat16, not_int8]`` (``checked`` itself is not called), for the
+    caller to read later. Where the count exceeds the guess, the lists hold only the events below
+    it and the caller must list again; else their first ``count`` entries are the events (the
+    offsets are exact either way).
     """
     from snnopt.codegen import spike_matmul
 
@@ -1172,7 +1198,7 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     grid = (-(-rows // rows_per_program),)
     warps = 8 if rows_per_program * block >= 2048 else 4  # about 16 entries per thread at most
     nothing = _unused(torch.int64, device)
-    check = checked is not None and capacity is None
+    check = checked is not None and capacity is None  # (with a guess: into `ends`, read by the caller)
     # The exclusive prefix sum of the counts with the total appended, then (check) the two flags: the
     # total and the flags are one read.
     ends = torch.zeros(rows + 3 if check else rows + 1, dtype=torch.int64, device=device)
@@ -1186,6 +1212,11 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
         total = capacity
         pos = torch.empty(total, dtype=pos_dtype, device=device)  # read only below the (clamped) offsets
         values = torch.zeros(total, dtype=acc, device=device)      # all of it is checked for spikes
+    elif guess is not None:
+        total = guess
+        pos = torch.empty(total, dtype=pos_dtype, device=device)  # the caller keeps the first `count`
+        values = torch.empty(total, dtype=acc, device=device)
+        unread(ends[rows:])
     else:
         if check:  # the count and the spike check in one read
             total, not_bfloat16, not_int8 = ends[rows:].tolist()

@@ -594,3 +594,81 @@ def test_weight_grad_from_parts_rejects_a_wrong_layout():
 
     with pytest.raises(ValueError, match="parts"):
         spike_matmul.weight_grad_from_parts(torch.zeros(2, 4, 3, dtype=torch.bfloat16), torch.zeros(4, 5))
+
+
+def _guessing_layer(w, b, beta):
+    surrogate = Surrogate("superspike", 10.0)
+    spec = LifSpec(reset="subtract", surrogate=surrogate, window=0.5)
+
+    def run(x):
+        from tests.codegen.test_capture_plan import DeviceReads
+
+        with DeviceReads(pytest.MonkeyPatch()) as reads:
+            spikes = SF.linear_lif(x, w, b, beta=beta, surrogate=surrogate, window=0.5, input_active=None,
+                                   backend="triton")
+        upstream = torch.linspace(-1, 1, spikes.numel(), device=x.device).reshape(spikes.shape)
+        grads = torch.autograd.grad((spikes * upstream).sum(), [w, b])
+        wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        ref_spikes, _, _, _ = reference_linear_lif(x, wr, br, spec, beta=beta)
+        assert torch.equal(spikes, ref_spikes)
+        for a, r in zip(grads, torch.autograd.grad((ref_spikes * upstream).sum(), [wr, br])):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6 * max(1.0, float(r.abs().max())))
+        return reads.seen
+    return run
+
+
+def test_repeated_call_guesses_its_event_count_and_reads_the_device_once(device):
+    # The first call reads the event count, then the active list's length; a second call with the
+    # same weight and input shape lists its events into room from the first call's count and reads
+    # both counts at once. Its lists are cut to the count: the weight gradient reads them.
+    x, w, b, beta = _inputs(3, 8, 40, 6, torch.float32, device, rate=0.1, seed=11)
+    run = _guessing_layer(w, b, beta)
+    assert len(run(x)) == 2
+    x2 = x.roll(1, dims=2)  # other events, as many
+    assert len(run(x2)) == 1
+    with triton_lif.tuning(guess_event_count=False):
+        assert len(run(x2)) == 2
+    # The op's saved events: exactly the input's nonzeros, in order, though listed into more room.
+    outs = triton_ops.lif_triton_op(x2, w, b, None, beta, torch.ones_like(beta), None,
+                                    torch.zeros(3, 6, device=device), None, None, "subtract", True, "superspike",
+                                    10.0, False, "sparse", 0.5, False, True)
+    offsets, pos, values = outs[10], outs[11], outs[12]
+    rows = x2.reshape(3 * 8, 40)
+    assert pos.numel() == values.numel() == int((rows != 0).sum()) and torch.all(values == 1)
+    assert offsets.diff().tolist() == (rows != 0).sum(1).tolist()
+    assert torch.equal(pos.long() % 40, rows.nonzero()[:, 1])
+
+
+def test_guessed_event_count_that_falls_short_lists_again(device):
+    # An input with far more events than the last call's: the guessed lists hold only some, so the
+    # forward runs again with the count it read (three reads in all); the next call guesses from it.
+    x, w, b, beta = _inputs(2, 30, 60, 5, torch.float32, device, rate=0.02, seed=12)
+    run = _guessing_layer(w, b, beta)
+    run(x)
+    dense, _, _, _ = _inputs(2, 30, 60, 5, torch.float32, device, rate=0.6, seed=13)
+    assert (dense != 0).sum() > (x != 0).sum() + max(int((x != 0).sum()) // 4, 256)  # past the headroom
+    assert len(run(dense)) == 3
+    assert len(run(dense)) == 1
+
+
+def test_guessed_spike_check_that_no_longer_holds_lists_again(monkeypatch, device):
+    # The GEMM route chosen from the last call's spike check (the split bfloat16 one, forced here at a
+    # tiny size) does not suit real-valued input: the forward runs again on the float32 product.
+    from snnopt.codegen import spike_matmul
+
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    used = []
+    real_buffer = spike_matmul.spike_operand_buffer
+    monkeypatch.setattr(spike_matmul, "spike_operand_buffer",
+                        lambda route, *a: (used.append(route), real_buffer(route, *a))[1])
+    x, w, b, beta = _inputs(2, 6, 8, 5, torch.float32, device, seed=14)
+    run = _guessing_layer(w, b, beta)
+    run(x)
+    assert used == [spike_matmul.BFLOAT16]
+    real_valued, _, _, _ = _inputs(2, 6, 8, 5, torch.float32, device, binary=False, rate=0.5, seed=15)
+    assert len(run(real_valued)) == 3
+    assert used == [spike_matmul.BFLOAT16] * 2  # the guess's listing wrote the split operand; the rerun did not
+    # Spikes again: the float32 route guessed from the last call takes them too (one read, no rerun);
+    # the call after that guesses the split route from this one's check.
+    assert len(run(x)) == 1 and used == [spike_matmul.BFLOAT16] * 2
+    assert len(run(x)) == 1 and used == [spike_matmul.BFLOAT16] * 3
