@@ -80,6 +80,7 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
         assert size["checks"]["passed"] and size["checks"]["spike_mismatches"] == 0
         sparse_check = size["checks_sparse"]  # snnopt sparse against the windowed dense loop
         assert sparse_check["passed"] and sparse_check["candidate"] == "snnopt sparse", sparse_check
+        assert sparse_check["second_call"]["spikes_equal"], sparse_check  # a later call's paths, same results
         assert "float32 GEMM" in size["snnopt_matmul"]  # CPU: the reference product
         for key in ("dense_eager", "snnopt_exact", "snnopt_sparse"):
             assert size["variants"][key]["step_ms"] > 0
