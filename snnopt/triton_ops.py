@@ -202,11 +202,10 @@ def _settle_events(events, unread, received, checks, routed, weight: Tensor, x: 
     if unread:
         count, *flags = received
         if check:
-            not_bfloat16, not_int8 = flags
-            checks[0] = (None if not_bfloat16 else spike_matmul.BFLOAT16 if not_int8 else spike_matmul.INT8)
+            checks[0] = spike_matmul.kind_from_flags(*flags)
         route = routed[0][0] if routed else None
-        if count > pos.numel() or not _route_suits(route, checks[0] if check else None):
-            _remember_events(weight, x, count, checks[0] if check else None)
+        if count > pos.numel() or not _route_suits(route, checks[0] if checks else None):
+            _remember_events(weight, x, count, checks[0] if checks else None)
             raise _GuessFellShort
         pos, values = pos[:count], values[:count]
     else:
@@ -672,9 +671,8 @@ def _weight_grad_from_current(grad_current: Tensor, events, weight: Tensor, batc
 def _dense_spikes(events, batch: int, steps: int, features: int, kind) -> Tensor:
     """The layer input rebuilt from its events as a GEMM operand: ``kind`` a ``spike_matmul`` route (bfloat16;
     int8) or a dtype."""
-    if kind == spike_matmul.BFLOAT16:
-        return triton_lif.dense_input(events, batch, steps, features, torch.bfloat16)
-    dtype = torch.int8 if kind in spike_matmul.INT8_ROUTES else kind
+    dtype = (torch.bfloat16 if kind == spike_matmul.BFLOAT16 else torch.int8 if kind in spike_matmul.INT8_ROUTES
+             else kind)
     return triton_lif.dense_input(events, batch, steps, features, dtype)
 
 

@@ -181,6 +181,12 @@ def spike_kind(t: Tensor, integers: bool = True) -> Optional[str]:
     return INT8 if integral and integral[0] else BFLOAT16
 
 
+def kind_from_flags(not_bfloat16: int, not_int8: int) -> Optional[str]:
+    """:func:`spike_kind`'s answer from the two flags the event-counting kernel raises instead
+    (``triton_lif.input_events``: some nonzero is not a bfloat16 value; some is not an int8 integer)."""
+    return None if not_bfloat16 else BFLOAT16 if not_int8 else INT8
+
+
 def _pow2(k: Tensor) -> Tensor:
     """2**k in float32 for integer k in [-126, 127], built from its bits (as the Triton kernels do: exact)."""
     return ((k.to(torch.int32) + 127) << 23).view(torch.float32)

@@ -1220,7 +1220,7 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     else:
         if check:  # the count and the spike check in one read
             total, not_bfloat16, not_int8 = ends[rows:].tolist()
-            checked(None if not_bfloat16 else spike_matmul.BFLOAT16 if not_int8 else spike_matmul.INT8)
+            checked(spike_matmul.kind_from_flags(not_bfloat16, not_int8))
         else:
             total = int(offsets[-1])
         pos = torch.empty(total, dtype=pos_dtype, device=device)
