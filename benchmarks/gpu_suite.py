@@ -655,12 +655,13 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
             torch.zeros(batch, neurons)
 
     def weight_grad_kernel():
-        module._sparse_weight_grad_kernel[(3,)](
-            grad_spikes, active, active_surr, beta, *events, g, grad_w, grad_b, grad_v0, steps, neurons, features,
+        shipped = triton_lif.current_tuning()
+        module._sparse_weight_grad_kernel[(1,)](
+            grad_spikes, active, active_surr, beta, *events, g, grad_w, grad_b, grad_v0, 3, steps, neurons, features,
             batch * steps * neurons,
             *grad_spikes.stride(), GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True,
-            BLOCK_E=triton_lif.current_tuning().pair_block, ATOMIC_SEM=triton_lif.current_tuning().atomic_sem,
-            num_warps=triton_lif._warps(triton_lif.current_tuning().pair_block))
+            ENTRIES=shipped.pair_entries, BLOCK_E=shipped.pair_block, ATOMIC_SEM=shipped.atomic_sem,
+            num_warps=triton_lif._warps(shipped.pair_block))
 
     cases = {
         "torch.add(out=)": lambda: torch.add(a, b, out=c),
@@ -670,7 +671,7 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
         "same, without launch options": lambda: module._reverse_filter_kernel[(1, 1)](
             dense_g, beta, dense_out, parts, c, c, steps, neurons, steps, WRITE=True, SPLIT=False, SUMS=False,
             BLOCK_N=16, STAGES=1),
-        "_sparse_weight_grad_kernel, 18 arguments": weight_grad_kernel,
+        "_sparse_weight_grad_kernel, 19 arguments": weight_grad_kernel,
         "triton_lif.sparse_backward (launcher, allocations, 1 launch)": lambda: triton_lif.sparse_backward(
             grad_spikes, False, active, active_surr, active_offsets, events, beta, weight, None, batch, steps,
             need_weight=True, need_bias=True, need_initial_v=False, in_dtype=torch.float32),
@@ -1187,12 +1188,16 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
 
 # Each trial changes some fields of snnopt.codegen.triton_lif.KernelTuning (how the kernels run,
 # never what they compute); "shipped" changes none. "as_run4" is the code H200 run 4 measured:
-# ordered (acq_rel) atomics, unpipelined sweeps, the compact forward's second sweep.
+# ordered (acq_rel) atomics, unpipelined sweeps, the compact forward's second sweep, one entry per
+# event-pair program.
 # (Run 4 also launched the input-gradient kernel with 4 warps for its 64 lanes; now 2.)
-AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": False}
+AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": False, "pair_entries": 1}
+# "pair_entries_1": the sparse backward's event-pair kernels as until run 5, one active (or listed input)
+# entry per program, against several sharing each tile of events (shipped, not measured yet).
 SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
-                      "pair_block_32": {"pair_block": 32}, "pair_block_64": {"pair_block": 64},
+                      "pair_entries_1": {"pair_entries": 1}, "pair_entries_32": {"pair_entries": 32},
+                      "pair_block_64": {"pair_block": 64},
                       "pair_block_256": {"pair_block": 256}, "event_rows_1": {"event_tile": 1024},
                       "gather_slots_1": {"gather_slots": 1}, "read_event_count": {"guess_event_count": False},
                       "as_run4": AS_RUN4}

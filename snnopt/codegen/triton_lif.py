@@ -90,9 +90,16 @@ class KernelTuning:
       accumulate, so ``"relaxed"`` suffices and compiles to fire-and-forget ``red`` instructions;
       Triton's default ``"acq_rel"`` waits for every add to return and orders it with the thread's
       other memory operations.
-    * ``pair_block``: lanes of the sparse weight gradient's programs (one per active entry, walking
-      the input events of its batch row ``pair_block`` at a time; one warp per 32 lanes); the input
-      gradient's programs walk the active entries half as many at a time.
+    * ``pair_block``: events the sparse weight gradient's programs walk at a time (the input events
+      of their entries' batch rows; one warp per 32); the input gradient's programs walk the active
+      entries half as many at a time.
+    * ``pair_entries``: active entries per program of the sparse weight gradient, and listed input
+      entries per program of the sparse input gradient (a power of two, 1 to 64). With 1 (until
+      stop 18) a program took one entry: run 5 on an H200 spent 1.4–1.9 ns per program whatever its
+      pairs (seed network, H = 200: 48 µs for layer 1's 25k entries, 70 µs for a captured graph's
+      50k-entry list, half of it padding). With more, a program's entries share each tile of
+      events they walk. 8 is an estimate, not yet measured: the suite's trials ``pair_entries_1``
+      and ``pair_entries_32`` time it.
     * ``one_pass_compaction``: the compact forward stages each program's active entries as it
       finds them and a parallel copy orders them (one serial sweep over T); off, or where a
       program's entries overflow its staging area (:data:`STAGE_FRACTION`), a second sweep reruns
@@ -124,6 +131,7 @@ class KernelTuning:
     max_block: int = 256
     atomic_sem: str = "relaxed"
     pair_block: int = 128
+    pair_entries: int = 8
     one_pass_compaction: bool = True
     event_tile: int = 4096
     gather_slots: int = 8
@@ -140,6 +148,9 @@ class KernelTuning:
         if (not isinstance(self.pair_block, int) or not 32 <= self.pair_block <= 1024
                 or self.pair_block & (self.pair_block - 1)):
             raise InvalidArgumentError(f"pair_block: expected a power of two from 32 to 1024, got {self.pair_block!r}")
+        if (not isinstance(self.pair_entries, int) or not 1 <= self.pair_entries <= 64
+                or self.pair_entries & (self.pair_entries - 1)):
+            raise InvalidArgumentError(f"pair_entries: expected a power of two from 1 to 64, got {self.pair_entries!r}")
         if not isinstance(self.one_pass_compaction, bool):
             raise InvalidArgumentError(f"one_pass_compaction: expected a bool, got {self.one_pass_compaction!r}")
         if (not isinstance(self.event_tile, int) or not 16 <= self.event_tile <= 16384
@@ -313,42 +324,56 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
             tl.atomic_max(kind_ptr + 1, not_int8.to(tl.int64), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["entries"])
+@triton.jit(do_not_specialize=["count", "entries"])
 def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_ptr, evt_pos_ptr, evt_val_ptr,
-                               g_ptr, gw_ptr, gb_ptr, gv0_ptr, steps, neurons, features, entries,
+                               g_ptr, gw_ptr, gb_ptr, gv0_ptr, count, steps, neurons, features, entries,
                                gs_stride_b, gs_stride_t, gs_stride_n,
                                GS_COMPACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                               NEED_V0: tl.constexpr, BLOCK_E: tl.constexpr, ATOMIC_SEM: tl.constexpr):
-    # One program per active entry e = (b, t, j): g = dL/ds * surrogate; then, for every input event
-    # (b, t0, i) with t0 <= t, dW[j, i] += g * x * beta_j^(t - t0); db[j] += g * sum_k<=t beta_j^k;
-    # dv0[b, j] += g * beta_j^(t + 1). dL/ds is read through its strides: autograd hands a sum()
-    # loss's gradient over as an expanded view (stride 0), one stored value for all B*T*N entries.
-    # An index outside [0, entries) is padding (a captured graph's list past its length): g = 0, no work.
-    e = tl.program_id(0).to(tl.int64)
-    flat = tl.load(index_ptr + e)
-    valid = (flat >= 0) & (flat < entries)
+                               NEED_V0: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_E: tl.constexpr,
+                               ATOMIC_SEM: tl.constexpr):
+    # One program per ENTRIES consecutive active entries e = (b, t, j) of the `count` listed: g =
+    # dL/ds * surrogate; then, for every input event (b, t0, i) with t0 <= t, dW[j, i] += g * x *
+    # beta_j^(t - t0); db[j] += g * sum_k<=t beta_j^k; dv0[b, j] += g * beta_j^(t + 1). dL/ds is read
+    # through its strides: autograd hands a sum() loss's gradient over as an expanded view (stride 0),
+    # one stored value for all B*T*N entries.
+    # Why several entries per program: one entry is a few hundred pairs at most, too little work for
+    # a program (run 5 on an H200: ~1.4-1.9 ns per program whatever its pairs). The list is sorted by
+    # (b, t, j), so the block's entries mostly share a batch row and walk the same events: each event
+    # tile is loaded once for all of them, as an (ENTRIES, BLOCK_E) tile of pairs, each pair masked to
+    # its own entry's range [first event of row b, last event at step t].
+    # An index outside [0, entries) is padding (a captured graph's list past its length): g = 0, no
+    # pairs; a block of padding only loads its indices.
+    e = tl.program_id(0).to(tl.int64) * ENTRIES + tl.arange(0, ENTRIES)
+    listed = e < count
+    flat = tl.load(index_ptr + e, mask=listed, other=-1)
+    valid = listed & (flat >= 0) & (flat < entries)
     flat = tl.where(valid, flat, 0)
     j = flat % neurons
     bt = flat // neurons
     t = bt % steps
     b = bt // steps
     if GS_COMPACT:
-        gs = tl.load(gs_ptr + e).to(ACC)
+        gs = tl.load(gs_ptr + e, mask=listed, other=0.0).to(ACC)
     else:
-        gs = tl.load(gs_ptr + b * gs_stride_b + t * gs_stride_t + j * gs_stride_n).to(ACC)
-    g = tl.where(valid, gs * tl.load(asurr_ptr + e), 0.0)
-    tl.store(g_ptr + e, g)
-    beta = tl.load(beta_ptr + j).to(ACC)
+        gs = tl.load(gs_ptr + b * gs_stride_b + t * gs_stride_t + j * gs_stride_n, mask=valid, other=0.0).to(ACC)
+    g = tl.where(valid, gs * tl.load(asurr_ptr + e, mask=listed, other=0.0), 0.0)
+    tl.store(g_ptr + e, g, mask=listed)
+    beta = tl.load(beta_ptr + j, mask=valid, other=0.5).to(ACC)  # padding: any finite log and 1 - beta
     if NEED_W:
-        start = tl.load(evt_off_ptr + b * steps)
-        stop = tl.where(valid, tl.load(evt_off_ptr + bt + 1), start)
-        for k in range(start, stop, BLOCK_E):
+        start = tl.load(evt_off_ptr + b * steps, mask=valid, other=0)
+        stop = tl.load(evt_off_ptr + bt + 1, mask=valid, other=0)
+        # The union of the entries' ranges: empty (lo > hi) for a block of padding.
+        lo = tl.min(tl.where(valid, start, 9223372036854775807), axis=0)
+        hi = tl.max(tl.where(valid, stop, 0), axis=0)
+        for k in range(lo, hi, BLOCK_E):
             ks = k + tl.arange(0, BLOCK_E)
-            m = ks < stop
-            p = tl.load(evt_pos_ptr + ks, mask=m, other=0).to(tl.int64)
-            val = tl.load(evt_val_ptr + ks, mask=m, other=0.0)
-            decay = _powi(beta, t - p // features)
-            tl.atomic_add(gw_ptr + j * features + p % features, g * val * decay, mask=m, sem=ATOMIC_SEM)
+            in_list = ks < hi
+            p = tl.load(evt_pos_ptr + ks, mask=in_list, other=0).to(tl.int64)
+            val = tl.load(evt_val_ptr + ks, mask=in_list, other=0.0)
+            pair = valid[:, None] & (ks[None, :] >= start[:, None]) & (ks[None, :] < stop[:, None])
+            decay = _powi(beta[:, None], t[:, None] - (p // features)[None, :])
+            tl.atomic_add(gw_ptr + j[:, None] * features + (p % features)[None, :],
+                          g[:, None] * val[None, :] * decay, mask=pair, sem=ATOMIC_SEM)
     if NEED_B:
         geometric = tl.where(beta == 1.0, (t + 1).to(ACC), (1.0 - _powi(beta, t + 1)) / (1.0 - beta))
         tl.atomic_add(gb_ptr + j, g * geometric, mask=valid, sem=ATOMIC_SEM)
@@ -617,33 +642,42 @@ def _reverse_filter_kernel(g_ptr, beta_ptr, out_ptr, parts_ptr, gb_rows_ptr, gv0
         tl.store(gv0_ptr + b * neurons + offs, acc * beta, mask=mask)
 
 
-@triton.jit(do_not_specialize=["input_entries"])
-def _sparse_input_grad_kernel(input_active_ptr, g_ptr, index_ptr, act_off_ptr, beta_ptr, w_ptr, out_ptr,
-                              steps, neurons, features, input_entries, BLOCK_A: tl.constexpr):
-    # One program per listed input entry u = (b, t, i): dL/dx = sum over this layer's active entries
-    # (b, t', j) with t' >= t of g * beta_j^(t' - t) * W[j, i] (they are contiguous: sorted by b, t).
+@triton.jit(do_not_specialize=["count", "input_entries"])
+def _sparse_input_grad_kernel(input_active_ptr, g_ptr, index_ptr, act_off_ptr, beta_ptr, w_ptr, out_ptr, count,
+                              steps, neurons, features, input_entries, ENTRIES: tl.constexpr,
+                              BLOCK_A: tl.constexpr):
+    # One program per ENTRIES consecutive listed input entries u = (b, t, i) of the `count` listed:
+    # dL/dx = sum over this layer's active entries (b, t', j) with t' >= t of g * beta_j^(t' - t) *
+    # W[j, i] (they are contiguous: sorted by b, t). As in the weight gradient, several entries per
+    # program share the loads of this layer's entries (the input list is sorted by (b, t, i) too): an
+    # (ENTRIES, BLOCK_A) tile, each row masked to its own entry's range.
     # An index outside [0, input_entries) is padding (a captured graph's list): its value is 0.
-    u = tl.program_id(0).to(tl.int64)
-    flat = tl.load(input_active_ptr + u)
-    valid = (flat >= 0) & (flat < input_entries)
+    u = tl.program_id(0).to(tl.int64) * ENTRIES + tl.arange(0, ENTRIES)
+    listed = u < count
+    flat = tl.load(input_active_ptr + u, mask=listed, other=-1)
+    valid = listed & (flat >= 0) & (flat < input_entries)
     flat = tl.where(valid, flat, 0)
     i = flat % features
     bt = flat // features
     t = bt % steps
     b = bt // steps
-    start = tl.load(act_off_ptr + bt)
-    stop = tl.where(valid, tl.load(act_off_ptr + (b + 1) * steps), start)
-    acc = tl.zeros([BLOCK_A], ACC)
-    for k in range(start, stop, BLOCK_A):
+    start = tl.load(act_off_ptr + bt, mask=valid, other=0)
+    stop = tl.load(act_off_ptr + (b + 1) * steps, mask=valid, other=0)
+    lo = tl.min(tl.where(valid, start, 9223372036854775807), axis=0)
+    hi = tl.max(tl.where(valid, stop, 0), axis=0)
+    acc = tl.zeros([ENTRIES, BLOCK_A], ACC)
+    for k in range(lo, hi, BLOCK_A):
         ks = k + tl.arange(0, BLOCK_A)
-        m = ks < stop
-        idx = tl.load(index_ptr + ks, mask=m, other=0)
-        g = tl.load(g_ptr + ks, mask=m, other=0.0)
+        in_list = ks < hi
+        idx = tl.load(index_ptr + ks, mask=in_list, other=0)
+        g = tl.load(g_ptr + ks, mask=in_list, other=0.0)
         j = idx % neurons
-        beta = tl.load(beta_ptr + j, mask=m, other=1.0).to(ACC)
-        w = tl.load(w_ptr + j * features + i, mask=m, other=0.0).to(ACC)
-        acc += tl.where(m, g * _powi(beta, (idx // neurons) % steps - t) * w, 0.0)
-    tl.store(out_ptr + u, tl.sum(acc, axis=0))
+        beta = tl.load(beta_ptr + j, mask=in_list, other=1.0).to(ACC)
+        pair = valid[:, None] & (ks[None, :] >= start[:, None]) & (ks[None, :] < stop[:, None])
+        w = tl.load(w_ptr + j[None, :] * features + i[:, None], mask=pair, other=0.0).to(ACC)
+        decay = _powi(beta[None, :], ((idx // neurons) % steps)[None, :] - t[:, None])
+        acc += tl.where(pair, g[None, :] * decay * w, 0.0)
+    tl.store(out_ptr + u, tl.sum(acc, axis=1), mask=listed)
 '''
 
 
@@ -1323,12 +1357,14 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
     With the reset detached and the surrogate zero outside the window, dL/dI[b,t,j] is the reverse
     β-filter of g = dL/ds·σ′ at the active entries A. Nothing dense is formed:
 
-    * ``_sparse_weight_grad_kernel`` (one program per active entry): dW[j,i] += g·x·β_j^(t−t0) over the
-      input events (b, t0 ≤ t, i) of the same batch row: the paper's Σ_A g·trace[b,t,:], with the trace
-      evaluated at the input's events only (a latency-coded or Bernoulli input has a few hundred per
-      row); β may differ per neuron, which a shared trace could not express. It also gives db, dv0.
-    * ``_sparse_input_grad_kernel`` (one program per ``input_active`` entry (b, t, i)): Σ over this
-      layer's entries (b, t' ≥ t, j) of g·β_j^(t'−t)·W[j,i], read as one contiguous range (sorted list).
+    * ``_sparse_weight_grad_kernel`` (one program per ``KernelTuning.pair_entries`` active entries):
+      dW[j,i] += g·x·β_j^(t−t0) over the input events (b, t0 ≤ t, i) of the same batch row: the
+      paper's Σ_A g·trace[b,t,:], with the trace evaluated at the input's events only (a
+      latency-coded or Bernoulli input has a few hundred per row); β may differ per neuron, which a
+      shared trace could not express. It also gives db, dv0.
+    * ``_sparse_input_grad_kernel`` (one program per ``pair_entries`` ``input_active`` entries (b, t, i)):
+      Σ over this layer's entries (b, t' ≥ t, j) of g·β_j^(t'−t)·W[j,i], read as one contiguous
+      range (sorted list).
 
     Work: |A| × (events per row) atomics for dW and |input_active| × |A per row| reads for dx, instead
     of a B·T·N·F GEMM on a dense dL/dI: ~4M / 20M atomics vs 4 / 20 GFMA at the seed sizes N = 200 /
@@ -1354,13 +1390,14 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
     # A compact dL/ds is one value per active entry; a dense one may be any strided (B, T, N) view.
     gs_strides = (0, 0, 0) if grad_is_compact else grad_spikes.stride()
     if count:
-        module._sparse_weight_grad_kernel[(count,)](
+        module._sparse_weight_grad_kernel[(-(-count // tuning.pair_entries),)](
             grad_spikes, active_index, active_surr, beta_a, evt_off, evt_pos, evt_val, g,
             grad_w if grad_w is not None else nothing, grad_b if grad_b is not None else nothing,
-            grad_v0 if grad_v0 is not None else nothing, steps, neurons, features, batch * steps * neurons,
+            grad_v0 if grad_v0 is not None else nothing, count, steps, neurons, features, batch * steps * neurons,
             *gs_strides,
             GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v,
-            BLOCK_E=tuning.pair_block, ATOMIC_SEM=tuning.atomic_sem, num_warps=_warps(tuning.pair_block))
+            ENTRIES=tuning.pair_entries, BLOCK_E=tuning.pair_block, ATOMIC_SEM=tuning.atomic_sem,
+            num_warps=_warps(tuning.pair_block))
     grad_x = None
     if input_active is not None:
         grad_x = _input_grad_at(module, input_active, g, active_index, active_offsets, beta_a, weight, batch, steps,
@@ -1376,10 +1413,11 @@ def _input_grad_at(module, input_active: Tensor, g: Tensor, active_index: Tensor
     if not (active_index.numel() and input_active.numel()):
         return torch.zeros(input_active.numel(), dtype=acc, device=input_active.device)
     tuning = current_tuning()
-    grad_x = torch.empty(input_active.numel(), dtype=acc, device=input_active.device)  # the kernel writes each
-    module._sparse_input_grad_kernel[(input_active.numel(),)](
-        input_active, g, active_index, active_offsets, beta, weight.contiguous(), grad_x, steps,
-        neurons, features, batch * steps * features, BLOCK_A=tuning.pair_block // 2,
+    count = input_active.numel()
+    grad_x = torch.empty(count, dtype=acc, device=input_active.device)  # the kernel writes each
+    module._sparse_input_grad_kernel[(-(-count // tuning.pair_entries),)](
+        input_active, g, active_index, active_offsets, beta, weight.contiguous(), grad_x, count, steps,
+        neurons, features, batch * steps * features, ENTRIES=tuning.pair_entries, BLOCK_A=tuning.pair_block // 2,
         num_warps=_warps(tuning.pair_block // 2))
     return grad_x
 

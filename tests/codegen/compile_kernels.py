@@ -38,13 +38,16 @@ COMPACT_KERNELS = {
                              for write, check, copies, op in ((False, False, 0, None), (False, True, 0, None),
                                                               (True, False, 0, None), (True, False, 3, "*bf16"),
                                                               (True, False, 1, "*i8"))],
+    # several entries per program (the shipped pair_entries) and one (the suite's trial pair_entries_1)
     "_sparse_weight_grad_kernel": [
-        dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, BLOCK_E=TUNING.pair_block,
-             ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block)),
-        dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, BLOCK_E=TUNING.pair_block,
-             ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))],
-    "_sparse_input_grad_kernel": [dict(BLOCK_A=TUNING.pair_block // 2,
-                                       num_warps=triton_lif._warps(TUNING.pair_block // 2))],
+        dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, ENTRIES=entries, BLOCK_E=TUNING.pair_block,
+             ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))
+        for entries in (TUNING.pair_entries, 1)] + [
+        dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, ENTRIES=TUNING.pair_entries,
+             BLOCK_E=TUNING.pair_block, ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))],
+    "_sparse_input_grad_kernel": [dict(ENTRIES=entries, BLOCK_A=TUNING.pair_block // 2,
+                                       num_warps=triton_lif._warps(TUNING.pair_block // 2))
+                                  for entries in (TUNING.pair_entries, 1)],
     # one slot per program, or TUNING.gather_slots per one-warp program
     "_gather_staged_kernel": [dict(BLOCK=256, SLOTS=1), dict(BLOCK=32, SLOTS=TUNING.gather_slots, num_warps=1)],
     # the dense input of the dense weight route: in the accumulation dtype, or bfloat16 for the split GEMM
