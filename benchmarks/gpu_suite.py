@@ -434,6 +434,39 @@ def layer_results(cases, samples, memory, errors) -> dict:
     return results
 
 
+# Timed again with the backward on the calling thread (calling_thread_times): the dense reference and snnopt sparse.
+CALLING_THREAD_KEYS = ("dense_eager", "snnopt_sparse", GRAPHED)
+
+
+def calling_thread_times(results: dict, cases: dict, sizes: SuiteSizes, errors: dict, device: torch.device) -> None:
+    """The dense loop's and snnopt sparse's steps timed again, side by side, with autograd's engine on the
+    calling thread (``torch.autograd.set_multithreading_enabled(False)``); into ``results[key]["calling_thread"]``.
+
+    Why: on CUDA the engine hands a backward to its device thread and the caller waits for it. In
+    H200 run 5 that handoff cost a seed layer's sparse backward about as much as the backward
+    itself (host profile, one layer: 0.63 ms against 0.31 ms on the calling thread eager, 0.40
+    against 0.20 replayed from CUDA graphs), a fixed cost the dense loop's 18 ms hardly notices.
+    A training loop can run its backward on the calling thread (the same context manager); both
+    sides are timed that way here, so the ratio compares the backwards, not the handoff. The
+    suite's headline stays the default engine.
+    """
+    keys = [key for key in CALLING_THREAD_KEYS if key in cases and "backward_ms" in results.get(key, {})]
+    if "dense_eager" not in keys or len(keys) < 2:
+        return
+    thread_errors: dict = {}
+    with torch.autograd.set_multithreading_enabled(False):
+        samples = time_side_by_side({key: cases[key].timed for key in keys}, sizes.repeat, sizes.warmup,
+                                    thread_errors, device)
+    errors.update({f"{key}.calling_thread": message for key, message in thread_errors.items()})
+    timed = {key: summarise(s) for key, s in samples.items()}
+    dense = timed.get("dense_eager")
+    for key, entry in timed.items():
+        results[key]["calling_thread"] = {
+            "forward_ms": entry["forward_ms"], "backward_ms": entry["backward_ms"],
+            "samples_ms": entry["samples_ms"]["backward"],
+            "backward_speedup_vs_dense": dense["backward_ms"] / entry["backward_ms"] if dense else None}
+
+
 def _memory_ratios(mem, ref) -> dict | None:
     if not mem or not ref:
         return None
@@ -495,6 +528,7 @@ def seed_size(hidden: int, sizes: SuiteSizes, device: torch.device, errors: dict
         samples = time_side_by_side({k: c.timed for k, c in cases.items()}, sizes.repeat, sizes.warmup,
                                     layer_errors, device)
         out["layers"][name] = layer_results(cases, samples, memory, layer_errors)
+        calling_thread_times(out["layers"][name], cases, sizes, layer_errors, device)
         for key in ("snnopt_sparse", "snnopt_exact"):
             if key in cases and "backward_ms" in out["layers"][name][key]:
                 try:
@@ -1469,6 +1503,10 @@ def targets_summary(payload: dict) -> dict:
             seed[f"H={hidden} {LAYER_SHORT[layer]}"] = {
                 "backward_speedup": (sparse.get("speedup_vs_dense") or {}).get("backward"),
                 "backward_speedup_graphed": (variants.get(GRAPHED, {}).get("speedup_vs_dense") or {}).get("backward"),
+                "backward_speedup_calling_thread": (sparse.get("calling_thread") or {}).get(
+                    "backward_speedup_vs_dense"),
+                "backward_speedup_graphed_calling_thread": (variants.get(GRAPHED, {}).get("calling_thread") or {}).get(
+                    "backward_speedup_vs_dense"),
                 "memory_own": ratios.get("backward_peak_excluding_caller_tensors"),
                 "memory_peak": ratios.get("backward_peak"),
                 "memory_added": ratios.get("backward_added")}
@@ -1495,7 +1533,14 @@ def targets_summary(payload: dict) -> dict:
                     "seed_backward_speedup_graphed": met([v["backward_speedup_graphed"] for v in seed.values()],
                                                          lambda v: v >= TARGETS["seed_backward_speedup"]),
                     "on_step_ratio_graphed": met(list(on_graphed.values()),
-                                                 lambda v: v <= TARGETS["on_step_ratio"])}}
+                                                 lambda v: v <= TARGETS["on_step_ratio"]),
+                    # Both backwards on the calling thread (calling_thread_times), eager and replayed.
+                    "seed_backward_speedup_calling_thread": met(
+                        [v["backward_speedup_calling_thread"] for v in seed.values()],
+                        lambda v: v >= TARGETS["seed_backward_speedup"]),
+                    "seed_backward_speedup_graphed_calling_thread": met(
+                        [v["backward_speedup_graphed_calling_thread"] for v in seed.values()],
+                        lambda v: v >= TARGETS["seed_backward_speedup"])}}
 
 
 def print_targets(summary: dict) -> None:
@@ -1503,15 +1548,19 @@ def print_targets(summary: dict) -> None:
         return "-" if value is None else format(value, fmt)
 
     rows = [[what, cell(v["backward_speedup"], ".1f"), cell(v.get("backward_speedup_graphed"), ".1f"),
+             f"{cell(v.get('backward_speedup_calling_thread'), '.1f')} / "
+             f"{cell(v.get('backward_speedup_graphed_calling_thread'), '.1f')}",
              cell(v["memory_own"], ".3f"), cell(v["memory_peak"], ".3f"), cell(v.get("memory_added"), ".3f")]
             for what, v in summary["seed"].items()]
     graphed = summary.get("on_step_ratio_graphed", {})
-    rows += [[f"ON n={n} step / fastest peer", cell(ratio, ".3f"), cell(graphed.get(n), ".3f"), "", "", ""]
+    rows += [[f"ON n={n} step / fastest peer", cell(ratio, ".3f"), cell(graphed.get(n), ".3f"), "", "", "", ""]
              for n, ratio in summary["on_step_ratio"].items()]
     _harness.print_table("issue 3 targets: seed bwd >= 150x dense, bwd memory <= 0.15 of dense, ON step <= 1/3 of the "
-                         "fastest peer", ["what", "bwd x dense / ON ratio", "same, CUDA graphs", "own mem / dense",
-                                          "peak mem / dense", "added mem / dense"],
-                         rows, [f"met: {summary['met']}"])
+                         "fastest peer", ["what", "bwd x dense / ON ratio", "same, CUDA graphs",
+                                          "calling thread: eager / graphs", "own mem / dense", "peak mem / dense",
+                                          "added mem / dense"],
+                         rows, [f"met: {summary['met']}",
+                                "calling thread: both backwards with torch.autograd.set_multithreading_enabled(False)"])
 
 
 def print_tuning(payload: dict) -> None:

@@ -74,6 +74,14 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
                 assert layer[key]["backward_ms"] > 0 and layer[key]["speedup_vs_dense"]["backward"] > 0
             profile = layer["snnopt_sparse"]["profile"]
             assert all(profile[phase]["wall_us_under_profiler"] > 0 for phase in ("forward", "backward"))
+            # timed again with both backwards on the calling thread, and compared with each other
+            for key in ("dense_eager", "snnopt_sparse"):
+                again = layer[key]["calling_thread"]
+                assert again["backward_ms"] > 0 and len(again["samples_ms"]) == layer[key]["repeats"], again
+            assert layer["dense_eager"]["calling_thread"]["backward_speedup_vs_dense"] == 1.0
+            assert layer["snnopt_sparse"]["calling_thread"]["backward_speedup_vs_dense"] == pytest.approx(
+                layer["dense_eager"]["calling_thread"]["backward_ms"]
+                / layer["snnopt_sparse"]["calling_thread"]["backward_ms"])
     on_sizes = payload["open_neuromorphic"]["sizes"]
     assert on_sizes
     for size in on_sizes.values():
@@ -91,13 +99,15 @@ def test_gpu_suite_smoke_run_on_cpu_writes_complete_results(tmp_path):
     targets = payload["targets"]  # computed from the entries above (on CPU, not a statement about the GPU)
     assert set(targets["met"]) == {"seed_backward_speedup", "seed_backward_memory_own", "seed_backward_memory_peak",
                                    "seed_backward_memory_added", "on_step_ratio", "seed_backward_speedup_graphed",
-                                   "on_step_ratio_graphed"}
+                                   "on_step_ratio_graphed", "seed_backward_speedup_calling_thread",
+                                   "seed_backward_speedup_graphed_calling_thread"}
     # The CUDA-graph variants need CUDA: on CPU each says so, and the rest of the run carries on.
     graphed_errors = [v for k, v in payload["errors"].items() if k.endswith("snnopt_sparse_graphed")]
     assert graphed_errors and all("CUDA graphs need CUDA tensors" in v for v in graphed_errors), payload["errors"]
     assert all("CUDA graphs need CUDA" in size["variants"]["snnopt_sparse_graphed"]["error"]
                for size in on_sizes.values())
-    assert all(v["backward_speedup"] > 0 for v in targets["seed"].values()) and len(targets["seed"]) == 4
+    assert all(v["backward_speedup"] > 0 and v["backward_speedup_calling_thread"] > 0
+               for v in targets["seed"].values()) and len(targets["seed"]) == 4
     assert set(targets["on_step_ratio"]) == set(on_sizes)
     tuning = payload["kernel_tuning"]
     assert tuning["shipped"]["sweep_stages"] >= 1
