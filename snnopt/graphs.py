@@ -412,6 +412,13 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
         static_grads = [next(it) if wanted else None for wanted in wants_grad]
     fresh_grad_slots = [k for k, g in enumerate(static_grads) if g is not None]
     n_inputs = len(static_inputs)
+    # The captured step's autograd graph is spent (its backward is backward_graph): let it go. Kept
+    # alive through the outputs, it would keep each parameter's AccumulateGrad node as created, on
+    # the capture's side stream, and every later backward into ``.grad`` (replayed or an eager
+    # fallback) would be synchronised onto that stream, with torch warning each time that the
+    # "AccumulateGrad node's stream does not match".
+    static_outputs = [o.detach() for o in static_outputs]
+    del captured_out
 
     class Replay(torch.autograd.Function):
         @staticmethod

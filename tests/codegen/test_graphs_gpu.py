@@ -91,3 +91,23 @@ def test_replays_hand_out_fresh_outputs_and_gradients_that_accumulate():
     for w, once, again in zip(weights, grads_once, expected[1:]):  # accumulated, as without graphs
         torch.testing.assert_close(w.grad, once + again, rtol=1e-5, atol=1e-6)
     assert graphed.fallbacks == 0
+
+
+def test_backwards_after_a_capture_accumulate_on_the_callers_stream():
+    # The captured step's autograd graph is dropped once its backward is captured: kept, it would keep
+    # each parameter's AccumulateGrad node as created on the capture's side stream, and every later
+    # backward into .grad, replayed or eager, would be synchronised onto that stream (torch warns).
+    import warnings
+
+    import snnopt
+
+    x, weights = _graph_problem()
+    graphed = snnopt.capture_graphs(_graph_network, (x, *weights))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model in (graphed, _graph_network, graphed):  # replayed, eager with the same parameters, replayed
+            model(x, *weights).amax(1).logsumexp(1).sum().backward()
+        torch.cuda.synchronize()
+    mismatches = [str(w.message) for w in caught if "AccumulateGrad" in str(w.message)]
+    assert not mismatches, mismatches
+    assert all(w.grad is not None for w in weights) and graphed.fallbacks == 0
