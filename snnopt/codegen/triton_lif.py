@@ -263,9 +263,15 @@ COMPACT_KERNELS = '''
 @triton.jit
 def _powi(base, n):
     # base ** n for integer n >= 0, per lane (0 ** 0 = 1, negative bases keep their sign).
-    magnitude = tl.exp(n.to(ACC) * tl.log(tl.abs(base)))
+    return _powi_from_log(tl.log(tl.abs(base)), base < 0, n)
+
+
+@triton.jit
+def _powi_from_log(log_abs, negative, n):
+    # _powi from log|base| and base < 0, worked out once where many exponents share a base.
+    magnitude = tl.exp(n.to(ACC) * log_abs)
     magnitude = tl.where(n == 0, 1.0, magnitude)
-    return tl.where(base < 0, tl.where((n % 2) == 1, -magnitude, magnitude), magnitude)
+    return tl.where(negative, tl.where((n % 2) == 1, -magnitude, magnitude), magnitude)
 
 
 @triton.jit(do_not_specialize=["rows", "capacity"])
@@ -360,6 +366,7 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
     tl.store(g_ptr + e, g, mask=listed)
     beta = tl.load(beta_ptr + j, mask=valid, other=0.5).to(ACC)  # padding: any finite log and 1 - beta
     if NEED_W:
+        log_beta = tl.log(tl.abs(beta))  # once per entry: every pair of the entry decays by its beta
         start = tl.load(evt_off_ptr + b * steps, mask=valid, other=0)
         stop = tl.load(evt_off_ptr + bt + 1, mask=valid, other=0)
         # The union of the entries' ranges: empty (lo > hi) for a block of padding.
@@ -371,7 +378,7 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
             p = tl.load(evt_pos_ptr + ks, mask=in_list, other=0).to(tl.int64)
             val = tl.load(evt_val_ptr + ks, mask=in_list, other=0.0)
             pair = valid[:, None] & (ks[None, :] >= start[:, None]) & (ks[None, :] < stop[:, None])
-            decay = _powi(beta[:, None], t[:, None] - (p // features)[None, :])
+            decay = _powi_from_log(log_beta[:, None], (beta < 0)[:, None], t[:, None] - (p // features)[None, :])
             tl.atomic_add(gw_ptr + j[:, None] * features + (p % features)[None, :],
                           g[:, None] * val[None, :] * decay, mask=pair, sem=ATOMIC_SEM)
     if NEED_B:
@@ -675,7 +682,8 @@ def _sparse_input_grad_kernel(input_active_ptr, g_ptr, index_ptr, act_off_ptr, b
         beta = tl.load(beta_ptr + j, mask=in_list, other=1.0).to(ACC)
         pair = valid[:, None] & (ks[None, :] >= start[:, None]) & (ks[None, :] < stop[:, None])
         w = tl.load(w_ptr + j[None, :] * features + i[:, None], mask=pair, other=0.0).to(ACC)
-        decay = _powi(beta[None, :], ((idx // neurons) % steps)[None, :] - t[:, None])
+        decay = _powi_from_log(tl.log(tl.abs(beta))[None, :], (beta < 0)[None, :],
+                               ((idx // neurons) % steps)[None, :] - t[:, None])
         acc += tl.where(pair, g[None, :] * decay * w, 0.0)
     tl.store(out_ptr + u, tl.sum(acc, axis=1), mask=listed)
 '''
