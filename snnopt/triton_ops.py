@@ -164,6 +164,13 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
         if recurrent:
             current = current.to(acc)
     exact_saves = needs_backward and not spec.sparse
+    # The outputs' empty placeholders, made before the sweep: an eager compact forward reads the device
+    # once, in lif_forward, and what the host issues after that read it issues while the device waits.
+    no_membrane = _empty(x) if not record_membrane else None
+    no_saved_membrane = _empty(x, acc) if not exact_saves else None
+    no_syn_final = _empty(x) if not cuba else None
+    no_syn_record = _empty(x, acc) if not (exact_saves and cuba) else None
+    no_flags = _empty(x, torch.uint8) if compact else None
     spikes, membrane, syn_record, v_state, syn_state, flags, surr, lists = triton_lif.lif_forward(
         current.contiguous(), beta, threshold, alpha, recurrent_weight, initial_v, initial_syn, spec,
         out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
@@ -174,13 +181,13 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
     del current
     if compact and site is None:
         events = _settle_events(events, unread, received, checks, routed, weight, x, check)
-    out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else _empty(x)
-    saved_membrane = membrane if exact_saves else _empty(x, acc)
+    out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else no_membrane
+    saved_membrane = membrane if exact_saves else no_saved_membrane
     if events is None:
         events = (_empty(x, torch.int64), _empty(x, _event_pos_dtype(x)), _empty(x, acc))
     if compact:
         active_index, active_surr, active_offsets = lists
-        flags = _empty(x, torch.uint8)
+        flags = no_flags
         if site is not None and not static:
             site.active_seen = max(site.active_seen, active_index.numel())
     elif flags is not None:
@@ -190,8 +197,8 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
     else:
         flags, active_index, active_surr = _empty(x, torch.uint8), _empty(x, torch.int64), _empty(x, acc)
         active_offsets = _empty(x, torch.int64)
-    return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else _empty(x),
-            saved_membrane, syn_record if syn_record is not None else _empty(x, acc), flags, active_index,
+    return (spikes, out_membrane, v_state.to(x.dtype), syn_state.to(x.dtype) if cuba else no_syn_final,
+            saved_membrane, syn_record if syn_record is not None else no_syn_record, flags, active_index,
             active_surr, active_offsets, *events)
 
 

@@ -1166,6 +1166,9 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         if staged_in_full:
             flag(ends[slots + 1] != 0)  # a staging area overflowed: its entries are missing
     else:
+        # Every (b, t)'s start, and the total (kept for the backward): issued before the read, so the
+        # host does not issue it while the device waits idle after the sync.
+        per_row = ends[:slots + 1:blocks].clone()
         if read_along is None:
             total, overflowed = ends[slots:].tolist()  # the forward's one host sync
         else:
@@ -1175,7 +1178,6 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
         staged_in_full = bool(stage.capacity) and not overflowed
         if staging_held is not None:
             staging_held(staged_in_full)
-        per_row = ends[:slots + 1:blocks].clone()  # every (b, t)'s start, and the total (kept for the backward)
         index = torch.empty(total, dtype=torch.int64, device=device)
         values = torch.empty(total, dtype=acc, device=device)
     if total and staged_in_full:
