@@ -97,17 +97,29 @@ def test_backwards_after_a_capture_accumulate_on_the_callers_stream():
     # The captured step's autograd graph is dropped once its backward is captured: kept, it would keep
     # each parameter's AccumulateGrad node as created on the capture's side stream, and every later
     # backward into .grad, replayed or eager, would be synchronised onto that stream (torch warns).
+    # Parameters of a module: the captured forward reads them directly (tensors passed as inputs are
+    # copied into the graphs' own).
     import warnings
 
     import snnopt
 
     x, weights = _graph_problem()
-    graphed = snnopt.capture_graphs(_graph_network, (x, *weights))
+
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterList(torch.nn.Parameter(w.detach().clone()) for w in weights)
+
+        def forward(self, x):
+            return _graph_network(x, *self.weights)
+
+    network = Network()
+    graphed = snnopt.capture_graphs(network, (x,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for model in (graphed, _graph_network, graphed):  # replayed, eager with the same parameters, replayed
-            model(x, *weights).amax(1).logsumexp(1).sum().backward()
+        for model in (graphed, network, graphed):  # replayed, eager with the same parameters, replayed
+            model(x).amax(1).logsumexp(1).sum().backward()
         torch.cuda.synchronize()
     mismatches = [str(w.message) for w in caught if "AccumulateGrad" in str(w.message)]
     assert not mismatches, mismatches
-    assert all(w.grad is not None for w in weights) and graphed.fallbacks == 0
+    assert all(w.grad is not None for w in network.weights) and graphed.fallbacks == 0
