@@ -131,9 +131,9 @@ def test_replayed_and_eager_steps_agree_with_the_backward_on_the_calling_thread(
     import snnopt
 
     x, weights = _graph_problem()
+    graphed = snnopt.capture_graphs(_graph_network, (x, *weights))  # captured as usual, replayed without the thread
     with torch.autograd.set_multithreading_enabled(False):
         expected = _graph_step(_graph_network, x, weights)
-        graphed = snnopt.capture_graphs(_graph_network, (x, *weights))
         for _ in range(2):
             for a, b in zip(_graph_step(graphed, x, weights), expected):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
