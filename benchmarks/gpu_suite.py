@@ -1228,9 +1228,12 @@ def on_size(n: int, sizes: SuiteSizes, args, device: torch.device, errors: dict,
 AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": False, "pair_entries": 1}
 # "pair_entries_1": the sparse backward's event-pair kernels as until run 5, one active (or listed input)
 # entry per program, against several sharing each tile of events (shipped, not measured yet).
+# "dense_weight_grad": the weight gradient through a dense dL/dI and one split GEMM instead of the event
+# pairs' atomics, which the cost model picks at these sizes by a guess (triton_lif.events_are_cheaper).
 SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
                       "pair_entries_1": {"pair_entries": 1}, "pair_entries_32": {"pair_entries": 32},
+                      "dense_weight_grad": {"weight_grad_route": "dense"},
                       "pair_block_64": {"pair_block": 64},
                       "pair_block_256": {"pair_block": 256}, "event_rows_1": {"event_tile": 1024},
                       "gather_slots_1": {"gather_slots": 1}, "read_event_count": {"guess_event_count": False},

@@ -557,8 +557,13 @@ def _lif_triton_backward(grad_spikes: Optional[Tensor], grad_membrane: Optional[
             # Too many input events for the pair sum: the weight gradient goes dense (a reverse
             # β-filter, then one GEMM); db and dv0 come from the same sweep.
             def cheaper():
-                return not deterministic and triton_lif.events_are_cheaper(
-                    active_index.numel(), event_pos.numel(), batch, steps, neurons, weight.shape[1])
+                if deterministic:
+                    return False
+                forced = triton_lif.current_tuning().weight_grad_route
+                if forced != "auto":
+                    return forced == "pairs"
+                return triton_lif.events_are_cheaper(active_index.numel(), event_pos.numel(), batch, steps,
+                                                     neurons, weight.shape[1])
             pairs = need_weight and _decided(site, static, "pair_weight_grad", cheaper)
             sums_needed = need_bias or need_initial_v
             if (need_weight and not pairs) or (deterministic and sums_needed):

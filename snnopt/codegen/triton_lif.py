@@ -100,6 +100,15 @@ class KernelTuning:
       50k-entry list, half of it padding). With more, a program's entries share each tile of
       events they walk. 8 is an estimate, not yet measured: the suite's trials ``pair_entries_1``
       and ``pair_entries_32`` time it.
+    * ``weight_grad_route``: how a compact sparse layer's weight gradient is summed: ``"pairs"``
+      (atomics over active entry × earlier input event, :func:`sparse_backward`), ``"dense"``
+      (dL/dI rebuilt by a reverse sweep, then one GEMM, :func:`reverse_sweep`) or ``"auto"``
+      (shipped): pairs where :func:`events_are_cheaper` estimates them cheaper, a guess (an atomic
+      costed as 64 GEMM multiply-adds) that picks pairs at the seed network's sizes. Unlike the
+      fields above this one changes the order of the sums, so results differ in rounding (the dense
+      route's GEMM keeps float32 accuracy, see :mod:`spike_matmul`); under deterministic algorithms
+      the route is always dense. The suite's trial ``dense_weight_grad`` times the dense route on
+      the seed layers.
     * ``one_pass_compaction``: the compact forward stages each program's active entries as it
       finds them and a parallel copy orders them (one serial sweep over T); off, or where a
       program's entries overflow its staging area (:data:`STAGE_FRACTION`), a second sweep reruns
@@ -132,6 +141,7 @@ class KernelTuning:
     atomic_sem: str = "relaxed"
     pair_block: int = 128
     pair_entries: int = 8
+    weight_grad_route: str = "auto"
     one_pass_compaction: bool = True
     event_tile: int = 4096
     gather_slots: int = 8
@@ -151,6 +161,9 @@ class KernelTuning:
         if (not isinstance(self.pair_entries, int) or not 1 <= self.pair_entries <= 64
                 or self.pair_entries & (self.pair_entries - 1)):
             raise InvalidArgumentError(f"pair_entries: expected a power of two from 1 to 64, got {self.pair_entries!r}")
+        if self.weight_grad_route not in ("auto", "pairs", "dense"):
+            raise InvalidArgumentError(
+                f"weight_grad_route: expected 'auto', 'pairs' or 'dense', got {self.weight_grad_route!r}")
         if not isinstance(self.one_pass_compaction, bool):
             raise InvalidArgumentError(f"one_pass_compaction: expected a bool, got {self.one_pass_compaction!r}")
         if (not isinstance(self.event_tile, int) or not 16 <= self.event_tile <= 16384

@@ -2,7 +2,8 @@
 
 Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
 ordered atomics, the two-sweep compaction, other event-pair block sizes, one entry or many per
-event-pair program, one or several input rows
+event-pair program, either weight-gradient route (which changes the order of the sums: equal
+within float32 rounding), one or several input rows
 per event-listing program) against the shipped one, on the paths that use it: the compact event
 route (the weight gradient's atomics, the restricted input gradient), the compact dense weight
 route (reverse sweep), a membrane loss's full sweep, the flag sweep of a sparse layer with zero
@@ -24,6 +25,7 @@ from snnopt.surrogate import Surrogate  # noqa: E402
 
 TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
            dict(pair_block=32), dict(pair_entries=1), dict(pair_entries=64), dict(event_tile=16), dict(event_tile=64),
+           dict(weight_grad_route="pairs"), dict(weight_grad_route="dense"),
            dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False, pair_block=256)]
 
 
@@ -82,10 +84,33 @@ def test_tuning_is_scoped_and_checked():
     assert triton_lif.current_tuning() == shipped
     for bad in (dict(sweep_stages=0), dict(max_block=48), dict(max_block=2048), dict(atomic_sem="seq_cst"),
                 dict(pair_block=16), dict(pair_block=96), dict(pair_entries=0), dict(pair_entries=12),
-                dict(pair_entries=128), dict(one_pass_compaction=1), dict(event_tile=8),
+                dict(pair_entries=128), dict(weight_grad_route="gemm"), dict(one_pass_compaction=1), dict(event_tile=8),
                 dict(event_tile=100), dict(gather_slots=0), dict(gather_slots=3), dict(gather_slots=128)):
         with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
             triton_lif.KernelTuning(**bad)
     with pytest.raises(InvalidArgumentError), triton_lif.tuning(sweep_stages=9):
         pass
     assert triton_lif.current_tuning() == shipped
+
+
+@pytest.mark.parametrize("route, taken", [("pairs", "sparse_backward"), ("dense", "reverse_sweep")])
+def test_a_forced_weight_grad_route_is_taken(route, taken, device, monkeypatch):
+    # The cost model would pick the other route: the tuning decides.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: route == "dense")
+    calls = []
+
+    def counted(name):
+        real = getattr(triton_lif, name)
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+    for name in ("sparse_backward", "reverse_sweep"):
+        monkeypatch.setattr(triton_lif, name, counted(name))
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(2, 6, 10, generator=gen) < 0.4).float().to(device)
+    w = ((torch.rand(12, 10, generator=gen) - 0.3) * 0.8).to(device)
+    with triton_lif.tuning(weight_grad_route=route):
+        forced = _run(x, w, 0.8, backward="sparse", reset="subtract", membrane_loss=False)
+    assert calls == [taken]
+    shipped = _run(x, w, 0.8, backward="sparse", reset="subtract", membrane_loss=False)  # the other route
+    assert calls == [taken, ({"sparse_backward", "reverse_sweep"} - {taken}).pop()]
+    assert torch.equal(forced[0], shipped[0]) and forced[1].abs().sum() > 0
+    torch.testing.assert_close(forced[1], shipped[1], rtol=1e-6, atol=1e-6 * float(shipped[1].abs().max()))
