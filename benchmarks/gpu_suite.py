@@ -758,6 +758,21 @@ def _layer_step_cases(device: torch.device, batch: int, steps: int, features: in
     return cases
 
 
+def scattered_adds(device: torch.device, smoke: bool = False) -> dict:
+    """The device's rate of scattered relaxed float32 atomic adds (and plain stores), at the seed
+    weight gradient's counts and sizes: the ceiling of its event-pair kernel (see ``_atomics``)."""
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "Triton kernels need CUDA here (or TRITON_INTERPRET=1 on CPU)"}
+    try:
+        from benchmarks import _atomics
+    except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+        import _atomics
+
+    return _atomics.scattered_adds(device, smoke=smoke)
+
+
 def _per_call_us(call, calls: int, device: torch.device) -> dict:
     for _ in range(min(20, calls)):
         call()
@@ -1817,6 +1832,10 @@ def main(argv=None) -> int:
             payload["launch_overhead"] = launch_overhead(device, calls=20 if mode == "smoke" else 200)
         except Exception as error:
             errors["launch_overhead"] = describe(error)
+        try:
+            payload["scattered_adds"] = scattered_adds(device, smoke=mode == "smoke")
+        except Exception as error:
+            errors["scattered_adds"] = describe(error)
         save()
         if "seed" in args.sections:
             for hidden in sizes.hidden:
@@ -1885,6 +1904,13 @@ def main(argv=None) -> int:
                              ["call", "host us", "device us"],
                              [[name, str(v.get("host_us", v.get("error", "-")))[:60], str(v.get("device_us", "-"))]
                               for name, v in overhead.items() if name != "calls"], [])
+    adds = {k: v for k, v in payload.get("scattered_adds", {}).items() if isinstance(v, dict)}
+    if adds:
+        _harness.print_table(f"scattered float32 adds at random positions, {payload['device']['name']}",
+                             ["what", "atomic_add us", "G/s", "store us", "G/s"],
+                             [[label, *(str(v[kind][field]) for kind in ("atomic_add", "store")
+                                        for field in ("us", "billion_per_s"))] for label, v in adds.items()],
+                             ["the ceiling of the sparse weight gradient's event pairs (one relaxed add each)"])
     for key, message in errors.items():
         print(f"error {key}: {message}")
     if output is not None:

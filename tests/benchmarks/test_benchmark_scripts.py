@@ -180,6 +180,35 @@ def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path
     assert len(timed) >= 6 and all(entry.get("host_us", 0) > 0 for entry in timed.values()), timed
 
 
+def test_gpu_suite_scattered_adds_run_in_the_interpreter(tmp_path):
+    # The atomic-add ceiling's kernel, at its smoke size: a broken kernel fails here, not on the GPU.
+    pytest.importorskip("triton")
+    code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_suite; "
+            "print(json.dumps(gpu_suite.scattered_adds(torch.device('cpu'), smoke=True)))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads(result.stdout.strip().splitlines()[-1]).values()
+    assert entry["adds"] == 4096 and entry["slots"] == 1024
+    assert all(entry[kind]["us"] > 0 and entry[kind]["billion_per_s"] > 0 for kind in ("atomic_add", "store"))
+
+
+def test_scattered_adds_kernel_adds_every_value(tmp_path):
+    # What the ceiling times is really one add per listed position (the interpreter runs the kernel).
+    pytest.importorskip("triton")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import _atomics\n"
+            "index = torch.tensor([0, 3, 3, 7, 3]); values = torch.tensor([1., 2., 4., 8., 16.])\n"
+            "out = torch.zeros(8)\n"
+            "_atomics._scatter_kernel[(1,)](index, values, out, 5, BLOCK=8, ATOMIC=True)\n"
+            "print(out.tolist())")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str([1.0, 0.0, 0.0, 22.0, 0.0, 0.0, 0.0, 8.0])
+
+
 def test_gpu_check_script_parses_and_its_limits_fit_one_device_call():
     """gpu_check.sh runs as one device command within a 15-minute device budget that also pays the
     machine's start: its steps' limits (plus the grace periods after SIGINT) stay near 8 minutes."""
