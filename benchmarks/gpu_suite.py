@@ -694,8 +694,8 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
             grad_spikes, active, active_surr, beta, *events, g, grad_w, grad_b, grad_v0, 3, steps, neurons, features,
             batch * steps * neurons,
             *grad_spikes.stride(), GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True,
-            ENTRIES=shipped.pair_entries, BLOCK_E=shipped.pair_block, ATOMIC_SEM=shipped.atomic_sem,
-            num_warps=triton_lif._warps(shipped.pair_block))
+            ENTRIES=shipped.pair_entries, BLOCK_E=shipped.pair_block, GROUP=shipped.pair_grouping,
+            ATOMIC_SEM=shipped.atomic_sem, num_warps=triton_lif._warps(shipped.pair_block))
 
     cases = {
         "torch.add(out=)": lambda: torch.add(a, b, out=c),
@@ -1245,10 +1245,13 @@ AS_RUN4 = {"atomic_sem": "acq_rel", "sweep_stages": 1, "one_pass_compaction": Fa
 # entry per program, against several sharing each tile of events (shipped, not measured yet).
 # "dense_weight_grad": the weight gradient through a dense dL/dI and one split GEMM instead of the event
 # pairs' atomics, which the cost model picks at these sizes by a guess (triton_lif.events_are_cheaper).
+# "grouped_pairs_32": 32 entries per program, whose pairs of one (b, j) are added up before the atomics
+# (KernelTuning.pair_grouping: fewer atomics, more arithmetic).
 SEED_TUNING_TRIALS = {"shipped": {}, "acq_rel_atomics": {"atomic_sem": "acq_rel"},
                       "unpipelined": {"sweep_stages": 1}, "two_pass_compaction": {"one_pass_compaction": False},
                       "pair_entries_1": {"pair_entries": 1}, "pair_entries_32": {"pair_entries": 32},
                       "dense_weight_grad": {"weight_grad_route": "dense"},
+                      "grouped_pairs_32": {"pair_grouping": True, "pair_entries": 32},
                       "pair_block_64": {"pair_block": 64},
                       "pair_block_256": {"pair_block": 256}, "event_rows_1": {"event_tile": 1024},
                       "gather_slots_1": {"gather_slots": 1}, "read_event_count": {"guess_event_count": False},

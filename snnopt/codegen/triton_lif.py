@@ -100,6 +100,12 @@ class KernelTuning:
       50k-entry list, half of it padding). With more, a program's entries share each tile of
       events they walk. 8 is an estimate, not yet measured: the suite's trials ``pair_entries_1``
       and ``pair_entries_32`` time it.
+    * ``pair_grouping``: a weight-gradient program adds up the pairs of its entries that share a
+      (b, j) (a neuron active over several steps) before its atomics, one add per (b, j) and event
+      instead of one per entry and event, through a 0/1 merge matrix times the pair tile (float32
+      layers; needs ``pair_entries`` >= 16). Fewer atomics for more arithmetic: worth it only where
+      the device's atomics bound the kernel. Off (shipped) until a GPU measures it: the suite's
+      trial ``grouped_pairs_32``.
     * ``weight_grad_route``: how a compact sparse layer's weight gradient is summed: ``"pairs"``
       (atomics over active entry × earlier input event, :func:`sparse_backward`), ``"dense"``
       (dL/dI rebuilt by a reverse sweep, then one GEMM, :func:`reverse_sweep`) or ``"auto"``
@@ -141,6 +147,7 @@ class KernelTuning:
     atomic_sem: str = "relaxed"
     pair_block: int = 128
     pair_entries: int = 8
+    pair_grouping: bool = False
     weight_grad_route: str = "auto"
     one_pass_compaction: bool = True
     event_tile: int = 4096
@@ -161,6 +168,12 @@ class KernelTuning:
         if (not isinstance(self.pair_entries, int) or not 1 <= self.pair_entries <= 64
                 or self.pair_entries & (self.pair_entries - 1)):
             raise InvalidArgumentError(f"pair_entries: expected a power of two from 1 to 64, got {self.pair_entries!r}")
+        if not isinstance(self.pair_grouping, bool):
+            raise InvalidArgumentError(f"pair_grouping: expected a bool, got {self.pair_grouping!r}")
+        if self.pair_grouping and self.pair_entries < 16:
+            raise InvalidArgumentError(
+                f"pair_grouping: needs pair_entries >= 16 (a block's merge is a matrix product), "
+                f"got {self.pair_entries}")
         if self.weight_grad_route not in ("auto", "pairs", "dense"):
             raise InvalidArgumentError(
                 f"weight_grad_route: expected 'auto', 'pairs' or 'dense', got {self.weight_grad_route!r}")
@@ -349,7 +362,7 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
                                gs_stride_b, gs_stride_t, gs_stride_n,
                                GS_COMPACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                                NEED_V0: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_E: tl.constexpr,
-                               ATOMIC_SEM: tl.constexpr):
+                               GROUP: tl.constexpr, ATOMIC_SEM: tl.constexpr):
     # One program per ENTRIES consecutive active entries e = (b, t, j) of the `count` listed: g =
     # dL/ds * surrogate; then, for every input event (b, t0, i) with t0 <= t, dW[j, i] += g * x *
     # beta_j^(t - t0); db[j] += g * sum_k<=t beta_j^k; dv0[b, j] += g * beta_j^(t + 1). dL/ds is read
@@ -362,6 +375,9 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
     # its own entry's range [first event of row b, last event at step t].
     # An index outside [0, entries) is padding (a captured graph's list past its length): g = 0, no
     # pairs; a block of padding only loads its indices.
+    # GROUP (float32, ENTRIES >= 16): the block's entries of one (b, j), a neuron active over several
+    # steps, add their pairs up before the atomics: one add per (b, j) and event, not per entry and
+    # event (a 0/1 merge matrix times the pair tile, on the first entry of each (b, j) in the block).
     e = tl.program_id(0).to(tl.int64) * ENTRIES + tl.arange(0, ENTRIES)
     listed = e < count
     flat = tl.load(index_ptr + e, mask=listed, other=-1)
@@ -385,6 +401,12 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
         # The union of the entries' ranges: empty (lo > hi) for a block of padding.
         lo = tl.min(tl.where(valid, start, 9223372036854775807), axis=0)
         hi = tl.max(tl.where(valid, stop, 0), axis=0)
+        if GROUP:
+            row = b * neurons + j
+            same = (row[:, None] == row[None, :]) & valid[:, None] & valid[None, :]
+            before = tl.arange(0, ENTRIES)[None, :] < tl.arange(0, ENTRIES)[:, None]
+            first = valid & (tl.sum((same & before).to(tl.int32), axis=1) == 0)  # first of its (b, j) here
+            merge = (same & first[:, None]).to(tl.float32)
         for k in range(lo, hi, BLOCK_E):
             ks = k + tl.arange(0, BLOCK_E)
             in_list = ks < hi
@@ -392,8 +414,12 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
             val = tl.load(evt_val_ptr + ks, mask=in_list, other=0.0)
             pair = valid[:, None] & (ks[None, :] >= start[:, None]) & (ks[None, :] < stop[:, None])
             decay = _powi_from_log(log_beta[:, None], (beta < 0)[:, None], t[:, None] - (p // features)[None, :])
-            tl.atomic_add(gw_ptr + j[:, None] * features + (p % features)[None, :],
-                          g[:, None] * val[None, :] * decay, mask=pair, sem=ATOMIC_SEM)
+            target = gw_ptr + j[:, None] * features + (p % features)[None, :]
+            if GROUP:
+                summed = tl.dot(merge, tl.where(pair, g[:, None] * val[None, :] * decay, 0.0), input_precision="ieee")
+                tl.atomic_add(target, summed, mask=first[:, None] & (summed != 0.0), sem=ATOMIC_SEM)
+            else:
+                tl.atomic_add(target, g[:, None] * val[None, :] * decay, mask=pair, sem=ATOMIC_SEM)
     if NEED_B:
         geometric = tl.where(beta == 1.0, (t + 1).to(ACC), (1.0 - _powi(beta, t + 1)) / (1.0 - beta))
         tl.atomic_add(gb_ptr + j, g * geometric, mask=valid, sem=ATOMIC_SEM)
@@ -1419,7 +1445,8 @@ def sparse_backward(grad_spikes: Tensor, grad_is_compact: bool, active_index: Te
             grad_v0 if grad_v0 is not None else nothing, count, steps, neurons, features, batch * steps * neurons,
             *gs_strides,
             GS_COMPACT=grad_is_compact, NEED_W=need_weight, NEED_B=need_bias, NEED_V0=need_initial_v,
-            ENTRIES=tuning.pair_entries, BLOCK_E=tuning.pair_block, ATOMIC_SEM=tuning.atomic_sem,
+            ENTRIES=tuning.pair_entries, BLOCK_E=tuning.pair_block,
+            GROUP=tuning.pair_grouping and need_weight and acc == torch.float32, ATOMIC_SEM=tuning.atomic_sem,
             num_warps=_warps(tuning.pair_block))
     grad_x = None
     if input_active is not None:

@@ -39,12 +39,14 @@ COMPACT_KERNELS = {
                                                               (True, False, 0, None), (True, False, 3, "*bf16"),
                                                               (True, False, 1, "*i8"))],
     # several entries per program (the shipped pair_entries) and one (the suite's trial pair_entries_1)
+    # (and the suite's trial grouped_pairs_32: a block's pairs of one (b, j) merged before the atomics)
     "_sparse_weight_grad_kernel": [
         dict(GS_COMPACT=False, NEED_W=True, NEED_B=True, NEED_V0=True, ENTRIES=entries, BLOCK_E=TUNING.pair_block,
-             ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))
-        for entries in (TUNING.pair_entries, 1)] + [
+             GROUP=group, ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))
+        for entries, group in ((TUNING.pair_entries, False), (1, False), (32, True))] + [
         dict(GS_COMPACT=True, NEED_W=True, NEED_B=False, NEED_V0=False, ENTRIES=TUNING.pair_entries,
-             BLOCK_E=TUNING.pair_block, ATOMIC_SEM=TUNING.atomic_sem, num_warps=triton_lif._warps(TUNING.pair_block))],
+             BLOCK_E=TUNING.pair_block, GROUP=False, ATOMIC_SEM=TUNING.atomic_sem,
+             num_warps=triton_lif._warps(TUNING.pair_block))],
     "_sparse_input_grad_kernel": [dict(ENTRIES=entries, BLOCK_A=TUNING.pair_block // 2,
                                        num_warps=triton_lif._warps(TUNING.pair_block // 2))
                                   for entries in (TUNING.pair_entries, 1)],
@@ -135,6 +137,9 @@ def compile_variant(spec, dtype) -> dict:
             dict(RECORD_MEMBRANE=False, RECORD_SYN=False, COLLECT_ACTIVE=False, BLOCK_N=256, COUNT_ACTIVE=False,
                  STAGE_ACTIVE=False, WRITE_ACTIVE=True, STORE_SPIKES=False, STAGES=STAGES))
         constants.update(COMPACT_KERNELS)
+        if triton_lif.accumulation_dtype(dtype) != torch.float32:  # the launcher groups float32 layers only
+            constants["_sparse_weight_grad_kernel"] = [flags for flags in COMPACT_KERNELS["_sparse_weight_grad_kernel"]
+                                                       if not flags["GROUP"]]
     facts = {}
     for name, variants_of_kernel in constants.items():
         fn = getattr(module, name)

@@ -2,8 +2,8 @@
 
 Each tuning a benchmark may try (unpipelined or deeper-pipelined sweeps, smaller neuron blocks,
 ordered atomics, the two-sweep compaction, other event-pair block sizes, one entry or many per
-event-pair program, either weight-gradient route (which changes the order of the sums: equal
-within float32 rounding), one or several input rows
+event-pair program, pairs merged per (b, j) before their atomics, either weight-gradient route
+(which changes the order of the sums: equal within float32 rounding), one or several input rows
 per event-listing program) against the shipped one, on the paths that use it: the compact event
 route (the weight gradient's atomics, the restricted input gradient), the compact dense weight
 route (reverse sweep), a membrane loss's full sweep, the flag sweep of a sparse layer with zero
@@ -26,6 +26,7 @@ from snnopt.surrogate import Surrogate  # noqa: E402
 TUNINGS = [dict(sweep_stages=1), dict(sweep_stages=4), dict(max_block=16), dict(one_pass_compaction=False),
            dict(pair_block=32), dict(pair_entries=1), dict(pair_entries=64), dict(event_tile=16), dict(event_tile=64),
            dict(weight_grad_route="pairs"), dict(weight_grad_route="dense"),
+           dict(pair_grouping=True, pair_entries=16), dict(pair_grouping=True, pair_entries=64),
            dict(atomic_sem="acq_rel", sweep_stages=2, max_block=32, one_pass_compaction=False, pair_block=256)]
 
 
@@ -84,10 +85,13 @@ def test_tuning_is_scoped_and_checked():
     assert triton_lif.current_tuning() == shipped
     for bad in (dict(sweep_stages=0), dict(max_block=48), dict(max_block=2048), dict(atomic_sem="seq_cst"),
                 dict(pair_block=16), dict(pair_block=96), dict(pair_entries=0), dict(pair_entries=12),
-                dict(pair_entries=128), dict(weight_grad_route="gemm"), dict(one_pass_compaction=1), dict(event_tile=8),
+                dict(pair_entries=128), dict(weight_grad_route="gemm"), dict(pair_grouping=1),
+                dict(one_pass_compaction=1), dict(event_tile=8),
                 dict(event_tile=100), dict(gather_slots=0), dict(gather_slots=3), dict(gather_slots=128)):
         with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
             triton_lif.KernelTuning(**bad)
+    with pytest.raises(InvalidArgumentError, match="pair_entries >= 16"):
+        triton_lif.KernelTuning(pair_grouping=True)  # with the shipped 8 entries per program
     with pytest.raises(InvalidArgumentError), triton_lif.tuning(sweep_stages=9):
         pass
     assert triton_lif.current_tuning() == shipped
