@@ -165,48 +165,44 @@ def test_triton_host_overhead_script_takes_the_on_layer_routes_when_forced(tmp_p
     assert "_sparse_weight_grad_kernel" not in backward and "'aten::mm': 1" in backward, result.stdout
 
 
-def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path):
-    # On the GPU these launches time the host cost per call; here Triton's interpreter runs the same
-    # calls on CPU tensors, so a wrong argument list fails before GPU time is spent on it.
+def _last_line_in_interpreter(code: str, tmp_path) -> str:
+    """The last line ``code`` prints, run with benchmarks/ on sys.path (``sys.argv[1]``) under Triton's interpreter."""
     pytest.importorskip("triton")
-    code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_suite; "
-            "print(json.dumps(gpu_suite.launch_overhead(torch.device('cpu'), calls=2)))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_gpu_suite_launch_overhead_runs_every_launch_in_the_interpreter(tmp_path):
+    # On the GPU these launches time the host cost per call; here Triton's interpreter runs the same
+    # calls on CPU tensors, so a wrong argument list fails before GPU time is spent on it.
+    report = json.loads(_last_line_in_interpreter(
+        "import json, sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_suite; "
+        "print(json.dumps(gpu_suite.launch_overhead(torch.device('cpu'), calls=2)))", tmp_path))
     timed = {name: entry for name, entry in report.items() if name != "calls"}
     assert len(timed) >= 6 and all(entry.get("host_us", 0) > 0 for entry in timed.values()), timed
 
 
 def test_gpu_suite_scattered_adds_run_in_the_interpreter(tmp_path):
     # The atomic-add ceiling's kernel, at its smoke size: a broken kernel fails here, not on the GPU.
-    pytest.importorskip("triton")
-    code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_suite; "
-            "print(json.dumps(gpu_suite.scattered_adds(torch.device('cpu'), smoke=True)))")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (entry,) = json.loads(result.stdout.strip().splitlines()[-1]).values()
+    (entry,) = json.loads(_last_line_in_interpreter(
+        "import json, sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_suite; "
+        "print(json.dumps(gpu_suite.scattered_adds(torch.device('cpu'), smoke=True)))", tmp_path)).values()
     assert entry["adds"] == 4096 and entry["slots"] == 1024
     assert all(entry[kind]["us"] > 0 and entry[kind]["billion_per_s"] > 0 for kind in ("atomic_add", "store"))
 
 
 def test_scattered_adds_kernel_adds_every_value(tmp_path):
     # What the ceiling times is really one add per listed position (the interpreter runs the kernel).
-    pytest.importorskip("triton")
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import _atomics\n"
-            "index = torch.tensor([0, 3, 3, 7, 3]); values = torch.tensor([1., 2., 4., 8., 16.])\n"
-            "out = torch.zeros(8)\n"
-            "_atomics._scatter_kernel[(1,)](index, values, out, 5, BLOCK=8, ATOMIC=True)\n"
-            "print(out.tolist())")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == str([1.0, 0.0, 0.0, 22.0, 0.0, 0.0, 0.0, 8.0])
+    printed = _last_line_in_interpreter(
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import _atomics\n"
+        "index = torch.tensor([0, 3, 3, 7, 3]); values = torch.tensor([1., 2., 4., 8., 16.])\n"
+        "out = torch.zeros(8)\n"
+        "_atomics._scatter_kernel[(1,)](index, values, out, 5, BLOCK=8, ATOMIC=True)\n"
+        "print(out.tolist())", tmp_path)
+    assert printed == str([1.0, 0.0, 0.0, 22.0, 0.0, 0.0, 0.0, 8.0])
 
 
 def test_gpu_check_script_parses_and_its_limits_fit_one_device_call():
