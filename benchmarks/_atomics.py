@@ -7,7 +7,7 @@ bound by the device's atomics or by its own work decides what can make it faster
 per program, a grouping that adds fewer times, or the dense route). This times the same number
 of adds into the same number of slots at random positions, with Triton's relaxed ``atomic_add``
 (``red`` instructions, as the kernel's), and plain stores to the same positions for comparison.
-Triton kernels need a real source file: hence this module.
+Triton kernels need a real source file: hence this module (``gpu_suite.scattered_adds`` times it).
 """
 
 from __future__ import annotations
@@ -38,37 +38,7 @@ SMOKE_SHAPES = (("smoke: 4096 adds into 1024", 4096, 1024),)
 BLOCK = 1024
 
 
-def scattered_adds(device: torch.device, smoke: bool = False, rounds: int = 5) -> dict:
-    """Per shape: median microseconds and billions per second of relaxed atomic adds and of plain
-    stores to the same random positions (CUDA events; on CPU only in Triton's interpreter)."""
-    results = {}
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    for label, adds, slots in SMOKE_SHAPES if smoke else SHAPES:
-        index = torch.randint(0, slots, (adds,), generator=generator).to(device)
-        values = torch.rand(adds, generator=generator).to(device)
-        out = torch.zeros(slots, device=device)
-        entry = {"adds": adds, "slots": slots}
-        for name, atomic in (("atomic_add", True), ("store", False)):
-            launch = lambda atomic=atomic: _scatter_kernel[(triton.cdiv(adds, BLOCK),)](  # noqa: E731
-                index, values, out, adds, BLOCK=BLOCK, ATOMIC=atomic, num_warps=4)
-            launch()  # compile
-            times = []
-            for _ in range(rounds):
-                if device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    launch()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) * 1e3)
-                else:
-                    import time
-
-                    began = time.perf_counter()
-                    launch()
-                    times.append((time.perf_counter() - began) * 1e6)
-            times.sort()
-            median_us = times[len(times) // 2]
-            entry[name] = {"us": round(median_us, 2), "billion_per_s": float(f"{adds / median_us / 1e3:.3g}")}
-        results[label] = entry
-    return results
+def scatter(index: torch.Tensor, values: torch.Tensor, out: torch.Tensor, atomic: bool) -> None:
+    """``out[index[k]] += values[k]`` for every k (``atomic``), or ``out[index[k]] = values[k]``: one launch."""
+    _scatter_kernel[(triton.cdiv(index.numel(), BLOCK),)](index, values, out, index.numel(), BLOCK=BLOCK,
+                                                          ATOMIC=atomic, num_warps=4)

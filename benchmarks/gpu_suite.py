@@ -667,12 +667,10 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
     CUDA events around the same calls, so about equal to ``host_us`` means the device waited on the
     host. Triton kernels need CUDA, or Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
     """
-    import os
-
     from snnopt.codegen import triton_lif
 
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return {"skipped": "Triton kernels need CUDA here (or TRITON_INTERPRET=1 on CPU)"}
+    if not _triton_runs_on(device):
+        return {"skipped": TRITON_NEEDS}
     module = triton_lif.kernels(triton_lif._PLAIN_SPEC, torch.float32)
     options = triton_lif.LAUNCH_OPTIONS
     batch, steps, neurons, features = 1, 2, 16, 4
@@ -758,19 +756,40 @@ def _layer_step_cases(device: torch.device, batch: int, steps: int, features: in
     return cases
 
 
-def scattered_adds(device: torch.device, smoke: bool = False) -> dict:
-    """The device's rate of scattered relaxed float32 atomic adds (and plain stores), at the seed
-    weight gradient's counts and sizes: the ceiling of its event-pair kernel (see ``_atomics``)."""
+TRITON_NEEDS = "Triton kernels need CUDA here (or TRITON_INTERPRET=1 on CPU)"
+
+
+def _triton_runs_on(device: torch.device) -> bool:
     import os
 
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return {"skipped": "Triton kernels need CUDA here (or TRITON_INTERPRET=1 on CPU)"}
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def scattered_adds(device: torch.device, smoke: bool = False, rounds: int = 5) -> dict:
+    """The device's rate of scattered relaxed float32 atomic adds (and plain stores) at random positions,
+    at the seed weight gradient's counts and sizes: the ceiling of its event-pair kernel (see ``_atomics``).
+    Per shape: median microseconds and billions per second of each."""
+    if not _triton_runs_on(device):
+        return {"skipped": TRITON_NEEDS}
     try:
         from benchmarks import _atomics
     except ImportError:  # run as a script: benchmarks/ itself is on sys.path
         import _atomics
 
-    return _atomics.scattered_adds(device, smoke=smoke)
+    results = {}
+    generator = torch.Generator().manual_seed(0)
+    for label, adds, slots in _atomics.SMOKE_SHAPES if smoke else _atomics.SHAPES:
+        index = torch.randint(0, slots, (adds,), generator=generator).to(device)
+        values = torch.rand(adds, generator=generator).to(device)
+        out = torch.zeros(slots, device=device)
+        entry = {"adds": adds, "slots": slots}
+        for name, atomic in (("atomic_add", True), ("store", False)):
+            _atomics.scatter(index, values, out, atomic)  # compiled before the timed rounds
+            with _harness.timing_device(device):
+                us = _median_ms(lambda atomic=atomic: _atomics.scatter(index, values, out, atomic), rounds) * 1e3
+            entry[name] = {"us": round(us, 2), "billion_per_s": float(f"{adds / us / 1e3:.3g}")}
+        results[label] = entry
+    return results
 
 
 def _per_call_us(call, calls: int, device: torch.device) -> dict:
@@ -1024,7 +1043,7 @@ def on_checks(reference: nn.Module, candidate: nn.Module, x: torch.Tensor,
     (ref_spikes, ref_grad), (spikes, grad), (again_spikes, again_grad) = results
     # (the weight gradient's atomic adds may sum in another order: equal up to rounding)
     again = float((again_grad - grad).abs().max() / grad.abs().max().clamp_min(1e-30))
-    again_same = bool(torch.equal(again_spikes, spikes)) and again <= 1e-5
+    again_spikes_equal = bool(torch.equal(again_spikes, spikes))
     differ = spikes != ref_spikes
     mismatches = int(differ.sum())
     clean = ~differ.flatten(0, -2).any(0)  # neurons (rows of W) whose spikes all agree
@@ -1034,8 +1053,9 @@ def on_checks(reference: nn.Module, candidate: nn.Module, x: torch.Tensor,
             "spike_mismatches": mismatches, "neurons_with_a_flip": int((~clean).sum()),
             "entries": ref_spikes.numel(), "spikes": int(ref_spikes.sum()),
             "grad_max_rel_error": rel, "grad_tolerance": GRAD_TOLERANCE,
-            "second_call": {"spikes_equal": bool(torch.equal(again_spikes, spikes)), "grad_max_rel_diff": again},
-            "passed": int((~clean).sum()) <= max(1, clean.numel() // 100) and rel <= GRAD_TOLERANCE and again_same}
+            "second_call": {"spikes_equal": again_spikes_equal, "grad_max_rel_diff": again},
+            "passed": (int((~clean).sum()) <= max(1, clean.numel() // 100) and rel <= GRAD_TOLERANCE
+                       and again_spikes_equal and again <= 1e-5)}
 
 
 def on_activity(layer: DenseLoopLayer, x: torch.Tensor, cfg: seed.SeedConfig) -> dict:

@@ -206,25 +206,20 @@ def _settle_events(events, unread, received, checks, routed, weight: Tensor, x: 
     """An eager compact layer's input events once their count is known: kept for the next call's guess
     and, where they were listed from a guess, cut to the count (or :class:`_GuessFellShort`)."""
     offsets, pos, values = events
+    count = pos.numel()
     if unread:
         count, *flags = received
         if check:
             checks[0] = spike_matmul.kind_from_flags(*flags)
-        route = routed[0][0] if routed else None
-        if count > pos.numel() or not _route_suits(route, checks[0] if checks else None):
-            _remember_events(weight, x, count, checks[0] if checks else None)
+    kind = checks[0] if checks else None
+    _EVENT_COUNTS.setdefault(weight, {})[(tuple(x.shape), x.dtype)] = (count, kind)  # the next call's guess
+    if unread:
+        if count > pos.numel() or not _route_suits(routed[0][0] if routed else None, kind):
             raise _GuessFellShort
         pos, values = pos[:count], values[:count]
-    else:
-        count = pos.numel()
-    _remember_events(weight, x, count, checks[0] if checks else None)
     if checks:
-        _INPUT_KINDS[values] = checks[0]  # for this layer's backward (which would read it again)
+        _INPUT_KINDS[values] = kind  # for this layer's backward (which would read it again)
     return offsets, pos, values
-
-
-def _remember_events(weight: Tensor, x: Tensor, count: int, kind) -> None:
-    _EVENT_COUNTS.setdefault(weight, {})[(tuple(x.shape), x.dtype)] = (count, kind)
 
 
 # The forward's spike check of a compact layer's input events (spike_matmul.spike_kind's result), by the

@@ -416,8 +416,9 @@ def _sparse_weight_grad_kernel(gs_ptr, index_ptr, asurr_ptr, beta_ptr, evt_off_p
             decay = _powi_from_log(log_beta[:, None], (beta < 0)[:, None], t[:, None] - (p // features)[None, :])
             target = gw_ptr + j[:, None] * features + (p % features)[None, :]
             if GROUP:
+                # (rows of entries that are not first of their (b, j) are zero: merge has none there)
                 summed = tl.dot(merge, tl.where(pair, g[:, None] * val[None, :] * decay, 0.0), input_precision="ieee")
-                tl.atomic_add(target, summed, mask=first[:, None] & (summed != 0.0), sem=ATOMIC_SEM)
+                tl.atomic_add(target, summed, mask=summed != 0.0, sem=ATOMIC_SEM)
             else:
                 tl.atomic_add(target, g[:, None] * val[None, :] * decay, mask=pair, sem=ATOMIC_SEM)
     if NEED_B:
