@@ -371,8 +371,8 @@ def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_i
     cases[GRAPHED] = case
 
 
-def captured(model, example_inputs):
-    """``snnopt.capture_graphs(model, example_inputs)``, with the device memory its graphs keep.
+def captured(model, example_inputs, **options):
+    """``snnopt.capture_graphs(model, example_inputs, **options)``, with the device memory its graphs keep.
 
     The graphs' private pool holds every tensor of the captured step for as long as the graphs
     live: its size (``memory_reserved`` before and after, in ``graph_pool_bytes``) is that
@@ -386,7 +386,7 @@ def captured(model, example_inputs):
         free_memory(device)
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_reserved(device)
-    graphed = snnopt.capture_graphs(model, example_inputs)
+    graphed = snnopt.capture_graphs(model, example_inputs, **options)
     if cuda:
         torch.cuda.synchronize(device)
         graphed.graph_pool_bytes = torch.cuda.memory_reserved(device) - before
@@ -410,7 +410,11 @@ def graph_facts(graphed) -> dict:
     """What a captured variant did besides replaying: steps run eagerly, recaptures, and its plan."""
     return {"fallbacks": graphed.fallbacks, "recaptures": graphed.recaptures, "other_inputs": graphed.other_inputs,
             "overlapping": graphed.overlapping, "graph_pool_bytes": getattr(graphed, "graph_pool_bytes", None),
-            "plan": graphed.plan.summary()}
+            "plan": graphed.plan.summary(),
+            # Where the forward's spike checks run: before each replay (inputs of the step, by index) or
+            # inside it (then each forward waits for its replay to end).
+            "input_checks": {str(k): sorted(v) for k, v in getattr(graphed.plan, "input_checks", {}).items()},
+            "checks_in_graph": getattr(graphed.plan, "checks_in_graph", None)}
 
 
 def layer_results(cases, samples, memory, errors) -> dict:
@@ -724,8 +728,9 @@ def launch_overhead(device: torch.device, calls: int = 200) -> dict:
 def _layer_step_cases(device: torch.device, batch: int, steps: int, features: int, neurons: int) -> dict:
     """A whole tiny sparse layer's forward + backward, eager and replayed from CUDA graphs: the floor of each.
 
-    The graphed call includes its one flag read per forward (a sync), so its ``device_us`` is not a
-    kernel time; ``host_us`` is what one layer step costs at the least on this host.
+    The graphed call includes its host reads (the input's spike check before the forward's replay,
+    the lists' overflow flag after the backward's), so its ``device_us`` is not a kernel time;
+    ``host_us`` is what one layer step costs at the least on this host.
     """
     import snnopt.functional as SF
 
@@ -752,7 +757,7 @@ def _layer_step_cases(device: torch.device, batch: int, steps: int, features: in
         graphed["model"](x, w).backward(grad)
         w.grad = None
 
-    cases["snnopt layer step, CUDA graphs (forward + backward, one flag read)"] = graphed_step
+    cases["snnopt layer step, CUDA graphs (forward + backward, two host reads)"] = graphed_step
     return cases
 
 
@@ -1307,7 +1312,8 @@ def kernel_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict,
 
     out = {"shipped": asdict(triton_lif.KernelTuning())}
     for part, measure in (("seed", lambda: _seed_layer_tuning(sizes, device, errors)),
-                          ("on", lambda: _on_layer_tuning(sizes, args, device, errors))):
+                          ("on", lambda: _on_layer_tuning(sizes, args, device, errors)),
+                          ("graph_reads", lambda: _graph_reads(sizes, args, device, errors))):
         out[part] = measure()
         free_memory(device)
         part_done(part, out[part])
@@ -1361,6 +1367,58 @@ def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict
                           list(module.parameters()))
     return {"config": {"neurons": n, "batch": cfg.batch, "steps": cfg.steps},
             "trials": _time_tunings(cases, ON_TUNING_TRIALS, sizes, errors, device, "kernel_tuning.on")}
+
+
+def _graph_reads(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
+    """A captured sparse layer under both of ``GraphedModel``'s host-read protocols, side by side.
+
+    ``shipped``: a forward waits for its input's spike check only, and the backward reads the lists'
+    overflow flag after issuing its replay (the host issues the backward while the device runs the
+    forward's replay); ``waits_for_replay`` (``capture_graphs(..., wait_for_replay=True)``, the
+    protocol until stop 19): every forward waits for its replay and reads every flag. The seed
+    network's layer 1 at the tuning trials' hidden size, and the ON layer at the smallest n.
+    """
+    if device.type != "cuda" or GRAPHED in SKIPPED:
+        return {"skipped": "needs CUDA (and a capture probe that worked)"}
+    hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
+    cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
+    x, weights, _, _ = seed_layer_inputs(cfg, device)
+    layer = snnopt_layer(cfg, "sparse")
+    grad_out = torch.randn(cfg.batch, cfg.steps, hidden, device=device)
+    on_cfg, on_x, on_weight = on_problem(sizes.on_neurons[0], sizes, args, device)
+    cases, graphed = {}, {}
+    for protocol, wait in (("shipped", False), ("waits_for_replay", True)):
+        try:
+            w = weights[0].clone().requires_grad_()
+            model = captured(lambda inp, w: layer(inp, w, None), (x, w), wait_for_replay=wait)
+            graphed[("seed_layer1", protocol)] = model
+            cases[("seed_layer1", protocol)] = Case(
+                protocol, protocol, lambda model=model, w=w: model(x, w),
+                lambda out: torch.autograd.backward(out, grad_out), [w])
+            with torch.device(device):
+                module = SnnoptLayer(on_cfg, on_weight, "sparse")
+            model = captured(module, (on_x,), wait_for_replay=wait)
+            graphed[(f"on_{on_cfg.hidden}", protocol)] = model
+            cases[(f"on_{on_cfg.hidden}", protocol)] = Case(
+                protocol, protocol, lambda model=model: model(on_x).sum(), lambda loss: loss.backward(),
+                list(module.parameters()))
+        except Exception as error:  # a capture failure: reported, the other protocol still timed
+            errors[f"kernel_tuning.graph_reads.{protocol}"] = describe(error)
+    run_errors: dict = {}
+    samples = time_side_by_side({key: case.timed for key, case in cases.items()}, min(sizes.repeat, 5),
+                                max(sizes.warmup, 1), run_errors, device)
+    errors.update({f"kernel_tuning.graph_reads.{key}.{protocol}": message
+                   for (key, protocol), message in run_errors.items()})
+    result: dict = {"config": {"hidden": hidden, "on_neurons": on_cfg.hidden}}
+    for (key, protocol), case in cases.items():
+        entry = graph_facts(graphed[(key, protocol)])
+        if (key, protocol) in samples:
+            summary = summarise(samples[(key, protocol)])
+            entry.update({k: summary[k] for k in ("forward_ms", "backward_ms", "step_ms", "repeats")})
+        else:
+            entry["error"] = run_errors.get((key, protocol), "no samples")
+        result.setdefault(key, {})[protocol] = entry
+    return result
 
 
 def _time_tunings(cases: dict[str, Case], trials: dict[str, dict], sizes: SuiteSizes, errors: dict,
@@ -1622,6 +1680,17 @@ def print_tuning(payload: dict) -> None:
                                  ["trial", "fwd ms", "bwd ms", "step ms", "step / shipped", "fwd kernels us",
                                   "bwd kernels us"], rows,
                                  [f"shipped: {tuning['shipped']}", "kernels: device busy time of one profiled step"])
+    reads = tuning.get("graph_reads", {})
+    rows = [[key, protocol, *(f"{v[k]:.3f}" if k in v else v.get("error", "-")[:40]
+                              for k in ("forward_ms", "backward_ms", "step_ms")), v.get("fallbacks", "-"),
+             v.get("checks_in_graph", "-")]
+            for key, protocols in reads.items() if isinstance(protocols, dict) and key != "config"
+            for protocol, v in protocols.items()]
+    if rows:
+        _harness.print_table(f"captured layer, host-read protocols {reads.get('config')}, {payload['device']['name']}",
+                             ["layer", "protocol", "fwd ms", "bwd ms", "step ms", "fallbacks", "checks in graph"],
+                             rows, ["shipped: the forward waits for its input's check only; waits_for_replay: "
+                                    "for its whole replay (until stop 19)"])
 
 
 def plot(path: Path, payload: dict) -> bool:

@@ -13,23 +13,36 @@ Triton op instead
 * gives every list a fixed capacity, measured while recording (the largest count seen in the
   warm-up steps times ``headroom``): entries past a list's length are padding (index one past the
   last entry, value zero), which every kernel skips, and a list that would overflow raises a flag
-  on the device instead of growing;
+  on the device (``CapturePlan.overflow``) instead of growing;
 * takes the GEMM routes and the backward's weight-gradient route recorded in the warm-up, and
-  checks on the device that a split GEMM's spike operand is still exact (the same flag).
+  checks on the device that a split GEMM's spike operand is still exact.
 
 :func:`capture_graphs` records a plan on the example inputs, captures the forward and backward
 (as ``torch.cuda.make_graphed_callables`` does, but the graphs read private copies of the inputs
 and every call hands out fresh outputs and gradients, so no replay overwrites what a caller holds:
 a parameter's ``.grad`` accumulates over several backwards as without graphs), and returns a
-:class:`GraphedModel`. After each replayed
-forward it reads the flag (one small device read): raised, the step is run again eagerly, so a
-batch busier than the warm-up, or an input no longer spikes, gets the same outputs and gradients as
-without graphs, only slower (``GraphedModel.fallbacks`` counts them; a warning says so once);
-several such steps in a row record and capture the model again on the current batch. An input of
-another shape, dtype or device runs eagerly too (a graph holds one shape), and so does a forward
-while an earlier replay's backward is still to come. Tested without a GPU as far as that goes:
-the static plan in Triton's interpreter (tests/codegen/test_capture_plan.py); the capture itself
-in the ``-m gpu`` tests.
+:class:`GraphedModel`. What the host reads, and when:
+
+* The forward's outputs depend on the spike checks of its split GEMMs' inputs, not on list
+  lengths (a GEMM's operand is written whole; the spikes come from the sweep, which the lists only
+  record). An input that is an earlier layer's spikes needs no check; one that is an input of the
+  step is checked before the replay, and the forward waits for that check only, while the device
+  goes on with the replay; any other is checked inside the graph (``CapturePlan.invalid``), and
+  that forward waits for its replay. A check that fails runs the step again eagerly.
+* Only the backward needs the lists. Their overflow flag is copied to the host after the forward's
+  replay without waiting; the backward issues its own replay, then reads it (by then the forward's
+  replay has ended, or soon will). Raised, the replayed gradients are dropped and the step is
+  recomputed eagerly and differentiated (the same outputs, as above).
+
+So a batch busier than the warm-up, or an input no longer spikes, gets the same outputs and
+gradients as without graphs, only slower (``GraphedModel.fallbacks`` counts them; a warning says
+so once); several such steps in a row record and capture the model again on the current batch.
+And in a training loop the host issues the loss and the backward while the device runs the
+replayed forward, so the device does not wait for the host between them. An input of another
+shape, dtype or device runs eagerly too (a graph holds one shape), and so does a forward while an
+earlier replay's backward is still to come. Tested without a GPU as far as that goes: the static
+plan in Triton's interpreter, and the replay protocol with graphs that run eagerly
+(tests/codegen/test_capture_plan.py); the capture itself in the ``-m gpu`` tests.
 
 Sparse layers on the per-entry flag path (recurrent, CuBa, zero reset: their lists come from
 ``torch.nonzero``), and compact layers whose backward needs the dense route (a membrane or state
@@ -109,12 +122,30 @@ class CapturePlan:
         self.static = False
         self._cursor = 0
         self.current: Optional[CaptureSite] = None  # the site of the layer call running now
+        # Raised where a replayed forward's outputs may be wrong (a split GEMM's input that is not
+        # spikes, checked inside the graph): read right after the replay.
         self.invalid = torch.zeros(1, dtype=torch.int32, device=device)
+        # Raised where only the backward may be wrong (a list that overflowed its capacity, the weight
+        # gradient's spike operand that is not spikes): the forward's outputs do not depend on them,
+        # so it is read when the backward replays, long after the forward was issued.
+        self.overflow = torch.zeros(1, dtype=torch.int32, device=device)
+        # Forward checks of the step's own inputs, done before each replay (GraphedModel): input index
+        # -> the routes it feeds. checks_in_graph: some forward check is inside the graph (read after it).
+        self.input_checks: dict[int, set] = {}
+        self.checks_in_graph = False
+        self.on_backward: Optional[Callable[[bool], None]] = None  # told whether a replayed backward overflowed
+        self._step_inputs: tuple = ()
+        # The spikes the step's snnopt layers output so far (0 and 1 only: every route takes them),
+        # held until the next step so that their memory is not another tensor's meanwhile.
+        self._spike_outputs: list = []
 
-    def begin(self) -> None:
+    def begin(self, inputs: Sequence = ()) -> None:
         self._cursor = 0
-        if self.static:
-            self.invalid.zero_()  # recorded into the forward graph: every replay starts clean
+        self._step_inputs = tuple(t for t in inputs)
+        self._spike_outputs = []
+        if self.static:  # recorded into the forward graph: every replay starts clean
+            self.invalid.zero_()
+            self.overflow.zero_()
 
     def next_site(self, description: str) -> CaptureSite:
         index = self._cursor
@@ -133,16 +164,53 @@ class CapturePlan:
         """Raise :attr:`invalid` where ``condition`` (a bool tensor, any shape) holds anywhere; no host read."""
         torch.bitwise_or(self.invalid, condition.any().reshape(1).to(torch.int32), out=self.invalid)
 
-    def flag_unsuited(self, values: Tensor, route: str) -> None:
-        """Raise :attr:`invalid` unless every entry of ``values`` suits ``route`` (see spike_matmul.spike_kind):
-        a bfloat16 value for the bfloat16 route, an integer in [-128, 127] for the int8 route."""
-        if not values.numel():
-            return
-        if route in spike_matmul.INT8_ROUTES:
-            if values.dtype != torch.int8:
-                self.flag(~((values == values.round()) & (values >= -128) & (values <= 127)))
-        elif values.dtype != torch.bfloat16:
-            self.flag(values.to(torch.bfloat16).to(values.dtype) != values)
+    def flag_overflow(self, condition: Tensor) -> None:
+        """Raise :attr:`overflow` (what only the backward depends on) where ``condition`` holds anywhere."""
+        torch.bitwise_or(self.overflow, condition.any().reshape(1).to(torch.int32), out=self.overflow)
+
+    def input_slot(self, x: Tensor) -> Optional[int]:
+        """Which of the step's inputs ``x`` is (same storage, place, shape, strides; not modified since), or None."""
+        for k, t in enumerate(self._step_inputs):
+            if isinstance(t, Tensor) and _same_values(t, x):
+                return k
+        return None
+
+    def note_spikes(self, spikes: Tensor) -> None:
+        """``spikes`` (an snnopt layer's output) holds only 0 and 1: a later layer taking it needs no check."""
+        if self.static:
+            self._spike_outputs.append(spikes)
+
+    def forget_step(self) -> None:
+        self._step_inputs, self._spike_outputs = (), []
+
+    def check_input(self, site: "CaptureSite", x: Tensor, kinds: Optional[Tensor] = None,
+                    values: Optional[Tensor] = None) -> None:
+        """Check on the device that a layer input ``x`` suits the tensor-core routes ``site`` recorded.
+
+        ``kinds``: ``[not bfloat16, not int8]`` of x's nonzeros where a launch worked them out already
+        (the input events' count); else ``values`` (x or all its nonzeros) are checked here. The
+        forward GEMM's route decides the forward's outputs: an earlier layer's spikes need no check;
+        for an input of the step itself the check is left to :class:`GraphedModel`, before each replay
+        (``input_checks``); otherwise it raises :attr:`invalid` inside the graph. The weight
+        gradient's route decides only the backward's: :attr:`overflow`.
+        """
+        for route, forward in ((site.split_linear, True), (site.split_weight_grad, False)):
+            if not isinstance(route, str):
+                continue
+            if forward:
+                if any(_same_values(spikes, x) for spikes in self._spike_outputs):
+                    continue  # an earlier layer's spikes, as it output them
+                slot = self.input_slot(x)
+                if slot is not None:
+                    self.input_checks.setdefault(slot, set()).add(route)
+                    continue
+                self.checks_in_graph = True
+            if kinds is not None:
+                condition = kinds[1 if route in spike_matmul.INT8_ROUTES else 0] != 0
+            else:
+                condition = _unsuited(x if values is None else values, route)
+            if condition is not None:
+                (self.flag if forward else self.flag_overflow)(condition)
 
     def freeze(self) -> None:
         """Capacities from what recording saw; raises if a layer said it cannot run captured."""
@@ -161,6 +229,26 @@ class CapturePlan:
                  "events_seen": site.events_seen, "events_capacity": site.events_capacity,
                  "split_linear": site.split_linear, "split_weight_grad": site.split_weight_grad,
                  "pair_weight_grad": site.pair_weight_grad, "staged": site.staged} for site in self.sites]
+
+
+def _same_values(t: Tensor, x: Tensor) -> bool:
+    # The same tensor, or a view of the same memory laid out alike, not modified in place since.
+    return t is x or (t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride()
+                      and t.dtype == x.dtype and t.device == x.device and t._version == x._version)
+
+
+def _unsuited(values: Tensor, route: str) -> Optional[Tensor]:
+    """Where ``values`` do not suit ``route`` (see spike_matmul.spike_kind): not a bfloat16 value for the
+    bfloat16 route, not an integer in [-128, 127] for the int8 routes; None where every value does."""
+    if not values.numel():
+        return None
+    if route in spike_matmul.INT8_ROUTES:
+        if values.dtype == torch.int8:
+            return None
+        return ~((values == values.round()) & (values >= -128) & (values <= 127))
+    if values.dtype == torch.bfloat16:
+        return None
+    return values.to(torch.bfloat16).to(values.dtype) != values
 
 
 def _capacity(seen: int, headroom: float, limit: int) -> int:
@@ -196,7 +284,7 @@ class _PlannedStep(nn.Module):
         self.plan = plan
 
     def forward(self, *inputs):
-        self.plan.begin()
+        self.plan.begin(inputs)
         return self.model(*inputs)
 
 
@@ -208,29 +296,42 @@ class GraphedModel(nn.Module):
     backward has not run, a forward runs eagerly instead (counted in ``overlapping``): gradient
     accumulation over several forwards stays correct, only slower.
 
-    ``fallbacks`` counts the calls run eagerly because the plan did not hold (a list would have
-    overflowed, a spike operand was not exact). Activity moves as a network trains: after
-    ``recapture_after`` such calls in a row the model is recorded again on the current inputs and
-    captured anew (``recaptures`` counts it; 0 turns it off). ``other_inputs`` counts calls with
-    inputs unlike the captured ones (or after a switch between ``train()`` and ``eval()``), run
-    eagerly; so do calls after ``torch.use_deterministic_algorithms`` changed since the capture (the
-    captured routes were chosen under the setting of then). ``plan.summary()`` lists each layer's
-    capacities and routes.
+    ``fallbacks`` counts the steps that exceeded the plan and ran eagerly: the forward, where an
+    input of a split GEMM was not spikes (its outputs would have been wrong), or only the backward,
+    where a list overflowed (the replayed forward's outputs do not depend on list lengths; its
+    backward then recomputes the step eagerly and differentiates that). Activity moves as a network
+    trains: after ``recapture_after`` such steps in a row the model is recorded again on the current
+    inputs and captured anew (``recaptures`` counts it; 0 turns it off). ``other_inputs`` counts
+    calls with inputs unlike the captured ones (or after a switch between ``train()`` and
+    ``eval()``), run eagerly; so do calls after ``torch.use_deterministic_algorithms`` changed since
+    the capture (the captured routes were chosen under the setting of then). ``plan.summary()``
+    lists each layer's capacities and routes.
+
+    Host reads: a forward waits only for its inputs' spike check, which runs before the replay
+    (where a split GEMM's input is an input of the step), or for the whole replay (where the check
+    is inside the graph); a backward waits for its forward's replay to end (the lists' overflow
+    flag), after issuing its own. Either way the host goes on issuing the step while the device runs
+    the replayed forward, instead of leaving the device idle from the forward's end to the
+    backward's first kernel. ``wait_for_replay``: every forward waits for its replay and reads
+    every flag then, the overflow included, running the whole step eagerly where one was raised
+    (as before; kept to compare the two).
     """
 
     def __init__(self, model: Callable, capture: Callable[[tuple], tuple], example_inputs: Sequence[Tensor],
-                 recapture_after: int = 3):
+                 recapture_after: int = 3, wait_for_replay: bool = False):
         super().__init__()
         self.model = model
         self._capture = capture  # inputs -> (graphed callable, plan): records, then captures
         self.recapture_after = recapture_after
+        self.wait_for_replay = wait_for_replay
         self._signature = [_signature(t) for t in example_inputs]
         self._captured_training = _training(model)
         self.fallbacks = 0
         self.recaptures = 0
         self.other_inputs = 0
         self.overlapping = 0
-        self._streak = 0  # fallbacks in a row
+        self._streak = 0  # steps in a row that exceeded the plan
+        self._verdict_pending = False  # a replayed forward whose backward has not said whether its lists held
         self._warned = False
         self._pending: list = []  # weak references to the outputs of a replay whose backward has not run
         self._install(*capture(tuple(example_inputs)))
@@ -238,6 +339,9 @@ class GraphedModel(nn.Module):
     def _install(self, graphed: Callable, plan: CapturePlan) -> None:
         self._graphed = graphed
         self.plan = plan
+        # (weakly: the plan lives in the graphs' closures, which must not keep this module alive)
+        outcome = weakref.WeakMethod(self._backward_outcome)
+        plan.on_backward = lambda overflowed: (lambda method: method and method(overflowed))(outcome())
         # The graphs read the parameters where they were at capture: replaced ones (not updated in
         # place, as optimisers and load_state_dict do) mean capturing again.
         self._param_places = _param_places(self.model)
@@ -255,33 +359,57 @@ class GraphedModel(nn.Module):
             self.overlapping += 1  # replaying now would overwrite what that backward reads
             return self.model(*inputs)
         self._pending = []
+        if self._verdict_pending:  # the last replay had no backward: a step within the plan
+            self._verdict_pending = False
+            self._streak = 0
         with _launch_device(inputs):  # graphs and captures on the inputs' GPU, whichever is current
             if _param_places(self.model) != self._param_places:
-                self._install(*self._capture(tuple(inputs)))
-                self.recaptures += 1
+                self._recapture(inputs)
+            elif self.recapture_after and self._streak >= self.recapture_after:  # backwards that overflowed
+                self._recapture(inputs)
+            checked = _check_step_inputs(self.plan, inputs)  # issued before the replay: waits for itself only
             out = self._graphed(*inputs)
-            if bool(self.plan.invalid.item()):  # the one host read per step
+            unsuited = checked is not None and bool(checked.value().any())
+            if self.wait_for_replay:  # every flag, overflow included, after the replay (before stop 19)
+                unsuited = unsuited or bool((self.plan.invalid | self.plan.overflow).item())
+            elif not unsuited and self.plan.checks_in_graph:
+                unsuited = bool(self.plan.invalid.item())  # waits for the replay
+            if unsuited:
                 return self._fall_back(inputs)
-        self._streak = 0
+        self._verdict_pending = True
         self._await_backward(out)
         return out
 
-    def _fall_back(self, inputs):
+    def _recapture(self, inputs) -> None:
+        self._install(*self._capture(tuple(inputs)))
+        self.recaptures += 1
+        self._streak = 0
+
+    def _exceeded(self) -> None:
         self.fallbacks += 1
         self._streak += 1
-        out = self.model(*inputs)  # this step, eagerly: the same results
-        recapture = bool(self.recapture_after) and self._streak >= self.recapture_after
         if not self._warned:
             self._warned = True
             warnings.warn("snnopt.capture_graphs: a step exceeded the captured plan (more active entries or input "
-                          "events than its lists hold, or an input that is no longer spikes) and ran eagerly, with "
-                          "the same results" + (f"; after {self.recapture_after} such steps in a row the model is "
-                                                "captured again" if self.recapture_after else "")
-                          + " (GraphedModel.fallbacks, .recaptures)", RuntimeWarning, stacklevel=3)
-        if recapture:
-            self._install(*self._capture(tuple(inputs)))
-            self.recaptures += 1
+                          "events than its lists hold: its backward; or an input that is no longer spikes: its "
+                          "forward) and ran eagerly, with the same results"
+                          + (f"; after {self.recapture_after} such steps in a row the model is captured again"
+                             if self.recapture_after else "")
+                          + " (GraphedModel.fallbacks, .recaptures)", RuntimeWarning, stacklevel=4)
+
+    def _backward_outcome(self, overflowed: bool) -> None:
+        # Told by the replayed backward (on autograd's thread, while the caller waits in backward()).
+        self._verdict_pending = False
+        if overflowed:
+            self._exceeded()  # recaptured at the next forward, outside autograd, if it keeps happening
+        else:
             self._streak = 0
+
+    def _fall_back(self, inputs):
+        self._exceeded()
+        out = self.model(*inputs)  # this step, eagerly: the same results
+        if self.recapture_after and self._streak >= self.recapture_after:
+            self._recapture(inputs)
         return out
 
     def _await_backward(self, out) -> None:
@@ -302,6 +430,38 @@ def _launch_device(inputs):
     return triton_lif.launch_device(inputs[0]) if inputs and isinstance(inputs[0], Tensor) else contextlib.nullcontext()
 
 
+class _HostRead:
+    """A small device tensor copied to the host without waiting now: :meth:`value` waits only for the work
+    issued before the copy (pinned memory and an event on CUDA; elsewhere the values are there already)."""
+
+    def __init__(self, tensor: Tensor):
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = tensor.clone(), None
+
+    def value(self) -> Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+def _check_step_inputs(plan: CapturePlan, inputs) -> Optional[_HostRead]:
+    """The spike check of the step inputs that feed split GEMMs (``plan.input_checks``), on its way to the host:
+    nonzero entries where an input does not suit a route it feeds."""
+    if not plan.input_checks:
+        return None
+    flags = []
+    for slot, routes in sorted(plan.input_checks.items()):
+        kinds = triton_lif.spike_check(inputs[slot])  # [not bfloat16, not int8] of its nonzeros
+        for index in sorted({1 if route in spike_matmul.INT8_ROUTES else 0 for route in routes}):
+            flags.append(kinds[index:index + 1])
+    return _HostRead(flags[0] if len(flags) == 1 else torch.cat(flags))
+
+
 def _param_places(model) -> tuple:
     return tuple(p.data_ptr() for p in model.parameters()) if isinstance(model, nn.Module) else ()
 
@@ -317,16 +477,18 @@ def _signature(t) -> tuple:
 
 
 def capture_graphs(model: Callable, example_inputs: Sequence[Tensor], *, headroom: float = 2.0,
-                   warmup_steps: int = 3, recapture_after: int = 3) -> GraphedModel:
+                   warmup_steps: int = 3, recapture_after: int = 3, wait_for_replay: bool = False) -> GraphedModel:
     """Capture ``model``'s forward and backward on ``example_inputs`` as CUDA graphs; see the module docstring.
 
     ``model``: an ``nn.Module`` (an :func:`snnopt.optimize` result, or one built from ``snnopt.nn``
     on the Triton backend) or a function of tensors; ``example_inputs``: CUDA tensors shaped as
     every later call's. ``headroom``: each list's capacity over the most entries seen in
     ``warmup_steps`` recorded steps. ``recapture_after``: record and capture again after that
-    many steps in a row exceeded the plan (0: never). Recording and capturing run the forward and
-    backward several times: parameter gradients are computed, not accumulated, but a module's
-    own state (BatchNorm's running statistics, say) moves as in any step.
+    many steps in a row exceeded the plan (0: never). ``wait_for_replay``: each forward waits for its
+    replay and checks every flag then (see :class:`GraphedModel`; by default only the backward
+    waits for the forward's replay). Recording and capturing run the forward and backward several
+    times: parameter gradients are computed, not accumulated, but a module's own state
+    (BatchNorm's running statistics, say) moves as in any step.
     """
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise InvalidTypeError("example_inputs: expected a non-empty tuple of tensors")
@@ -338,13 +500,15 @@ def capture_graphs(model: Callable, example_inputs: Sequence[Tensor], *, headroo
     for name, value, least in (("warmup_steps", warmup_steps, 1), ("recapture_after", recapture_after, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InvalidArgumentError(f"{name}: expected an int >= {least}, got {value!r}")
+    if not isinstance(wait_for_replay, bool):
+        raise InvalidTypeError(f"wait_for_replay: expected True or False, got {wait_for_replay!r}")
     for k, t in enumerate(example_inputs):
         if t.device.type != "cuda":
             raise InvalidArgumentError(f"example_inputs[{k}]: CUDA graphs need CUDA tensors, got one on {t.device}; "
                                        "move the model and inputs to a GPU, or run without capture_graphs")
     capture = functools.partial(_record_and_capture, model, headroom=float(headroom), warmup_steps=warmup_steps)
     with _launch_device(example_inputs):
-        return GraphedModel(model, capture, example_inputs, recapture_after)
+        return GraphedModel(model, capture, example_inputs, recapture_after, wait_for_replay)
 
 
 def _record_and_capture(model: Callable, inputs: tuple, *, headroom: float, warmup_steps: int):
@@ -361,13 +525,15 @@ def _record_and_capture(model: Callable, inputs: tuple, *, headroom: float, warm
     except RuntimeError as error:  # CUDA's refusal of something in the step, as torch reports it
         raise UnsupportedModelError(f"capture_graphs: capturing the step failed ({error}); run the model without "
                                     "capture_graphs") from error
+    finally:
+        plan.forget_step()  # (the captured step's inputs and spikes: the graphs keep what they need)
     return graphed, plan
 
 
 CAPTURE_WARMUPS = 2  # static-plan steps on a side stream before capturing (kernels compiled, libraries set up)
 
 
-def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
+def _capture(step: "_PlannedStep", example_inputs: tuple) -> Callable:
     """``step``'s forward and backward as two CUDA graphs, behind an autograd function that replays them.
 
     As ``torch.cuda.make_graphed_callables`` does (warm-up on a side stream, forward then backward
@@ -377,7 +543,7 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
     fresh gradients (copied out of the graphs' buffers, one operation each), so nothing handed out
     is overwritten by the next replay (with the graphs' own buffers, a parameter's ``.grad`` would
     be one, and a second backward before ``zero_grad`` would overwrite the first's gradient instead
-    of adding to it).
+    of adding to it); and a backward whose lists overflowed is recomputed eagerly (:func:`_replayer`).
     """
     params = tuple(step.parameters())
     static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in example_inputs)
@@ -410,8 +576,6 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
                                         grad_outputs=static_grad_outputs, allow_unused=True)
         it = iter(grads)
         static_grads = [next(it) if wanted else None for wanted in wants_grad]
-    fresh_grad_slots = [k for k, g in enumerate(static_grads) if g is not None]
-    n_inputs = len(static_inputs)
     # The captured step's autograd graph is spent (its backward is backward_graph): let it go. Kept
     # alive through the outputs, it would keep each parameter's AccumulateGrad node as created, on
     # the capture's side stream, and every later backward into ``.grad`` (replayed or an eager
@@ -419,6 +583,40 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
     # "AccumulateGrad node's stream does not match".
     static_outputs = [o.detach() for o in static_outputs]
     del captured_out
+    return _replayer(_Captured(static_inputs, params, static_outputs, spec, differentiable, static_grad_outputs,
+                               static_grads, forward_graph, backward_graph), step.model, step.plan)
+
+
+@dataclass
+class _Captured:
+    """A captured step: its two graphs (anything with ``replay()``) and the buffers they read and write."""
+
+    static_inputs: tuple           # the forward graph reads the step's inputs here
+    params: tuple                  # and the parameters where they are
+    static_outputs: list           # it writes the outputs here (flattened; unflattened with ``spec``)
+    spec: object
+    differentiable: list           # which outputs have gradients
+    static_grad_outputs: list      # the backward graph reads their gradients here
+    static_grads: list             # and writes dL/d(input or parameter) here (None: not wanted)
+    forward_graph: object
+    backward_graph: object
+
+
+def _replayer(captured: _Captured, model: Callable, plan: CapturePlan) -> Callable:
+    """The callable that replays ``captured`` as one autograd function (the graphed step).
+
+    Forward: the inputs copied into the graph's (where they are not those already), one replay,
+    fresh outputs, and the lists' overflow flag on its way to the host. Backward: the gradients
+    copied in, one replay, fresh gradients, then the flag (the forward's replay has ended by then,
+    or soon will: the host waits for it, not for this backward's work). Where a list overflowed the
+    replayed gradients are dropped: ``model`` runs the step again eagerly on the same inputs (its
+    outputs are the replay's: they do not depend on list lengths) and is differentiated instead.
+    ``plan.on_backward`` is told which.
+    """
+    static_inputs, params = captured.static_inputs, captured.params
+    differentiable = captured.differentiable
+    n_inputs = len(static_inputs)
+    fresh_grad_slots = [k for k, g in enumerate(captured.static_grads) if g is not None]
 
     class Replay(torch.autograd.Function):
         @staticmethod
@@ -426,30 +624,53 @@ def _capture(step: nn.Module, example_inputs: tuple) -> Callable:
             for static, given in zip(static_inputs, args[:n_inputs]):
                 if static.data_ptr() != given.data_ptr():
                     static.copy_(given)
-            forward_graph.replay()
-            fresh = tuple(o.clone() for o in static_outputs)  # the next replay rewrites the graph's own
+            captured.forward_graph.replay()
+            fresh = tuple(o.clone() for o in captured.static_outputs)  # the next replay rewrites the graph's own
             ctx.mark_non_differentiable(*(o for k, o in enumerate(fresh) if k not in differentiable))
+            ctx.overflow = _HostRead(plan.overflow)
+            ctx.save_for_backward(*args[:n_inputs])  # (only an overflowed backward reads them again)
             return fresh
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
-            for static, k in zip(static_grad_outputs, differentiable):
+            for static, k in zip(captured.static_grad_outputs, differentiable):
                 if static.data_ptr() != grads[k].data_ptr():
                     static.copy_(grads[k])
-            backward_graph.replay()
-            out: list = [None] * len(surface)
+            captured.backward_graph.replay()
+            out: list = [None] * (n_inputs + len(params))
             if fresh_grad_slots:  # one operation for all of them: copies outside the graph's buffers
-                copies = torch._foreach_mul([static_grads[k] for k in fresh_grad_slots], 1.0)
+                copies = torch._foreach_mul([captured.static_grads[k] for k in fresh_grad_slots], 1.0)
                 for k, copy in zip(fresh_grad_slots, copies):
                     out[k] = copy
+            overflowed = bool(ctx.overflow.value().any())
+            if plan.on_backward is not None:
+                plan.on_backward(overflowed)
+            if overflowed:
+                return _eager_gradients(model, ctx.saved_tensors, params, differentiable, grads, fresh_grad_slots)
             return tuple(out)
 
     def replay(*inputs):
         flat = Replay.apply(*inputs, *params)
-        return pytree.tree_unflatten(list(flat), spec)
+        return pytree.tree_unflatten(list(flat), captured.spec)
 
     return replay
+
+
+def _eager_gradients(model: Callable, inputs: Sequence[Tensor], params: tuple, differentiable: list, grads: tuple,
+                     wanted: list) -> tuple:
+    """The step run again eagerly on ``inputs`` and differentiated: gradients for the surface slots in ``wanted``
+    (inputs, then ``params``), None elsewhere."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        outputs = pytree.tree_leaves(model(*leaves))
+        surface = leaves + list(params)
+        computed = torch.autograd.grad([outputs[k] for k in differentiable], [surface[k] for k in wanted],
+                                       grad_outputs=[grads[k] for k in differentiable], allow_unused=True)
+    out: list = [None] * len(surface)
+    for k, grad in zip(wanted, computed):
+        out[k] = grad
+    return tuple(out)
 
 
 def _record_step(step: nn.Module, inputs: tuple) -> None:

@@ -115,6 +115,7 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
     routed = []  # (route, its spike operand or None), where the events' listing decided it
     unread = []  # with a guessed event count: [count, (spike check flags)] on the device, read below
     received = []
+    device_checks = []  # a static plan's spike check of the input, [not bfloat16, not int8] on the device
     if compact:
         # The check only where a product of this layer may take a tensor-core route (on the input as
         # x·Wᵀ's left operand, or as the weight gradient's right one).
@@ -133,7 +134,10 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
         guessing = guess_events and site is None and triton_lif.current_tuning().guess_event_count
         guess = _event_guess(weight, x) if guessing else None
         if static:
-            events = triton_lif.input_events(x, acc, site.events_capacity, plan.flag, operand=gemm_operand)
+            # An overflow leaves the forward's outputs right (the GEMM's operand is written whole): only
+            # the backward needs the lists. The spike check comes from the counting launch, all of x.
+            events = triton_lif.input_events(x, acc, site.events_capacity, plan.flag_overflow, operand=gemm_operand,
+                                             device_check=device_checks.append if site.spike_routes() else None)
         elif guess is not None:
             # No read here: the count and the spike check come back with the active list's length below.
             if check:
@@ -156,8 +160,7 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
         nonzeros = events[2] if events is not None else None
         route, operand = routed[0] if routed else (forward_route(), None)
         if static:  # the routes assume spikes: say so on the device if this input is not
-            for kind in site.spike_routes():
-                plan.flag_unsuited(x if nonzeros is None else nonzeros, kind)
+            plan.check_input(site, x, device_checks[0] if device_checks else None)
         current = spike_matmul.linear(
             x, weight, bias, nonzeros=nonzeros, route=route,
             spike_operand=operand)
@@ -175,10 +178,13 @@ def _lif_forward(x, weight, bias, recurrent_weight, beta, threshold, alpha, init
         current.contiguous(), beta, threshold, alpha, recurrent_weight, initial_v, initial_syn, spec,
         out_dtype=x.dtype, record_membrane=record_membrane or exact_saves, record_syn=exact_saves and cuba,
         collect_active=needs_backward and spec.sparse and not compact, compact_active=compact,
-        list_capacity=site.active_capacity if (static and compact) else None, flag=plan.flag if static else None,
+        list_capacity=site.active_capacity if (static and compact) else None,
+        flag=plan.flag_overflow if static else None,  # (the active lists: only the backward reads them)
         staged=bool(static and site.staged), staging_held=None if (site is None or static) else site.staging_held,
         read_along=(unread[0], received.extend) if unread else None)
     del current
+    if static:
+        plan.note_spikes(spikes)
     if compact and site is None:
         events = _settle_events(events, unread, received, checks, routed, weight, x, check)
     out_membrane = membrane.to(x.dtype, copy=exact_saves) if record_membrane else no_membrane

@@ -1241,9 +1241,44 @@ def _compact_active(module, current, args, counts, ends, stage: _Staging, v0, sy
     return index, values, per_row
 
 
+def _event_pass_shape(rows: int, features: int) -> tuple[int, int, tuple, int]:
+    """The event kernel's launch for ``rows`` rows of ``features``: (BLOCK, ROWS per program, grid, warps)."""
+    block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
+    # Rows per program: about EVENT_TILE entries per loop iteration (KernelTuning.event_tile).
+    rows_per_program = max(1, current_tuning().event_tile // block)
+    warps = 8 if rows_per_program * block >= 2048 else 4  # about 16 entries per thread at most
+    return block, rows_per_program, (-(-rows // rows_per_program),), warps
+
+
+def spike_check(x: Tensor) -> Tensor:
+    """``[not bfloat16, not int8]`` of ``x``'s nonzero entries, as an int64 tensor on x's device, unread.
+
+    Nonzero where some entry is not a bfloat16 value, or not an integer in [-128, 127]
+    (``spike_matmul.spike_kind``'s two questions): the input events' counting launch, without the
+    events. A captured step checks its own inputs this way before each replay (``snnopt.graphs``).
+    """
+    kinds = torch.zeros(2, dtype=torch.int64, device=x.device)
+    if not x.numel():
+        return kinds
+    if not x.is_floating_point():  # (the split routes take float32 inputs: not a hot path)
+        return torch.stack([(x.to(torch.bfloat16).to(x.dtype) != x).any(),
+                            ((x < -128) | (x > 127)).any()]).to(torch.int64)
+    features = x.shape[-1] if x.dim() else 1
+    flat = x.contiguous().reshape(-1, features)
+    rows = flat.shape[0]
+    block, rows_per_program, grid, warps = _event_pass_shape(rows, features)
+    device = x.device
+    kernels(_PLAIN_SPEC, x.dtype)._input_events_kernel[grid](
+        flat, torch.empty(rows, dtype=torch.int32, device=device), _unused(torch.int64, device),
+        _unused(torch.int32, device), _unused(torch.float32, device), kinds, _unused(torch.bfloat16, device), rows,
+        1, features, 0, WRITE=False, CHECK=True, OPERAND=0, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+    return kinds
+
+
 def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
                  flag: Optional[Callable[[Tensor], None]] = None, *,
                  checked: Optional[Callable[[Optional[str]], None]] = None,
+                 device_check: Optional[Callable[[Tensor], None]] = None,
                  operand: Optional[Callable[[], Optional[Tensor]]] = None,
                  guess: Optional[int] = None, unread: Optional[Callable[[Tensor], None]] = None):
     """The nonzero entries of ``x`` ``(B, T, F)`` as events grouped by (b, t): ``(offsets, pos, values)``.
@@ -1255,6 +1290,9 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     past the length), the offsets are clamped to it, no host read; ``flag`` gets the overflow.
     ``checked`` (without a capacity): given ``spike_matmul.spike_kind`` of the events' values, which
     the counting launch works out on the way and the one host read of the count brings back.
+    ``device_check`` (with a capacity): given the same check as a device tensor, ``[not bfloat16,
+    not int8]`` of x's nonzeros (nonzero where some value is not), unread; complete whatever the
+    capacity.
     ``operand``: called once, after ``checked`` and before the events are written; it may return a
     ``(B*T, copies*F)`` tensor (the forward GEMM's spike operand: ``x`` ``copies`` times side by side
     per row) that the writing launch fills with ``x`` converted to its dtype: the input is read once
@@ -1276,13 +1314,10 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
     x = x.contiguous()
     counts = torch.empty(rows, dtype=torch.int32, device=device)
     pos_dtype = torch.int32 if steps * features < 2**31 else torch.int64
-    block = max(16, min(1024, 1 << max(0, (int(features) - 1).bit_length())))
-    # Rows per program: about EVENT_TILE entries per loop iteration (KernelTuning.event_tile).
-    rows_per_program = max(1, current_tuning().event_tile // block)
-    grid = (-(-rows // rows_per_program),)
-    warps = 8 if rows_per_program * block >= 2048 else 4  # about 16 entries per thread at most
+    block, rows_per_program, grid, warps = _event_pass_shape(rows, features)
     nothing = _unused(torch.int64, device)
-    check = checked is not None and capacity is None  # (with a guess: into `ends`, read by the caller)
+    # (with a guess: into `ends`, read by the caller; with device_check: handed over unread)
+    check = (checked is not None and capacity is None) or (device_check is not None and capacity is not None)
     # The exclusive prefix sum of the counts with the total appended, then (check) the two flags: the
     # total and the flags are one read.
     ends = torch.zeros(rows + 3 if check else rows + 1, dtype=torch.int64, device=device)
@@ -1293,6 +1328,8 @@ def input_events(x: Tensor, acc: torch.dtype, capacity: Optional[int] = None,
                                       BLOCK=block, num_warps=warps)
     torch.cumsum(counts, 0, dtype=torch.int64, out=offsets[1:])
     if capacity is not None:
+        if check:
+            device_check(ends[rows + 1:])
         total = capacity
         pos = torch.empty(total, dtype=pos_dtype, device=device)  # read only below the (clamped) offsets
         values = torch.zeros(total, dtype=acc, device=device)      # all of it is checked for spikes

@@ -81,9 +81,9 @@ def _step(fn, inputs):
     return [out.detach()] + list(torch.autograd.grad((out * upstream).sum(), weights))
 
 
-def _recorded_plan(inputs, headroom=2.0):
+def _recorded_plan(inputs, headroom=2.0, network=_network):
     plan = graphs.CapturePlan(DEVICE, headroom)
-    step = graphs._PlannedStep(_network, plan)
+    step = graphs._PlannedStep(network, plan)
     with graphs.following(plan):
         graphs._record_step(step, tuple(inputs))
     plan.freeze()
@@ -115,30 +115,60 @@ def test_static_plan_matches_eager(pairs, monkeypatch):
 _UNSUITED_SCALE = {spike_matmul.BFLOAT16: 0.3, spike_matmul.INT8: 0.5}
 
 
+def _scaled_input_network(x, w1, w2, w3):
+    """_network on an input computed inside the step (not one of its inputs): checked inside the graph."""
+    return _network(x * 1.0, w1, w2, w3)
+
+
+@pytest.mark.parametrize("checked", ["before_replay", "in_graph"])
 @pytest.mark.parametrize("route", [spike_matmul.BFLOAT16, spike_matmul.INT8])
-def test_static_plan_on_the_tensor_core_gemm_routes(route, monkeypatch):
+def test_static_plan_on_the_tensor_core_gemm_routes(route, checked, monkeypatch):
     # The tensor-core GEMMs forced at a tiny size (as on a GPU for large layers): the routes come
-    # from the recording, and the static step checks on the device that the spikes suit them.
+    # from the recording, and the static step checks on the device that the spikes suit them: the
+    # forward GEMM's input before each replay where it is an input of the step, else inside the graph
+    # (invalid: the replay's outputs are wrong); the weight gradient's inside the graph (overflow: only
+    # the backward is).
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    network = _network if checked == "before_replay" else _scaled_input_network
     # 16 input features: on CUDA torch._int_mm takes only contractions that are multiples of 8
     # (spike_matmul.int8_fits); layer 1's product (24 x 16)·(16 x 10) fits.
     inputs = _problem(seed=3, features=16)
     with spike_matmul.prefer(route):
-        expected = _step(_network, inputs)
-        plan, step = _recorded_plan(inputs)
+        expected = _step(network, inputs)
+        plan, step = _recorded_plan(inputs, network=network)
         # The weight gradient takes the bfloat16 route whatever the preference (spike_matmul.route_for).
         assert (plan.sites[0].split_linear, plan.sites[0].split_weight_grad) == (route, spike_matmul.BFLOAT16)
         assert plan.sites[0].spike_routes() == {route, spike_matmul.BFLOAT16}
         with DeviceReads(pytest.MonkeyPatch()) as static_reads:
             got = _static_step(plan, step, inputs)
         assert static_reads.seen == []
-        assert int(plan.invalid) == 0
+        assert (int(plan.invalid), int(plan.overflow)) == (0, 0)
+        before_replay = checked == "before_replay"
+        assert plan.input_checks == ({0: {route}} if before_replay else {})
+        assert plan.checks_in_graph is not before_replay
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         x, *weights = inputs
-        _static_step(plan, step, [x * _UNSUITED_SCALE[route]] + weights)
-        assert int(plan.invalid) == 1
+        unsuited = [x * _UNSUITED_SCALE[route]] + weights
+        assert not graphs._check_step_inputs(plan, inputs).value().any() if before_replay else True
+        _static_step(plan, step, unsuited)
+        if before_replay:
+            assert graphs._check_step_inputs(plan, unsuited).value().any()
+            assert int(plan.invalid) == 0
+        else:
+            assert int(plan.invalid) == 1
+        # Only real values fail the weight gradient's bfloat16 route (graded spikes are bfloat16 values).
+        assert int(plan.overflow) == (route == spike_matmul.BFLOAT16)
+
+
+def test_spike_check_answers_both_questions():
+    # [not bfloat16, not int8] of the nonzero entries, as the counting launch of the input events.
+    spikes = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], device=DEVICE)
+    for values, expected in ((spikes, [0, 0]), (spikes * 0.5, [0, 1]), (spikes * 200.0, [0, 1]),
+                             (spikes * 0.3, [1, 1]), (spikes * -3.0, [0, 0]), (torch.zeros(0, 4), [0, 0])):
+        assert triton_lif.spike_check(values.to(DEVICE)).tolist() == expected, values
+    assert triton_lif.spike_check(torch.tensor([1, 257], device=DEVICE)).tolist() == [1, 1]  # 257: not bfloat16
 
 
 def test_recorded_route_is_the_one_every_recorded_step_could_take():
@@ -171,14 +201,16 @@ def test_static_plan_flags_a_list_that_would_overflow(monkeypatch):
     quiet = _problem(rate=0.15, seed=2)
     plan, step = _recorded_plan(quiet, headroom=1.0)
     _static_step(plan, step, quiet)
-    assert int(plan.invalid) == 0
+    assert (int(plan.invalid), int(plan.overflow)) == (0, 0)
     x, *weights = quiet
     busy = (torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.6).to(DEVICE, x.dtype)
     assert busy.count_nonzero() > plan.sites[0].events_capacity
-    _static_step(plan, step, [busy] + weights)
-    assert int(plan.invalid) == 1
+    output = _static_step(plan, step, [busy] + weights)[0]
+    # Only the backward needs the lists: the forward's outputs stay right, and say nothing is wrong.
+    assert (int(plan.invalid), int(plan.overflow)) == (0, 1)
+    torch.testing.assert_close(output, _step(_network, [busy] + weights)[0], rtol=1e-5, atol=1e-6)
     _static_step(plan, step, quiet)  # each forward starts clean
-    assert int(plan.invalid) == 0
+    assert int(plan.overflow) == 0
 
 
 def test_static_plan_lists_active_entries_from_staging_where_it_held(monkeypatch):
@@ -197,17 +229,18 @@ def test_static_plan_lists_active_entries_from_staging_where_it_held(monkeypatch
     assert [s.staged for s in plan.sites[:2]] == [True, True]
     gathers.clear()
     got = _static_step(plan, step, inputs)
-    assert gathers == [True, True] and int(plan.invalid) == 0
+    assert gathers == [True, True] and int(plan.overflow) == 0
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(triton_lif, "STAGE_FRACTION", 1e-9)  # one step's lanes per program: too small now
-    _static_step(plan, step, inputs)
-    assert int(plan.invalid) == 1
+    output = _static_step(plan, step, inputs)[0]
+    assert (int(plan.invalid), int(plan.overflow)) == (0, 1)
+    torch.testing.assert_close(output, expected[0], rtol=1e-5, atol=1e-6)  # the spikes do not need the lists
     plan, step = _recorded_plan(inputs)  # recorded with that small area: layer 1's overflowed
     assert plan.sites[0].staged is False
     gathers.clear()
     got = _static_step(plan, step, inputs)
-    assert gathers == [False, plan.sites[1].staged] and int(plan.invalid) == 0
+    assert gathers == [False, plan.sites[1].staged] and int(plan.overflow) == 0
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -251,6 +284,8 @@ def test_capture_graphs_rejects_bad_arguments():
         snnopt.capture_graphs(_network, (x,), headroom=0.5)
     with pytest.raises(InvalidArgumentError, match="recapture_after: expected an int >= 0"):
         snnopt.capture_graphs(_network, (x,), recapture_after=-1)
+    with pytest.raises(InvalidTypeError, match="wait_for_replay: expected True or False"):
+        snnopt.capture_graphs(_network, (x,), wait_for_replay="yes")
 
 
 class _Replays:
@@ -277,6 +312,7 @@ class _Captures:
     def __call__(self, inputs):
         plan = graphs.CapturePlan(DEVICE)
         plan.static = True
+        plan.checks_in_graph = True  # the stand-in's flag says the forward's outputs are wrong: read after it
         self.made.append((inputs, _Replays(_network, plan, self.raise_flag)))
         return self.made[-1][1], plan
 
@@ -427,7 +463,8 @@ def test_snnopt_nn_modules_follow_a_static_plan(monkeypatch):
 def test_static_plans_keep_results_for_any_shape_activity_and_capacity(batch, steps, features, hidden, rate,
                                                                          headroom, pairs, seed, monkeypatch):
     # Whatever the sizes, the activity (none at all included) and how much of each list is padding:
-    # a static plan either reproduces eager execution exactly or, where a list overflows, says so.
+    # a static plan reproduces eager execution's outputs, and its gradients unless it says a list
+    # overflowed.
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: pairs)
     monkeypatch.setattr(graphs, "CAPACITY_QUANTUM", 1)
     gen = torch.Generator().manual_seed(seed)
@@ -438,14 +475,18 @@ def test_static_plans_keep_results_for_any_shape_activity_and_capacity(batch, st
     expected = _step(_network, inputs)
     plan, step = _recorded_plan(inputs, headroom=headroom)
     got = _static_step(plan, step, inputs)
-    assert int(plan.invalid) == 0  # the recorded input itself always fits its own plan
+    assert (int(plan.invalid), int(plan.overflow)) == (0, 0)  # the recorded input always fits its own plan
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # A different input on the same plan: the same results, unless the plan says it did not hold.
+    # A different input on the same plan: the same output; the same gradients unless the plan says
+    # a list overflowed.
     other = (torch.rand(x.shape, generator=gen) < min(1.0, rate * 1.5 + 0.05)).float().to(DEVICE)
     got = _static_step(plan, step, [other] + ws)
-    if not int(plan.invalid):
-        for a, b in zip(got, _step(_network, [other] + ws)):
+    assert int(plan.invalid) == 0
+    expected = _step(_network, [other] + ws)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    if not int(plan.overflow):
+        for a, b in zip(got[1:], expected[1:]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -480,3 +521,168 @@ def test_graphed_model_captures_again_when_a_parameter_is_replaced(monkeypatch):
     net.w2 = torch.nn.Parameter(net.w2.detach() * 0.5)  # a new tensor: captured again
     model(x)
     assert len(made) == 2 and model.recaptures == 1
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on any device: ``replay()`` runs again what was captured, into the same buffers."""
+
+    def __init__(self, run):
+        self.run, self.replays = run, 0
+
+    def replay(self):
+        self.replays += 1
+        self.run()
+
+
+def _eager_captured(network, example, plan, overflows=lambda inputs: False):
+    """A graphs._Captured of ``network`` whose graphs run eagerly: the forward raises ``plan.overflow`` where
+    ``overflows(inputs)``, and then the backward writes NaN gradients (an overflowed list's are unreliable)."""
+    static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in example)
+    kept = {}
+
+    def forward():
+        with torch.enable_grad():
+            kept["out"] = network(*static_inputs)
+        static_outputs[0].copy_(kept["out"].detach())
+        plan.overflow.fill_(int(overflows(static_inputs)))
+
+    def backward():
+        wanted = [t for t in static_inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(kept["out"], wanted, static_grad_outputs[0]))
+        for static in static_grads:
+            if static is not None:
+                static.copy_(next(grads))
+                if int(plan.overflow):
+                    static.fill_(float("nan"))
+
+    with torch.no_grad():
+        static_outputs = [network(*static_inputs)]
+    static_grad_outputs = [torch.empty_like(static_outputs[0])]
+    static_grads = [torch.empty_like(t) if t.requires_grad else None for t in static_inputs]
+    return graphs._Captured(static_inputs, (), static_outputs, torch.utils._pytree.tree_flatten(static_outputs[0])[1],
+                            [0], static_grad_outputs, static_grads, _EagerGraph(forward), _EagerGraph(backward))
+
+
+@pytest.mark.parametrize("overflowed", [False, True])
+def test_replayed_step_hands_out_fresh_results_and_recomputes_an_overflowed_backward(overflowed, monkeypatch):
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    inputs = _problem()
+    x, *weights = inputs
+    plan = graphs.CapturePlan(DEVICE)
+    captured = _eager_captured(_network, inputs, plan, overflows=lambda inputs: overflowed)
+    told = []
+    plan.on_backward = told.append
+    replay = graphs._replayer(captured, _network, plan)
+    expected = _step(_network, inputs)
+    first = replay(*inputs)
+    torch.testing.assert_close(first.detach(), expected[0])
+    upstream = torch.linspace(-1.0, 1.0, first.numel(), device=DEVICE).reshape(first.shape)
+    (first * upstream).sum().backward()
+    assert told == [overflowed] and captured.backward_graph.replays == 1
+    for w, grad in zip(weights, expected[1:]):
+        torch.testing.assert_close(w.grad, grad, rtol=1e-5, atol=1e-6)  # recomputed where it overflowed
+    # A second step adds into .grad: nothing handed out was one of the graphs' own buffers.
+    second = replay(*inputs)
+    assert second is not first and second.data_ptr() != first.data_ptr()
+    (second * upstream).sum().backward()
+    for w, grad in zip(weights, expected[1:]):
+        torch.testing.assert_close(w.grad, 2 * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_graphed_model_captures_again_after_backwards_in_a_row_overflow(monkeypatch):
+    # An overflow only the backward needs: the forward's outputs are handed out, the backward is
+    # recomputed eagerly, and after recapture_after such steps in a row the next forward captures again.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    x, *weights = _problem()
+    busy = (x + 1.0).clamp(max=1.0)
+    made = []
+
+    def capture(inputs):
+        plan = graphs.CapturePlan(DEVICE)
+        plan.static = True
+        first = len(made) == 0
+        # The first capture's lists hold x's activity, not busier inputs'; a capture on busy holds.
+        captured = _eager_captured(_network, inputs, plan,
+                                   overflows=lambda given: first and bool(given[0].sum() > x.sum()))
+        made.append(inputs)
+        return graphs._replayer(captured, _network, plan), plan
+
+    model = graphs.GraphedModel(_network, capture, (x, *weights), recapture_after=2)
+
+    def step(inp):
+        for w in weights:
+            w.grad = None
+        out = model(inp, *weights)
+        out.sum().backward()
+        return out, [w.grad for w in weights]
+
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        out, grads = step(busy)
+    assert model.fallbacks == 1 and model.recaptures == 0
+    expected = _step(lambda *a: _network(*a), [busy] + weights)
+    torch.testing.assert_close(out.detach(), expected[0])
+    eager = torch.autograd.grad(_network(busy, *weights).sum(), weights)
+    for got, want in zip(grads, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    step(x)  # within the plan: the streak ends
+    step(busy)
+    assert model.fallbacks == 2 and model.recaptures == 0 and len(made) == 1
+    step(busy)  # second in a row: the next forward records and captures again, on its own input
+    assert model.fallbacks == 3 and model.recaptures == 0
+    step(x)
+    assert model.recaptures == 1 and len(made) == 2 and made[1][0] is x
+    step(busy)
+    assert model.fallbacks == 3
+
+
+def test_graphed_model_checks_its_inputs_before_the_replay(monkeypatch):
+    # A split GEMM's input that is an input of the step is checked before each replay (its outputs
+    # would be wrong): one that is no longer spikes runs the step eagerly, without reading the replay.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    x, *weights = _problem()
+    made = []
+
+    def capture(inputs):
+        plan = graphs.CapturePlan(DEVICE)
+        plan.static = True
+        plan.input_checks = {0: {spike_matmul.BFLOAT16}}
+        made.append(_eager_captured(_network, inputs, plan))
+        return graphs._replayer(made[-1], _network, plan), plan
+
+    model = graphs.GraphedModel(_network, capture, (x, *weights), recapture_after=0)
+    reads = []
+    real = graphs._HostRead.value
+    monkeypatch.setattr(graphs._HostRead, "value", lambda self: (reads.append(self), real(self))[1])
+    out = model(x, *weights)
+    assert made[0].forward_graph.replays == 1 and model.fallbacks == 0 and len(reads) == 1
+    torch.testing.assert_close(out.detach(), _network(x, *weights).detach())
+    out.sum().backward()
+    real_values = x * 0.3
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        out = model(real_values, *weights)
+    assert model.fallbacks == 1 and made[0].forward_graph.replays == 2
+    torch.testing.assert_close(out.detach(), _network(real_values, *weights).detach())
+
+
+def test_graphed_model_waiting_for_the_replay_reads_every_flag_in_the_forward(monkeypatch):
+    # wait_for_replay (the protocol before stop 19): an overflow is read after the forward's replay,
+    # and the whole step runs eagerly then; the replayed backward is never reached.
+    monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
+    x, *weights = _problem()
+    made = []
+
+    def capture(inputs):
+        plan = graphs.CapturePlan(DEVICE)
+        plan.static = True
+        made.append(_eager_captured(_network, inputs, plan, overflows=lambda given: True))
+        return graphs._replayer(made[-1], _network, plan), plan
+
+    model = graphs.GraphedModel(_network, capture, (x, *weights), recapture_after=0, wait_for_replay=True)
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        out = model(x, *weights)
+    assert model.fallbacks == 1 and made[0].forward_graph.replays == 1
+    out.sum().backward()
+    assert made[0].backward_graph.replays == 0 and model.fallbacks == 1
+    eager = torch.autograd.grad(_network(x, *weights).sum(), weights)
+    for w, want in zip(weights, eager):
+        torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=1e-6)
