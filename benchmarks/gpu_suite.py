@@ -1369,6 +1369,10 @@ def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict
             "trials": _time_tunings(cases, ON_TUNING_TRIALS, sizes, errors, device, "kernel_tuning.on")}
 
 
+def _can_capture(device: torch.device) -> bool:
+    return device.type == "cuda" and GRAPHED not in SKIPPED
+
+
 def _graph_reads(sizes: SuiteSizes, args, device: torch.device, errors: dict) -> dict:
     """A captured sparse layer under both of ``GraphedModel``'s host-read protocols, side by side.
 
@@ -1378,7 +1382,7 @@ def _graph_reads(sizes: SuiteSizes, args, device: torch.device, errors: dict) ->
     protocol until stop 19): every forward waits for its replay and reads every flag. The seed
     network's layer 1 at the tuning trials' hidden size, and the ON layer at the smallest n.
     """
-    if device.type != "cuda" or GRAPHED in SKIPPED:
+    if not _can_capture(device):
         return {"skipped": "needs CUDA (and a capture probe that worked)"}
     hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
     cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)

@@ -228,3 +228,44 @@ def test_memory_ratios_include_the_seed_papers_measure():
     assert ratios["backward_peak"] == 0.3 and ratios["backward_added"] == 0.3
     assert ratios["backward_peak_excluding_caller_tensors"] == 100 / 800
     assert "backward_added" not in gpu_suite._memory_ratios({"backward_peak_bytes": 300}, dense)
+
+
+def test_gpu_suite_graph_reads_part_runs_and_prints(monkeypatch, capsys):
+    # The host-read comparison of captured layers needs CUDA to capture; here a stand-in for the
+    # captured model (the layer itself, with a GraphedModel's counters) runs the rest of its code.
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_suite
+    finally:
+        sys.path.pop(0)
+
+    class StandIn:
+        fallbacks = recaptures = other_inputs = overlapping = 0
+        graph_pool_bytes = None
+
+        def __init__(self, model, options):
+            self.model, self.options = model, options
+            self.plan = argparse.Namespace(summary=lambda: [], input_checks={0: {"bfloat16"}}, checks_in_graph=False)
+
+        def __call__(self, *inputs):
+            return self.model(*inputs)
+
+    made = []
+    monkeypatch.setattr(gpu_suite, "_can_capture", lambda device: True)
+    monkeypatch.setattr(gpu_suite, "captured", lambda model, inputs, **options: made.append(options) or
+                        StandIn(model, options))
+    errors: dict = {}
+    args = argparse.Namespace(seed=0, on_input_rate=0.05, on_weight_gain=1.0)
+    result = gpu_suite._graph_reads(gpu_suite.MODES["smoke"], args, torch.device("cpu"), errors)
+    assert not errors, errors
+    assert made == [{"wait_for_replay": False}] * 2 + [{"wait_for_replay": True}] * 2
+    layers = [key for key in result if key != "config"]
+    assert len(layers) == 2 and all(set(result[key]) == {"shipped", "waits_for_replay"} for key in layers)
+    assert all(v["step_ms"] > 0 and v["input_checks"] == {"0": ["bfloat16"]} for key in layers
+               for v in result[key].values())
+    gpu_suite.print_tuning({"kernel_tuning": {"shipped": {}, "graph_reads": result}, "device": {"name": "cpu"}})
+    assert "host-read protocols" in capsys.readouterr().out
