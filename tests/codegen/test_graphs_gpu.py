@@ -140,3 +140,24 @@ def test_replayed_and_eager_steps_agree_with_the_backward_on_the_calling_thread(
             for a, b in zip(_graph_step(graphed, x, weights), expected):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert graphed.fallbacks == 0
+
+
+def test_split_gemm_inputs_are_checked_before_the_replay(monkeypatch):
+    # The split GEMM forced on (as for large layers): layer 1's input, an input of the step, is checked
+    # before each replay; layers 2 and 3 take the spikes of the layer before, which need no check. An
+    # input that is no longer spikes runs the step eagerly, with the eager results.
+    import snnopt
+    from snnopt.codegen import spike_matmul
+
+    monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
+    x, weights = _graph_problem()
+    graphed = snnopt.capture_graphs(_graph_network, (x, *weights))
+    assert graphed.plan.input_checks == {0: {spike_matmul.BFLOAT16}} and not graphed.plan.checks_in_graph
+    for a, b in zip(_graph_step(graphed, x, weights), _graph_step(_graph_network, x, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    real = x * 0.3
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        got = _graph_step(graphed, real, weights)
+    for a, b in zip(got, _graph_step(_graph_network, real, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphed.fallbacks == 1
