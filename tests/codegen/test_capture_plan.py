@@ -563,6 +563,19 @@ def _eager_captured(network, example, plan, overflows=lambda inputs: False):
                             [0], static_grad_outputs, static_grads, _EagerGraph(forward), _EagerGraph(backward))
 
 
+def _eager_captures(made, overflows=lambda capture, inputs: False, input_checks=None):
+    """capture_graphs' record-and-capture, stood in by _eager_captured: a fresh plan and graphs per capture,
+    each kept in ``made``; ``overflows(k, inputs)`` for the k-th capture's replays."""
+    def capture(inputs):
+        plan = graphs.CapturePlan(DEVICE)
+        plan.static = True
+        plan.input_checks = dict(input_checks or {})
+        k = len(made)
+        made.append(_eager_captured(_network, inputs, plan, overflows=lambda given: overflows(k, given)))
+        return graphs._replayer(made[-1], _network, plan), plan
+    return capture
+
+
 @pytest.mark.parametrize("overflowed", [False, True])
 def test_replayed_step_hands_out_fresh_results_and_recomputes_an_overflowed_backward(overflowed, monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
@@ -596,17 +609,8 @@ def test_graphed_model_captures_again_after_backwards_in_a_row_overflow(monkeypa
     x, *weights = _problem()
     busy = (x + 1.0).clamp(max=1.0)
     made = []
-
-    def capture(inputs):
-        plan = graphs.CapturePlan(DEVICE)
-        plan.static = True
-        first = len(made) == 0
-        # The first capture's lists hold x's activity, not busier inputs'; a capture on busy holds.
-        captured = _eager_captured(_network, inputs, plan,
-                                   overflows=lambda given: first and bool(given[0].sum() > x.sum()))
-        made.append(inputs)
-        return graphs._replayer(captured, _network, plan), plan
-
+    # The first capture's lists hold x's activity, not busier inputs'; a capture on busy holds.
+    capture = _eager_captures(made, overflows=lambda k, given: k == 0 and bool(given[0].sum() > x.sum()))
     model = graphs.GraphedModel(_network, capture, (x, *weights), recapture_after=2)
 
     def step(inp):
@@ -630,7 +634,7 @@ def test_graphed_model_captures_again_after_backwards_in_a_row_overflow(monkeypa
     step(busy)  # second in a row: the next forward records and captures again, on its own input
     assert model.fallbacks == 3 and model.recaptures == 0
     step(x)
-    assert model.recaptures == 1 and len(made) == 2 and made[1][0] is x
+    assert model.recaptures == 1 and len(made) == 2 and torch.equal(made[1].static_inputs[0], x)
     step(busy)
     assert model.fallbacks == 3
 
@@ -641,14 +645,7 @@ def test_graphed_model_checks_its_inputs_before_the_replay(monkeypatch):
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
     x, *weights = _problem()
     made = []
-
-    def capture(inputs):
-        plan = graphs.CapturePlan(DEVICE)
-        plan.static = True
-        plan.input_checks = {0: {spike_matmul.BFLOAT16}}
-        made.append(_eager_captured(_network, inputs, plan))
-        return graphs._replayer(made[-1], _network, plan), plan
-
+    capture = _eager_captures(made, input_checks={0: {spike_matmul.BFLOAT16}})
     model = graphs.GraphedModel(_network, capture, (x, *weights), recapture_after=0)
     reads = []
     real = graphs._HostRead.value
@@ -670,13 +667,7 @@ def test_graphed_model_waiting_for_the_replay_reads_every_flag_in_the_forward(mo
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: True)
     x, *weights = _problem()
     made = []
-
-    def capture(inputs):
-        plan = graphs.CapturePlan(DEVICE)
-        plan.static = True
-        made.append(_eager_captured(_network, inputs, plan, overflows=lambda given: True))
-        return graphs._replayer(made[-1], _network, plan), plan
-
+    capture = _eager_captures(made, overflows=lambda k, given: True)
     model = graphs.GraphedModel(_network, capture, (x, *weights), recapture_after=0, wait_for_replay=True)
     with pytest.warns(RuntimeWarning, match="ran eagerly"):
         out = model(x, *weights)
