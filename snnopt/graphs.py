@@ -367,8 +367,10 @@ class GraphedModel(nn.Module):
                 self._recapture(inputs)
             elif self.recapture_after and self._streak >= self.recapture_after:  # backwards that overflowed
                 self._recapture(inputs)
-            checked = _check_step_inputs(self.plan, inputs)  # issued before the replay: waits for itself only
-            out = self._graphed(*inputs)
+            # Issued before the replay, and waited for alone. (It may copy the inputs it checks into the
+            # graphs' own: the replay then does not.)
+            checked, copied = _check_step_inputs(self.plan, inputs, getattr(self._graphed, "static_inputs", ()))
+            out = self._graphed(*inputs, copied=copied) if copied else self._graphed(*inputs)
             unsuited = checked is not None and bool(checked.value().any())
             if self.wait_for_replay:  # every flag, overflow included, after the replay (before stop 19)
                 unsuited = unsuited or bool((self.plan.invalid | self.plan.overflow).item())
@@ -449,17 +451,30 @@ class _HostRead:
         return self._host
 
 
-def _check_step_inputs(plan: CapturePlan, inputs) -> Optional[_HostRead]:
-    """The spike check of the step inputs that feed split GEMMs (``plan.input_checks``), on its way to the host:
-    nonzero entries where an input does not suit a route it feeds."""
+def _check_step_inputs(plan: CapturePlan, inputs, static_inputs: Sequence[Tensor] = ()
+                       ) -> tuple[Optional[_HostRead], frozenset]:
+    """The spike check of the step inputs that feed split GEMMs (``plan.input_checks``), on its way to the host
+    (nonzero entries where an input does not suit a route it feeds), and the inputs it copied.
+
+    Where the graphs' own copy of an input (``static_inputs``) is laid out as the input, one pass
+    copies it there and checks it (the replay then skips that copy); else the check reads it alone.
+    """
     if not plan.input_checks:
-        return None
-    flags = []
+        return None, frozenset()
+    flags, copied = [], set()
     for slot, routes in sorted(plan.input_checks.items()):
-        kinds = triton_lif.spike_check(inputs[slot])  # [not bfloat16, not int8] of its nonzeros
+        given = inputs[slot]
+        static = static_inputs[slot] if slot < len(static_inputs) else None
+        if (static is not None and static.data_ptr() != given.data_ptr() and static.shape == given.shape
+                and static.dtype == given.dtype and given.is_floating_point() and given.is_contiguous()
+                and static.is_contiguous()):
+            kinds = triton_lif.copy_and_check(given.detach(), static.detach())
+            copied.add(slot)
+        else:
+            kinds = triton_lif.spike_check(given)  # [not bfloat16, not int8] of its nonzeros
         for index in sorted({1 if route in spike_matmul.INT8_ROUTES else 0 for route in routes}):
             flags.append(kinds[index:index + 1])
-    return _HostRead(flags[0] if len(flags) == 1 else torch.cat(flags))
+    return _HostRead(flags[0] if len(flags) == 1 else torch.cat(flags)), frozenset(copied)
 
 
 def _param_places(model) -> tuple:
@@ -605,7 +620,8 @@ class _Captured:
 def _replayer(captured: _Captured, model: Callable, plan: CapturePlan) -> Callable:
     """The callable that replays ``captured`` as one autograd function (the graphed step).
 
-    Forward: the inputs copied into the graph's (where they are not those already), one replay,
+    Forward: the inputs copied into the graph's (where they are not those already, and the caller
+    did not copy them on its way: ``copied``), one replay,
     fresh outputs, and the lists' overflow flag on its way to the host. Backward: the gradients
     copied in, one replay, fresh gradients, then the flag (the forward's replay has ended by then,
     or soon will: the host waits for it, not for this backward's work). Where a list overflowed the
@@ -617,12 +633,13 @@ def _replayer(captured: _Captured, model: Callable, plan: CapturePlan) -> Callab
     differentiable = captured.differentiable
     n_inputs = len(static_inputs)
     fresh_grad_slots = [k for k, g in enumerate(captured.static_grads) if g is not None]
+    copied_by_caller: list = [frozenset()]  # inputs the caller has copied into static_inputs for this call
 
     class Replay(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
-            for static, given in zip(static_inputs, args[:n_inputs]):
-                if static.data_ptr() != given.data_ptr():
+            for k, (static, given) in enumerate(zip(static_inputs, args[:n_inputs])):
+                if k not in copied_by_caller[0] and static.data_ptr() != given.data_ptr():
                     static.copy_(given)
             captured.forward_graph.replay()
             fresh = tuple(o.clone() for o in captured.static_outputs)  # the next replay rewrites the graph's own
@@ -650,10 +667,16 @@ def _replayer(captured: _Captured, model: Callable, plan: CapturePlan) -> Callab
                 return _eager_gradients(model, ctx.saved_tensors, params, differentiable, grads, fresh_grad_slots)
             return tuple(out)
 
-    def replay(*inputs):
-        flat = Replay.apply(*inputs, *params)
+    def replay(*inputs, copied: frozenset = frozenset()):
+        """``copied``: indices of inputs already copied into ``replay.static_inputs`` for this call."""
+        copied_by_caller[0] = copied
+        try:
+            flat = Replay.apply(*inputs, *params)
+        finally:
+            copied_by_caller[0] = frozenset()
         return pytree.tree_unflatten(list(flat), captured.spec)
 
+    replay.static_inputs = static_inputs
     return replay
 
 

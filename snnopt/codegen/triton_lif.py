@@ -311,8 +311,9 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
     # OPERAND (writing): the pass reads every entry anyway, so it also writes the input as the forward
     # GEMM's spike operand, OPERAND copies side by side per row ((B*T, OPERAND*features) of op_ptr's
     # dtype, every entry written: no zero fill, no rebuild from the events).
-    # CHECK (counting): kind[0] = 1 where a nonzero is not a bfloat16 value, kind[1] = 1 where one is
-    # not an integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count).
+    # CHECK: kind[0] = 1 where a nonzero is not a bfloat16 value, kind[1] = 1 where one is not an
+    # integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count; or, with
+    # WRITE, OPERAND=1 and no capacity, of an input copied into a captured graph's: copy_and_check).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     live = r < rows
     t = r % steps
@@ -340,20 +341,20 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
             base += tl.sum(nz.to(tl.int64), axis=1)
         else:
             total += tl.sum(nz.to(tl.int32), axis=1)
-            if CHECK:
-                xf = xv.to(tl.float32)
-                exact = xf.to(xv.dtype) == xv  # (a float64 beyond float32 is neither)
-                bfloat16_ok = exact & (xf.to(tl.bfloat16).to(tl.float32) == xf)
-                in_range = (xf >= -128.0) & (xf <= 127.0)  # (NaN is not)
-                int8_ok = exact & in_range & (tl.where(in_range, xf, 0.0).to(tl.int32).to(tl.float32) == xf)
-                not_bfloat16 = tl.maximum(not_bfloat16, tl.max(tl.max(tl.where(nz & ~bfloat16_ok, 1, 0), axis=1),
-                                                               axis=0))
-                not_int8 = tl.maximum(not_int8, tl.max(tl.max(tl.where(nz & ~int8_ok, 1, 0), axis=1), axis=0))
+        if CHECK:
+            xf = xv.to(tl.float32)
+            exact = xf.to(xv.dtype) == xv  # (a float64 beyond float32 is neither)
+            bfloat16_ok = exact & (xf.to(tl.bfloat16).to(tl.float32) == xf)
+            in_range = (xf >= -128.0) & (xf <= 127.0)  # (NaN is not)
+            int8_ok = exact & in_range & (tl.where(in_range, xf, 0.0).to(tl.int32).to(tl.float32) == xf)
+            not_bfloat16 = tl.maximum(not_bfloat16, tl.max(tl.max(tl.where(nz & ~bfloat16_ok, 1, 0), axis=1),
+                                                           axis=0))
+            not_int8 = tl.maximum(not_int8, tl.max(tl.max(tl.where(nz & ~int8_ok, 1, 0), axis=1), axis=0))
     if not WRITE:
         tl.store(counts_ptr + r, total, mask=live)
-        if CHECK:
-            tl.atomic_max(kind_ptr, not_bfloat16.to(tl.int64), sem="relaxed")  # only a flag: no ordering needed
-            tl.atomic_max(kind_ptr + 1, not_int8.to(tl.int64), sem="relaxed")
+    if CHECK:
+        tl.atomic_max(kind_ptr, not_bfloat16.to(tl.int64), sem="relaxed")  # only a flag: no ordering needed
+        tl.atomic_max(kind_ptr + 1, not_int8.to(tl.int64), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["count", "entries"])
@@ -1272,6 +1273,33 @@ def spike_check(x: Tensor) -> Tensor:
         flat, torch.empty(rows, dtype=torch.int32, device=device), _unused(torch.int64, device),
         _unused(torch.int32, device), _unused(torch.float32, device), kinds, _unused(torch.bfloat16, device), rows,
         1, features, 0, WRITE=False, CHECK=True, OPERAND=0, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+    return kinds
+
+
+def copy_and_check(x: Tensor, out: Tensor) -> Tensor:
+    """``out.copy_(x)`` and :func:`spike_check` of ``x`` in one pass over it (one launch): ``out`` and ``x``
+    of one shape and floating dtype, both contiguous. Returns the check, unread.
+
+    A captured step copies its inputs into the graphs' own before each replay; an input that feeds a
+    split GEMM is checked on the way (``snnopt.graphs``), instead of being read once more.
+    """
+    if out.shape != x.shape or out.dtype != x.dtype or not (x.is_contiguous() and out.is_contiguous()) or (
+            not x.is_floating_point()):
+        raise ValueError(f"copy_and_check: expected two contiguous floating tensors of one shape and dtype, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}")
+    kinds = torch.zeros(2, dtype=torch.int64, device=x.device)
+    if not x.numel():
+        return kinds
+    features = x.shape[-1] if x.dim() else 1
+    rows = x.numel() // features
+    block, rows_per_program, grid, warps = _event_pass_shape(rows, features)
+    device = x.device
+    # Listing with no room for events (capacity 0: none written, every offset 0) and the input as its
+    # one-copy operand: the copy. (steps: only the events' positions use it.)
+    kernels(_PLAIN_SPEC, x.dtype)._input_events_kernel[grid](
+        x, _unused(torch.int32, device), torch.zeros(rows, dtype=torch.int64, device=device),
+        _unused(torch.int32, device), _unused(accumulation_dtype(x.dtype), device), kinds, out, rows, 1, features, 0,
+        WRITE=True, CHECK=True, OPERAND=1, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     return kinds
 
 

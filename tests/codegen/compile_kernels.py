@@ -32,12 +32,13 @@ STAGES = TUNING.sweep_stages
 # The compact sparse path's kernels (feedforward sparse layers), with the flags its launchers use.
 COMPACT_KERNELS = {
     # counting (with or without the spike check), listing, and listing that also writes the forward
-    # GEMM's spike operand (bfloat16 three times side by side, or int8 once)
+    # GEMM's spike operand (bfloat16 three times side by side, or int8 once); and a captured step's
+    # input copied and checked (copy_and_check: the operand is the copy)
     "_input_events_kernel": [dict(WRITE=write, CHECK=check, OPERAND=copies, ROWS=TUNING.event_tile // 1024,
                                   BLOCK=1024, num_warps=8, **({"op_ptr": op} if op else {}))
                              for write, check, copies, op in ((False, False, 0, None), (False, True, 0, None),
                                                               (True, False, 0, None), (True, False, 3, "*bf16"),
-                                                              (True, False, 1, "*i8"))],
+                                                              (True, False, 1, "*i8"), (True, True, 1, "*fp32"))],
     # several entries per program (the shipped pair_entries) and one (the suite's trial pair_entries_1)
     # (and the suite's trial grouped_pairs_32: a block's pairs of one (b, j) merged before the atomics)
     "_sparse_weight_grad_kernel": [

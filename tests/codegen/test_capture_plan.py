@@ -151,10 +151,10 @@ def test_static_plan_on_the_tensor_core_gemm_routes(route, checked, monkeypatch)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         x, *weights = inputs
         unsuited = [x * _UNSUITED_SCALE[route]] + weights
-        assert not graphs._check_step_inputs(plan, inputs).value().any() if before_replay else True
+        assert not graphs._check_step_inputs(plan, inputs)[0].value().any() if before_replay else True
         _static_step(plan, step, unsuited)
         if before_replay:
-            assert graphs._check_step_inputs(plan, unsuited).value().any()
+            assert graphs._check_step_inputs(plan, unsuited)[0].value().any()
             assert int(plan.invalid) == 0
         else:
             assert int(plan.invalid) == 1
@@ -169,6 +169,20 @@ def test_spike_check_answers_both_questions():
                              (spikes * 0.3, [1, 1]), (spikes * -3.0, [0, 0]), (torch.zeros(0, 4), [0, 0])):
         assert triton_lif.spike_check(values.to(DEVICE)).tolist() == expected, values
     assert triton_lif.spike_check(torch.tensor([1, 257], device=DEVICE)).tolist() == [1, 1]  # 257: not bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_and_check_copies_and_checks_in_one_pass(dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.rand(3, 7, 37, generator=gen) < 0.4).to(dtype)
+    for values, expected in ((x, [0, 0]), (x * 0.5, [0, 1]), (x * 0.3, [1, 1] if dtype == torch.float32 else [0, 1])):
+        values = values.to(DEVICE)
+        out = torch.full_like(values, 7.0)
+        assert triton_lif.copy_and_check(values, out).tolist() == expected
+        assert torch.equal(out, values)
+        assert triton_lif.spike_check(values).tolist() == expected
+    with pytest.raises(ValueError, match="copy_and_check"):
+        triton_lif.copy_and_check(x.to(DEVICE), torch.empty(3, 7, 36, dtype=dtype, device=DEVICE))
 
 
 def test_recorded_route_is_the_one_every_recorded_step_could_take():
@@ -654,10 +668,16 @@ def test_graphed_model_checks_its_inputs_before_the_replay(monkeypatch):
     assert made[0].forward_graph.replays == 1 and model.fallbacks == 0 and len(reads) == 1
     torch.testing.assert_close(out.detach(), _network(x, *weights).detach())
     out.sum().backward()
+    # The check copies the input into the graphs' own on its way (the replay does not copy it again).
+    other = torch.roll(x, 1, dims=1)
+    out = model(other, *weights)
+    assert torch.equal(made[0].static_inputs[0], other) and model.fallbacks == 0
+    torch.testing.assert_close(out.detach(), _network(other, *weights).detach())
+    out.sum().backward()
     real_values = x * 0.3
     with pytest.warns(RuntimeWarning, match="ran eagerly"):
         out = model(real_values, *weights)
-    assert model.fallbacks == 1 and made[0].forward_graph.replays == 2
+    assert model.fallbacks == 1 and made[0].forward_graph.replays == 3
     torch.testing.assert_close(out.detach(), _network(real_values, *weights).detach())
 
 
