@@ -621,13 +621,12 @@ def _replayer(captured: _Captured, model: Callable, plan: CapturePlan) -> Callab
     """The callable that replays ``captured`` as one autograd function (the graphed step).
 
     Forward: the inputs copied into the graph's (where they are not those already, and the caller
-    did not copy them on its way: ``copied``), one replay,
-    fresh outputs, and the lists' overflow flag on its way to the host. Backward: the gradients
-    copied in, one replay, fresh gradients, then the flag (the forward's replay has ended by then,
-    or soon will: the host waits for it, not for this backward's work). Where a list overflowed the
-    replayed gradients are dropped: ``model`` runs the step again eagerly on the same inputs (its
-    outputs are the replay's: they do not depend on list lengths) and is differentiated instead.
-    ``plan.on_backward`` is told which.
+    did not copy them on its way: ``copied``), one replay, fresh outputs, and the lists' overflow
+    flag on its way to the host. Backward: the gradients copied in, one replay, fresh gradients,
+    then the flag (the forward's replay has ended by then, or soon will: the host waits for it,
+    not for this backward's work). Where a list overflowed the replayed gradients are dropped:
+    ``model`` runs the step again eagerly on the same inputs (its outputs are the replay's: they do
+    not depend on list lengths) and is differentiated instead. ``plan.on_backward`` is told which.
     """
     static_inputs, params = captured.static_inputs, captured.params
     differentiable = captured.differentiable
