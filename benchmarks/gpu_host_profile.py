@@ -180,6 +180,11 @@ def op_floors(device) -> dict:
     return cases
 
 
+# The captured variant with capture_graphs(..., wait_for_replay=True): each forward waits for its replay
+# (the protocol until stop 19), next to the shipped one.
+WAITING = gpu_suite.GRAPHED + "_waiting"
+
+
 def cases(device, smoke: bool) -> dict:
     sizes = gpu_suite.MODES["smoke" if smoke else "full"]
     cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=200)
@@ -189,7 +194,11 @@ def cases(device, smoke: bool) -> dict:
         grad_out = torch.randn(cfg.batch, cfg.steps, cfg.hidden, device=device)
         errors: dict = {}
         layer = gpu_suite.layer_cases(cfg, inp, weight, grad_out, active1, needs, errors)
-        for key in ("snnopt_sparse", gpu_suite.GRAPHED):
+        if name == "seed_L1":  # the capture protocol before stop 19, for its device-idle gaps
+            gpu_suite._add_graphed_layer(layer, cfg, inp, weight, grad_out, active1, needs, errors, key=WAITING,
+                                         label=f"{gpu_suite.GRAPHED_LABEL}, waits for its replay",
+                                         wait_for_replay=True)
+        for key in ("snnopt_sparse", gpu_suite.GRAPHED, WAITING):
             if key in layer:
                 out[f"{name}.{key}"] = layer[key]
             elif key in errors:
@@ -214,11 +223,14 @@ def cases(device, smoke: bool) -> dict:
     cfg, x, weight = gpu_suite.on_problem(sizes.on_neurons[0], sizes, argparse.Namespace(
         seed=0, on_input_rate=0.05, on_weight_gain=1.0), device)
     builders = gpu_suite.on_builders(cfg, weight)
-    for key in ("snnopt_sparse", gpu_suite.GRAPHED):
+    for key in ("snnopt_sparse", gpu_suite.GRAPHED, WAITING):
         try:
             with torch.device(device):
-                module = builders[key][1]()
-            forward, inp = gpu_suite.on_call(key, module, x)
+                module = builders[gpu_suite.GRAPHED if key == WAITING else key][1]()
+            if key == WAITING:
+                forward, inp = gpu_suite.captured(module, (x,), wait_for_replay=True), x
+            else:
+                forward, inp = gpu_suite.on_call(key, module, x)
         except Exception as error:  # no CUDA for the graphed variant (smoke runs on CPU)
             out[f"on_{cfg.hidden}.{key}"] = gpu_suite.describe(error)
             continue

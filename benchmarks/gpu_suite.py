@@ -344,14 +344,15 @@ GRAPHED_LABEL = "snnopt sparse, CUDA graphs"
 SKIPPED: set = set()
 
 
-def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_input_grad, errors) -> None:
+def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_input_grad, errors,
+                       key: str = GRAPHED, label: str = GRAPHED_LABEL, **options) -> None:
     """snnopt sparse replayed as CUDA graphs (``snnopt.capture_graphs``): the same kernels, no host time per op.
 
     Its memory is the graphs' pool, allocated at capture: left out of the memory columns (a peak
-    measured around one replay would not see it).
+    measured around one replay would not see it). ``options`` go to ``capture_graphs``.
     """
     if GRAPHED in SKIPPED:
-        errors[GRAPHED] = "skipped (--skip)"
+        errors[key] = "skipped (--skip)"
         return
     try:
         layer = snnopt_layer(cfg, "sparse")
@@ -361,14 +362,14 @@ def _add_graphed_layer(cases, cfg, x, weight, grad_out, upstream_active, needs_i
             args, fn = (inp, w, upstream_active), layer
         else:
             args, fn = (inp, w), (lambda inp, w: layer(inp, w, None))
-        graphed = captured(fn, args)
+        graphed = captured(fn, args, **options)
     except Exception as error:  # no CUDA (smoke runs), or a capture failure: reported, the rest carries on
-        errors[GRAPHED] = describe(error)
+        errors[key] = describe(error)
         return
-    case = Case(GRAPHED, GRAPHED_LABEL, lambda: graphed(*args), lambda out: torch.autograd.backward(out, grad_out),
+    case = Case(key, label, lambda: graphed(*args), lambda out: torch.autograd.backward(out, grad_out),
                 [w, inp] if needs_input_grad else [w], inputs=[inp], count_saved=False)
     case.graphed = graphed
-    cases[GRAPHED] = case
+    cases[key] = case
 
 
 def captured(model, example_inputs, **options):
