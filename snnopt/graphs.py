@@ -141,7 +141,8 @@ class CapturePlan:
 
     def begin(self, inputs: Sequence = ()) -> None:
         self._cursor = 0
-        self._step_inputs = tuple(t for t in inputs)
+        # (with their versions now: one modified in place later in the step no longer holds these values)
+        self._step_inputs = tuple((t, t._version) if isinstance(t, Tensor) else (None, None) for t in inputs)
         self._spike_outputs = []
         if self.static:  # recorded into the forward graph: every replay starts clean
             self.invalid.zero_()
@@ -170,15 +171,15 @@ class CapturePlan:
 
     def input_slot(self, x: Tensor) -> Optional[int]:
         """Which of the step's inputs ``x`` is (same storage, place, shape, strides; not modified since), or None."""
-        for k, t in enumerate(self._step_inputs):
-            if isinstance(t, Tensor) and _same_values(t, x):
+        for k, (t, version) in enumerate(self._step_inputs):
+            if t is not None and _same_values(t, x) and x._version == version:
                 return k
         return None
 
     def note_spikes(self, spikes: Tensor) -> None:
         """``spikes`` (an snnopt layer's output) holds only 0 and 1: a later layer taking it needs no check."""
         if self.static:
-            self._spike_outputs.append(spikes)
+            self._spike_outputs.append((spikes, spikes._version))
 
     def forget_step(self) -> None:
         self._step_inputs, self._spike_outputs = (), []
@@ -198,7 +199,7 @@ class CapturePlan:
             if not isinstance(route, str):
                 continue
             if forward:
-                if any(_same_values(spikes, x) for spikes in self._spike_outputs):
+                if any(_same_values(spikes, x) and x._version == version for spikes, version in self._spike_outputs):
                     continue  # an earlier layer's spikes, as it output them
                 slot = self.input_slot(x)
                 if slot is not None:
@@ -232,9 +233,10 @@ class CapturePlan:
 
 
 def _same_values(t: Tensor, x: Tensor) -> bool:
-    # The same tensor, or a view of the same memory laid out alike, not modified in place since.
+    # The same tensor, or a view of the same memory laid out alike (views share their base's version
+    # counter: the callers compare it with the one noted when ``t`` was seen).
     return t is x or (t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride()
-                      and t.dtype == x.dtype and t.device == x.device and t._version == x._version)
+                      and t.dtype == x.dtype and t.device == x.device)
 
 
 def _unsuited(values: Tensor, route: str) -> Optional[Tensor]:

@@ -120,7 +120,13 @@ def _scaled_input_network(x, w1, w2, w3):
     return _network(x * 1.0, w1, w2, w3)
 
 
-@pytest.mark.parametrize("checked", ["before_replay", "in_graph"])
+def _modified_input_network(x, w1, w2, w3):
+    """_network on a step input modified in place first: the same memory, other values than the replay's copy
+    had when it was checked, so checked inside the graph too."""
+    return _network(x.mul_(1.0), w1, w2, w3)
+
+
+@pytest.mark.parametrize("checked", ["before_replay", "in_graph", "in_graph_modified_input"])
 @pytest.mark.parametrize("route", [spike_matmul.BFLOAT16, spike_matmul.INT8])
 def test_static_plan_on_the_tensor_core_gemm_routes(route, checked, monkeypatch):
     # The tensor-core GEMMs forced at a tiny size (as on a GPU for large layers): the routes come
@@ -130,7 +136,8 @@ def test_static_plan_on_the_tensor_core_gemm_routes(route, checked, monkeypatch)
     # the backward is).
     monkeypatch.setattr(triton_lif, "events_are_cheaper", lambda *args: False)
     monkeypatch.setattr(spike_matmul, "applies", lambda spikes, other, shape: other.dtype == torch.float32)
-    network = _network if checked == "before_replay" else _scaled_input_network
+    network = {"before_replay": _network, "in_graph": _scaled_input_network,
+               "in_graph_modified_input": _modified_input_network}[checked]
     # 16 input features: on CUDA torch._int_mm takes only contractions that are multiples of 8
     # (spike_matmul.int8_fits); layer 1's product (24 x 16)·(16 x 10) fits.
     inputs = _problem(seed=3, features=16)
