@@ -677,8 +677,11 @@ def test_graphed_model_checks_its_inputs_before_the_replay(monkeypatch):
     out.sum().backward()
     # The check copies the input into the graphs' own on its way (the replay does not copy it again).
     other = torch.roll(x, 1, dims=1)
+    copies_by_replay = []
+    made[0].static_inputs[0].copy_ = copies_by_replay.append  # (this tensor's own copy_ only)
     out = model(other, *weights)
-    assert torch.equal(made[0].static_inputs[0], other) and model.fallbacks == 0
+    del made[0].static_inputs[0].copy_
+    assert torch.equal(made[0].static_inputs[0], other) and model.fallbacks == 0 and copies_by_replay == []
     torch.testing.assert_close(out.detach(), _network(other, *weights).detach())
     out.sum().backward()
     real_values = x * 0.3
