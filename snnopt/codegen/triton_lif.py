@@ -308,12 +308,12 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
     # as (t * features + i, value) at the row's offset. Rows in order, so events are grouped by b, then
     # t. Several rows per program: a row of a few hundred features is too little work for one.
     # Events at or past `capacity` are not written (a captured graph's fixed list; the caller flags it).
-    # OPERAND (writing): the pass reads every entry anyway, so it also writes the input as the forward
-    # GEMM's spike operand, OPERAND copies side by side per row ((B*T, OPERAND*features) of op_ptr's
-    # dtype, every entry written: no zero fill, no rebuild from the events).
+    # OPERAND: the pass reads every entry anyway, so it also writes the input as the forward GEMM's
+    # spike operand (with WRITE), OPERAND copies side by side per row ((B*T, OPERAND*features) of
+    # op_ptr's dtype, every entry written: no zero fill, no rebuild from the events); or (counting,
+    # OPERAND=1 in the input's dtype) a plain copy: copy_and_check.
     # CHECK: kind[0] = 1 where a nonzero is not a bfloat16 value, kind[1] = 1 where one is not an
-    # integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count; or, with
-    # WRITE, OPERAND=1 and no capacity, of an input copied into a captured graph's: copy_and_check).
+    # integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     live = r < rows
     t = r % steps
@@ -328,12 +328,12 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
         m = live[:, None] & (offs < features)[None, :]
         xv = tl.load(x_ptr + r[:, None] * features + offs[None, :], mask=m, other=0.0)
         nz = (xv != 0) & m
+        if OPERAND > 0:
+            operand = xv.to(op_ptr.dtype.element_ty)  # exact: the caller's route checked the values
+            for c in tl.static_range(OPERAND):
+                tl.store(op_ptr + r[:, None] * (OPERAND * features) + c * features + offs[None, :], operand,
+                         mask=m)
         if WRITE:
-            if OPERAND > 0:
-                operand = xv.to(op_ptr.dtype.element_ty)  # exact: the caller's route checked the values
-                for c in tl.static_range(OPERAND):
-                    tl.store(op_ptr + r[:, None] * (OPERAND * features) + c * features + offs[None, :], operand,
-                             mask=m)
             pos = base[:, None] + tl.cumsum(nz.to(tl.int64), axis=1) - 1
             keep = nz & (pos < capacity)
             tl.store(pos_ptr + pos, (t[:, None] * features + offs[None, :]).to(pos_ptr.dtype.element_ty), mask=keep)
@@ -1277,8 +1277,9 @@ def spike_check(x: Tensor) -> Tensor:
 
 
 def copy_and_check(x: Tensor, out: Tensor) -> Tensor:
-    """``out.copy_(x)`` and :func:`spike_check` of ``x`` in one pass over it (one launch): ``out`` and ``x``
-    of one shape and floating dtype, both contiguous. Returns the check, unread.
+    """``out.copy_(x)`` and :func:`spike_check` of ``x`` in one pass over it (one launch: the events'
+    counting pass, which also writes what it reads): ``out`` and ``x`` of one shape and floating
+    dtype, both contiguous. Returns the check, unread.
 
     A captured step copies its inputs into the graphs' own before each replay; an input that feeds a
     split GEMM is checked on the way (``snnopt.graphs``), instead of being read once more.
@@ -1294,12 +1295,12 @@ def copy_and_check(x: Tensor, out: Tensor) -> Tensor:
     rows = x.numel() // features
     block, rows_per_program, grid, warps = _event_pass_shape(rows, features)
     device = x.device
-    # Listing with no room for events (capacity 0: none written, every offset 0) and the input as its
-    # one-copy operand: the copy. (steps: only the events' positions use it.)
+    # The counting pass with the check, its input written out as a one-copy operand: the copy. (The
+    # counts are not needed; steps: only the events' positions use it.)
     kernels(_PLAIN_SPEC, x.dtype)._input_events_kernel[grid](
-        x, _unused(torch.int32, device), torch.zeros(rows, dtype=torch.int64, device=device),
+        x, torch.empty(rows, dtype=torch.int32, device=device), _unused(torch.int64, device),
         _unused(torch.int32, device), _unused(accumulation_dtype(x.dtype), device), kinds, out, rows, 1, features, 0,
-        WRITE=True, CHECK=True, OPERAND=1, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+        WRITE=False, CHECK=True, OPERAND=1, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     return kinds
 
 

@@ -38,7 +38,7 @@ COMPACT_KERNELS = {
                                   BLOCK=1024, num_warps=8, **({"op_ptr": op} if op else {}))
                              for write, check, copies, op in ((False, False, 0, None), (False, True, 0, None),
                                                               (True, False, 0, None), (True, False, 3, "*bf16"),
-                                                              (True, False, 1, "*i8"), (True, True, 1, "*fp32"))],
+                                                              (True, False, 1, "*i8"), (False, True, 1, "*fp32"))],
     # several entries per program (the shipped pair_entries) and one (the suite's trial pair_entries_1)
     # (and the suite's trial grouped_pairs_32: a block's pairs of one (b, j) merged before the atomics)
     "_sparse_weight_grad_kernel": [
