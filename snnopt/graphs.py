@@ -184,12 +184,11 @@ class CapturePlan:
     def forget_step(self) -> None:
         self._step_inputs, self._spike_outputs = (), []
 
-    def check_input(self, site: "CaptureSite", x: Tensor, kinds: Optional[Tensor] = None,
-                    values: Optional[Tensor] = None) -> None:
+    def check_input(self, site: "CaptureSite", x: Tensor, kinds: Optional[Tensor] = None) -> None:
         """Check on the device that a layer input ``x`` suits the tensor-core routes ``site`` recorded.
 
         ``kinds``: ``[not bfloat16, not int8]`` of x's nonzeros where a launch worked them out already
-        (the input events' count); else ``values`` (x or all its nonzeros) are checked here. The
+        (the input events' count); else x is checked here. The
         forward GEMM's route decides the forward's outputs: an earlier layer's spikes need no check;
         for an input of the step itself the check is left to :class:`GraphedModel`, before each replay
         (``input_checks``); otherwise it raises :attr:`invalid` inside the graph. The weight
@@ -209,7 +208,7 @@ class CapturePlan:
             if kinds is not None:
                 condition = kinds[1 if route in spike_matmul.INT8_ROUTES else 0] != 0
             else:
-                condition = _unsuited(x if values is None else values, route)
+                condition = _unsuited(x, route)
             if condition is not None:
                 (self.flag if forward else self.flag_overflow)(condition)
 
@@ -470,7 +469,7 @@ def _check_step_inputs(plan: CapturePlan, inputs, static_inputs: Sequence[Tensor
         if (static is not None and static.data_ptr() != given.data_ptr() and static.shape == given.shape
                 and static.dtype == given.dtype and given.is_floating_point() and given.is_contiguous()
                 and static.is_contiguous()):
-            kinds = triton_lif.copy_and_check(given.detach(), static.detach())
+            kinds = triton_lif.spike_check(given.detach(), copy_into=static.detach())
             copied.add(slot)
         else:
             kinds = triton_lif.spike_check(given)  # [not bfloat16, not int8] of its nonzeros

@@ -311,7 +311,7 @@ def _input_events_kernel(x_ptr, counts_ptr, offsets_ptr, pos_ptr, val_ptr, kind_
     # OPERAND: the pass reads every entry anyway, so it also writes the input as the forward GEMM's
     # spike operand (with WRITE), OPERAND copies side by side per row ((B*T, OPERAND*features) of
     # op_ptr's dtype, every entry written: no zero fill, no rebuild from the events); or (counting,
-    # OPERAND=1 in the input's dtype) a plain copy: copy_and_check.
+    # OPERAND=1 in the input's dtype) a plain copy: spike_check's copy_into.
     # CHECK: kind[0] = 1 where a nonzero is not a bfloat16 value, kind[1] = 1 where one is not an
     # integer in [-128, 127] (spike_matmul.spike_kind of the events, read with their count).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -1251,13 +1251,20 @@ def _event_pass_shape(rows: int, features: int) -> tuple[int, int, tuple, int]:
     return block, rows_per_program, (-(-rows // rows_per_program),), warps
 
 
-def spike_check(x: Tensor) -> Tensor:
+def spike_check(x: Tensor, copy_into: Optional[Tensor] = None) -> Tensor:
     """``[not bfloat16, not int8]`` of ``x``'s nonzero entries, as an int64 tensor on x's device, unread.
 
     Nonzero where some entry is not a bfloat16 value, or not an integer in [-128, 127]
     (``spike_matmul.spike_kind``'s two questions): the input events' counting launch, without the
-    events. A captured step checks its own inputs this way before each replay (``snnopt.graphs``).
+    events. ``copy_into`` (contiguous, of x's shape and floating dtype; x contiguous too): the same
+    launch also writes x there, a copy in the pass that checks. A captured step checks its own
+    inputs this way on their way into the graphs' copies, before each replay (``snnopt.graphs``).
     """
+    if copy_into is not None and (copy_into.shape != x.shape or copy_into.dtype != x.dtype
+                                  or not (x.is_contiguous() and copy_into.is_contiguous())
+                                  or not x.is_floating_point()):
+        raise ValueError(f"spike_check: copy_into must be contiguous like x, of a floating dtype, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(copy_into.shape)} {copy_into.dtype}")
     kinds = torch.zeros(2, dtype=torch.int64, device=x.device)
     if not x.numel():
         return kinds
@@ -1269,38 +1276,13 @@ def spike_check(x: Tensor) -> Tensor:
     rows = flat.shape[0]
     block, rows_per_program, grid, warps = _event_pass_shape(rows, features)
     device = x.device
-    kernels(_PLAIN_SPEC, x.dtype)._input_events_kernel[grid](
-        flat, torch.empty(rows, dtype=torch.int32, device=device), _unused(torch.int64, device),
-        _unused(torch.int32, device), _unused(torch.float32, device), kinds, _unused(torch.bfloat16, device), rows,
-        1, features, 0, WRITE=False, CHECK=True, OPERAND=0, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
-    return kinds
-
-
-def copy_and_check(x: Tensor, out: Tensor) -> Tensor:
-    """``out.copy_(x)`` and :func:`spike_check` of ``x`` in one pass over it (one launch: the events'
-    counting pass, which also writes what it reads): ``out`` and ``x`` of one shape and floating
-    dtype, both contiguous. Returns the check, unread.
-
-    A captured step copies its inputs into the graphs' own before each replay; an input that feeds a
-    split GEMM is checked on the way (``snnopt.graphs``), instead of being read once more.
-    """
-    if out.shape != x.shape or out.dtype != x.dtype or not (x.is_contiguous() and out.is_contiguous()) or (
-            not x.is_floating_point()):
-        raise ValueError(f"copy_and_check: expected two contiguous floating tensors of one shape and dtype, got "
-                         f"{tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}")
-    kinds = torch.zeros(2, dtype=torch.int64, device=x.device)
-    if not x.numel():
-        return kinds
-    features = x.shape[-1] if x.dim() else 1
-    rows = x.numel() // features
-    block, rows_per_program, grid, warps = _event_pass_shape(rows, features)
-    device = x.device
-    # The counting pass with the check, its input written out as a one-copy operand: the copy. (The
+    # The counting pass with the check; copying, its input written out as a one-copy operand. (The
     # counts are not needed; steps: only the events' positions use it.)
     kernels(_PLAIN_SPEC, x.dtype)._input_events_kernel[grid](
-        x, torch.empty(rows, dtype=torch.int32, device=device), _unused(torch.int64, device),
-        _unused(torch.int32, device), _unused(accumulation_dtype(x.dtype), device), kinds, out, rows, 1, features, 0,
-        WRITE=False, CHECK=True, OPERAND=1, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+        flat, torch.empty(rows, dtype=torch.int32, device=device), _unused(torch.int64, device),
+        _unused(torch.int32, device), _unused(accumulation_dtype(x.dtype), device), kinds,
+        _unused(torch.bfloat16, device) if copy_into is None else copy_into, rows, 1, features, 0, WRITE=False,
+        CHECK=True, OPERAND=0 if copy_into is None else 1, ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     return kinds
 
 

@@ -33,7 +33,7 @@ STAGES = TUNING.sweep_stages
 COMPACT_KERNELS = {
     # counting (with or without the spike check), listing, and listing that also writes the forward
     # GEMM's spike operand (bfloat16 three times side by side, or int8 once); and a captured step's
-    # input copied and checked (copy_and_check: the operand is the copy)
+    # input copied and checked (spike_check with copy_into: the operand is the copy)
     "_input_events_kernel": [dict(WRITE=write, CHECK=check, OPERAND=copies, ROWS=TUNING.event_tile // 1024,
                                   BLOCK=1024, num_warps=8, **({"op_ptr": op} if op else {}))
                              for write, check, copies, op in ((False, False, 0, None), (False, True, 0, None),

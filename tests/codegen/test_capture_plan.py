@@ -179,17 +179,17 @@ def test_spike_check_answers_both_questions():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_copy_and_check_copies_and_checks_in_one_pass(dtype):
+def test_spike_check_copies_and_checks_in_one_pass(dtype):
     gen = torch.Generator().manual_seed(9)
     x = (torch.rand(3, 7, 37, generator=gen) < 0.4).to(dtype)
     for values, expected in ((x, [0, 0]), (x * 0.5, [0, 1]), (x * 0.3, [1, 1] if dtype == torch.float32 else [0, 1])):
         values = values.to(DEVICE)
         out = torch.full_like(values, 7.0)
-        assert triton_lif.copy_and_check(values, out).tolist() == expected
+        assert triton_lif.spike_check(values, copy_into=out).tolist() == expected
         assert torch.equal(out, values)
         assert triton_lif.spike_check(values).tolist() == expected
-    with pytest.raises(ValueError, match="copy_and_check"):
-        triton_lif.copy_and_check(x.to(DEVICE), torch.empty(3, 7, 36, dtype=dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="copy_into"):
+        triton_lif.spike_check(x.to(DEVICE), copy_into=torch.empty(3, 7, 36, dtype=dtype, device=DEVICE))
 
 
 def test_recorded_route_is_the_one_every_recorded_step_could_take():
