@@ -748,7 +748,7 @@ def _layer_step_cases(device: torch.device, batch: int, steps: int, features: in
         w.grad = None
 
     cases = {"snnopt layer step, eager (forward + backward)": eager_step}
-    if device.type != "cuda" or GRAPHED in SKIPPED:  # capture needs CUDA, and a probe that worked
+    if not _can_capture(device):
         return cases
     graphed = {}
 
@@ -1376,6 +1376,7 @@ def _on_layer_tuning(sizes: SuiteSizes, args, device: torch.device, errors: dict
 
 
 def _can_capture(device: torch.device) -> bool:
+    """Whether the captured variants run: capture needs CUDA, and a probe that worked (no --skip)."""
     return device.type == "cuda" and GRAPHED not in SKIPPED
 
 
@@ -1393,27 +1394,26 @@ def _graph_reads(sizes: SuiteSizes, args, device: torch.device, errors: dict) ->
     hidden = sizes.hidden[min(1, len(sizes.hidden) - 1)]
     cfg = seed.SeedConfig(batch=sizes.seed_batch, steps=sizes.seed_steps, hidden=hidden)
     x, weights, _, _ = seed_layer_inputs(cfg, device)
-    layer = snnopt_layer(cfg, "sparse")
     grad_out = torch.randn(cfg.batch, cfg.steps, hidden, device=device)
     on_cfg, on_x, on_weight = on_problem(sizes.on_neurons[0], sizes, args, device)
-    cases, graphed = {}, {}
+    cases = {}
     for protocol, wait in (("shipped", False), ("waits_for_replay", True)):
+        seed_cases: dict = {}
+        _add_graphed_layer(seed_cases, cfg, x, weights[0], grad_out, None, False, errors,
+                           key=f"kernel_tuning.graph_reads.seed_layer1.{protocol}", label=protocol,
+                           wait_for_replay=wait)
+        for case in seed_cases.values():
+            cases[("seed_layer1", protocol)] = case
         try:
-            w = weights[0].clone().requires_grad_()
-            model = captured(lambda inp, w: layer(inp, w, None), (x, w), wait_for_replay=wait)
-            graphed[("seed_layer1", protocol)] = model
-            cases[("seed_layer1", protocol)] = Case(
-                protocol, protocol, lambda model=model, w=w: model(x, w),
-                lambda out: torch.autograd.backward(out, grad_out), [w])
             with torch.device(device):
                 module = SnnoptLayer(on_cfg, on_weight, "sparse")
             model = captured(module, (on_x,), wait_for_replay=wait)
-            graphed[(f"on_{on_cfg.hidden}", protocol)] = model
-            cases[(f"on_{on_cfg.hidden}", protocol)] = Case(
-                protocol, protocol, lambda model=model: model(on_x).sum(), lambda loss: loss.backward(),
-                list(module.parameters()))
-        except Exception as error:  # a capture failure: reported, the other protocol still timed
-            errors[f"kernel_tuning.graph_reads.{protocol}"] = describe(error)
+            case = Case(protocol, protocol, lambda model=model: model(on_x).sum(), lambda loss: loss.backward(),
+                        list(module.parameters()))
+            case.graphed = model
+            cases[(f"on_{on_cfg.hidden}", protocol)] = case
+        except Exception as error:  # a capture failure: reported, the rest still timed
+            errors[f"kernel_tuning.graph_reads.on_{on_cfg.hidden}.{protocol}"] = describe(error)
     run_errors: dict = {}
     samples = time_side_by_side({key: case.timed for key, case in cases.items()}, min(sizes.repeat, 5),
                                 max(sizes.warmup, 1), run_errors, device)
@@ -1421,7 +1421,7 @@ def _graph_reads(sizes: SuiteSizes, args, device: torch.device, errors: dict) ->
                    for (key, protocol), message in run_errors.items()})
     result: dict = {"config": {"hidden": hidden, "on_neurons": on_cfg.hidden}}
     for (key, protocol), case in cases.items():
-        entry = graph_facts(graphed[(key, protocol)])
+        entry = graph_facts(case.graphed)
         if (key, protocol) in samples:
             summary = summarise(samples[(key, protocol)])
             entry.update({k: summary[k] for k in ("forward_ms", "backward_ms", "step_ms", "repeats")})
