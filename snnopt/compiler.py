@@ -74,10 +74,12 @@ def optimize(model: torch.nn.Module, example_inputs, *, backward: str = "sparse"
     # Translation validation, layer by layer when the whole does not agree.
     mismatch = _validate(model, gm, inputs)
     if mismatch:
-        for number in range(len(context.fused)):
+        # Numbered as the matches were when layers are excluded (a match fuse_layers refused has a number too).
+        fused_numbers = [match.number for match in context.fused]
+        for number in fused_numbers:
             excluded[number] = f"the fused layer did not reproduce the original ({mismatch})"
         trial_excluded: dict = {}
-        for number in range(len(context.fused)):
+        for number in fused_numbers:
             others = {k: v for k, v in excluded.items() if k != number}
             trial, _ = _compile(model, inputs, backward, window, backend, others)
             reason = _validate(model, trial, inputs)

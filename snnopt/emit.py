@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import keyword
 import importlib.util
 import json
 import operator
@@ -144,6 +145,15 @@ def _is_torch_leaf(module: torch.nn.Module) -> bool:
             and not list(module.children()))
 
 
+def _access(path: str) -> str:
+    """Python for ``self.<path>``: ``getattr`` where a name is not an identifier (``nn.Sequential``'s ``0``)."""
+    expression = "self"
+    for part in path.split(".") if path else []:
+        expression = f"{expression}.{part}" if part.isidentifier() and not keyword.iskeyword(part) \
+            else f"getattr({expression}, {part!r})"
+    return expression
+
+
 def _module_lines(gm: fx.GraphModule) -> tuple[list, list]:
     """``__init__`` lines that rebuild gm's submodules, parameters and buffers; and tie lines."""
     lines, ties, seen = [], [], {}
@@ -152,10 +162,11 @@ def _module_lines(gm: fx.GraphModule) -> tuple[list, list]:
         if not path:
             holder = "self"
         else:
-            holder = "self." + path
-            parent, _, leaf = ("self." + path).rpartition(".")
+            holder = _access(path)
+            parent_path, _, leaf = path.rpartition(".")
+            parent = _access(parent_path)
             if id(module) in seen:
-                ties.append(f"{parent}.{leaf} = {seen[id(module)]}")
+                ties.append(f"{parent}.add_module({leaf!r}, {seen[id(module)]})")
                 continue
             seen[id(module)] = holder
             if _is_torch_leaf(module):
@@ -174,9 +185,9 @@ def _module_lines(gm: fx.GraphModule) -> tuple[list, list]:
             if param is None:
                 continue
             if id(param) in seen:
-                ties.append(f"{holder}.{name} = {seen[id(param)]}")
+                ties.append(f"{holder}.register_parameter({name!r}, {seen[id(param)]})")
                 continue
-            seen[id(param)] = f"{holder}.{name}"
+            seen[id(param)] = _access(f"{path}.{name}" if path else name)
             lines.append(f"{holder}.register_parameter({name!r}, torch.nn.Parameter(torch.empty("
                          f"{tuple(param.shape)}, dtype={_dtype(param)}), requires_grad={param.requires_grad}))")
         for name, buffer in module._buffers.items():

@@ -428,6 +428,23 @@ def _unary(op_type: str):
     return handler
 
 
+def _clamp(tr: _Translator, node: fx.Node):
+    """``clamp(x, min, max)`` with number bounds (snnTorch's ``beta.clamp(0, 1)``): ONNX Clip."""
+    x = node.args[0]
+    bounds = list(node.args[1:3]) + [None] * (3 - len(node.args))
+    bounds = [node.kwargs.get(key, bound) for key, bound in zip(("min", "max"), bounds)]
+    dtype = _np_dtype(tr.values[x])
+    names = []
+    for bound in bounds:
+        if bound is not None and not isinstance(bound, (int, float)):
+            raise ExportError(f"ONNX export: clamp with tensor bounds is not supported (node {node.name})"
+                              f"{_source(node)}")
+        names.append("" if bound is None else tr.b.const(float(bound), dtype, "clamp_bound"))
+    while names and names[-1] == "":
+        names.pop()
+    return tr.b.op("Clip", [tr.tensor_arg(x), *names], hint=node.name)
+
+
 def _identity(tr: _Translator, node: fx.Node):
     return tr.env[node.args[0]]
 
@@ -590,6 +607,7 @@ _FUNCTIONS = {
     torch.stack: _stack, torch.cat: lambda tr, node: _stack(tr, node, concat=True),
     operator.getitem: _getitem, getattr: _getattr, torch.nn.functional.linear: _functional_linear,
     torch.sum: _reduce("ReduceSum"), torch.mean: _reduce("ReduceMean"), torch.amax: _reduce("ReduceMax"),
+    torch.clamp: _clamp,
 }
 _METHODS = {
     "add": _binary("Add"), "sub": _binary("Sub"), "mul": _binary("Mul"), "div": _binary("Div"),
@@ -597,7 +615,7 @@ _METHODS = {
     "detach": _identity, "contiguous": _identity, "clone": _identity, "t": _transpose, "transpose": _transpose,
     "permute": _permute, "sum": _reduce("ReduceSum"), "mean": _reduce("ReduceMean"), "amax": _reduce("ReduceMax"),
     "max": _max, "reshape": _reshape, "view": _reshape, "flatten": _reshape, "unsqueeze": _unsqueeze,
-    "squeeze": _reshape,
+    "squeeze": _reshape, "clamp": _clamp,
 }
 _MODULES = {
     torch.nn.Linear: _module_linear, torch.nn.LayerNorm: _module_layer_norm, torch.nn.BatchNorm1d: _module_batch_norm,

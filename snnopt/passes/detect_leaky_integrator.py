@@ -4,7 +4,10 @@ Matches: chains ``o[t] = β·o[t-1] + γ·I[t]`` written with ``+``/``-``/``*`` 
 an add/sub node one of whose operands is a product of a constant and the previous add/sub node of
 the same chain. The step region between ``o[t-1]`` and ``o[t]`` is then evaluated on probes like a
 LIF step (:func:`snnopt.passes.detect_lif_recurrence.fit_step` without spikes), and the fitted
-equation must reproduce the traced run. Nodes already in a matched LIF layer are not considered.
+equation must reproduce the traced run. Nodes already in a matched LIF layer are not considered,
+nor are membranes that feed a spike function: a spiking layer the LIF detection refused (its
+reason is reported) is not an integrator, and pieces of it fused as one would be a rewrite for
+nothing.
 
 Produces ``LayerMatch(kind="leaky_integrator")`` in ``context.matches``. Refuses (reason in
 ``context.skipped``) like the LIF detection: several time-varying inputs, in-place ops, learnable β
@@ -18,7 +21,7 @@ import torch.fx as fx
 
 from snnopt.passes import regions as R
 from snnopt.passes.detect_lif_recurrence import (LayerMatch, StepFit, _bias_node, _close, _find_constant_node,
-                                                 _first_current, _Refusal, fit_step)
+                                                 _first_current, _Refusal, _threshold_of, fit_step)
 from snnopt.passes.trace import source_of
 
 
@@ -43,6 +46,7 @@ class DetectLeakyIntegrator:
         dependent = R.placeholder_dependent(gm)
         index = R.node_index(gm)
         taken = set().union(*(m.nodes for m in context.matches)) if context.matches else set()
+        taken |= {_threshold_of(n, dependent)[0] for n in gm.graph.nodes if "spike" in n.meta}
         previous = {}
         for node in gm.graph.nodes:
             if node in taken or not R.is_call(node, *R.ADD, *R.SUBTRACT):

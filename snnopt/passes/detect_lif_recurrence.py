@@ -64,6 +64,7 @@ class LayerMatch:
     beta_value: Any = None
     threshold_value: Any = None
     notes: list = field(default_factory=list)
+    number: int = -1  # its place among the matches when layers are excluded: what ``excluded_layers`` keys name
 
 
 def _per_neuron(ratio: torch.Tensor) -> Optional[torch.Tensor]:
@@ -167,8 +168,9 @@ def fit_step(fit: StepFit, like: torch.Tensor, spiking: bool, threshold: Optiona
         if scale is None or not torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5):
             raise _Refusal("the input current is not added with one scale for all neurons")
         input_scale = float(f"{float(scale.mean()):.6g}")  # float32 probes: 0.9999999 is the user's 1
-        # Probes keep s = H(v - θ), as a region that recomputes the reset from v expects.
-        v = rand() if not spiking else theta_b - rand()
+        # Probes keep s = H(v - θ), as a region that recomputes the reset from v expects, and stay at
+        # least 0.5 from 0: β is read as a ratio to v, after the constant term is taken off.
+        v = rand() if not spiking else torch.clamp(theta_b, max=0.0) - 0.5 - rand()
         leaked = fit(v, zeros, zeros) - offset_b
         if not _close(fit(0.5 * v, zeros, zeros) - offset_b, 0.5 * leaked) \
                 or not _close(fit(v, zeros, probe) - offset_b, leaked + input_scale * probe):
@@ -240,10 +242,33 @@ def _recurrent_current(spikes: torch.Tensor, linear_layout_weight: torch.Tensor)
 _MATMULS = (operator.matmul, torch.matmul, torch.mm, "matmul", "mm", torch.nn.functional.linear)
 
 
+def _unit_multiple(node, s_prev: fx.Node) -> bool:
+    """``s_prev * c`` with c exactly 1 everywhere (snnTorch's ``graded_spikes_factor`` left at 1)."""
+    if not R.is_call(node, *R.MULTIPLY) or len(node.args) != 2 or s_prev not in node.args:
+        return False
+    factor = node.args[1] if node.args[0] is s_prev else node.args[0]
+    held = factor.meta.get("value") if isinstance(factor, fx.Node) else factor
+    if isinstance(held, torch.Tensor):
+        return bool((held == 1).all()) and not held.requires_grad
+    return isinstance(held, (int, float)) and held == 1
+
+
+def _release_spike_copies(layer_nodes: set, groups: list) -> None:
+    """Leave outside the layer a unit multiple of its spikes that the recurrence reads and the model
+    also uses (snnTorch's ``spk * graded_spikes_factor``, fed to its recurrent linear and returned):
+    it is then computed from the fused op's spikes like any later use of them."""
+    spikes = {s for group in groups for s in group}
+    for node in list(layer_nodes):
+        if any(user not in layer_nodes for user in node.users) and any(
+                _unit_multiple(node, s) for s in node.all_input_nodes if s in spikes):
+            layer_nodes.discard(node)
+
+
 def _find_recurrent_weight(region: list, s_prev: fx.Node, dependent: set):
     """The ``s[t-1] @ W`` / ``linear(s[t-1], V)`` node's weight in the region, or (None, False)."""
     for node in region:
-        if node.op == "call_function" and node.target is torch.nn.functional.linear and node.args[0] is s_prev:
+        if node.op == "call_function" and node.target is torch.nn.functional.linear and (
+                node.args[0] is s_prev or _unit_multiple(node.args[0], s_prev)):
             if len(node.args) > 2 and node.args[2] is not None:
                 return None, False
             return node.args[1], False
@@ -432,6 +457,7 @@ class DetectLifRecurrence:
                 shifted = membrane_of[spike][2]
                 if shifted is not None:
                     layer_nodes.add(shifted)
+        _release_spike_copies(layer_nodes, groups)
         kind = "lif"
         return LayerMatch(kind=kind, currents=currents, states=chain, spikes=spikes, beta=beta,
                           threshold=theta_node if (theta_node is not None and info.shift == 0.0
@@ -483,11 +509,7 @@ class DetectLifRecurrence:
                 step = _SynapticStep(gm, region, chain[0], groups[0], carried[0], currents[1], chain[1], carried[1])
                 fitted = _fit_synaptic_step(step, like, theta_value.reshape(-1), recurrent_value)
                 fitted["recurrent_value"] = recurrent_value
-                trainable = [n for n in R.region_inputs(region, boundary)
-                             if n not in dependent and n is not recurrent and _depends_on_trainable(n, gm)]
-                if trainable and context.requested_backward == "sparse":
-                    raise _Refusal("β, α or θ is learnable, but backward='sparse' treats them as constants; "
-                                   "use backward='exact'")
+                first_region, first_boundary = region, boundary
         neuron_shape = tuple(like.shape[1:])
         offset = 0 if fitted["bias"] is None else fitted["bias"].reshape(neuron_shape)
         currents[0] = _first_current(chain[0], currents[1], index, dependent, set(currents[1:]),
@@ -500,12 +522,20 @@ class DetectLifRecurrence:
         beta = _find_constant_node(fitted["beta"], layer_nodes, chain, dependent, gm)
         alpha = _find_constant_node(fitted["alpha"], layer_nodes, chain, dependent, gm)
         bias = _bias_node(fitted, layer_nodes, chain, dependent, gm)
+        # The recurrent weight and the bias carry gradient in both modes (a recurrent linear's bias is a
+        # learnable bias); anything else learnable is β, α or θ.
+        trainable = [n for n in R.region_inputs(first_region, first_boundary)
+                     if n not in dependent and n is not recurrent and n is not bias and _depends_on_trainable(n, gm)]
+        if trainable and context.requested_backward == "sparse":
+            raise _Refusal("β, α or θ is learnable, but backward='sparse' treats them as constants; "
+                           "use backward='exact'")
         for group, membrane in zip(groups, chain):
             layer_nodes.add(membrane)
             for spike in group:
                 layer_nodes.add(spike)
                 if membrane_of[spike][2] is not None:
                     layer_nodes.add(membrane_of[spike][2])
+        _release_spike_copies(layer_nodes, groups)
         beta_value = fitted["beta"].reshape(neuron_shape)
         alpha_value = fitted["alpha"].reshape(neuron_shape)
         return LayerMatch(kind="cuba_lif", currents=currents, states=chain, spikes=spikes,
@@ -600,7 +630,7 @@ def _fit_synaptic_step(step: _SynapticStep, like, threshold, recurrent) -> dict:
         if alpha is None or scale is None or not torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5):
             raise _Refusal("the synaptic current is not syn = α·syn + I")
         input_scale = float(scale[0])
-        v = theta - rand()
+        v = torch.clamp(theta, max=0.0) - 0.5 - rand()  # below θ, and away from 0: β is read as a ratio to v
         syn_new, v_new = step(v, z, syn_probe, current_probe)
         expected_syn = alpha.reshape(shape[1:]) * syn_probe + input_scale * current_probe + off
         if not _close(syn_new, expected_syn):

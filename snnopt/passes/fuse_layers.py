@@ -91,8 +91,9 @@ class FuseLayers:
                                           "that the fused op does not model, e.g. a recurrence on the synaptic "
                                           "current)", steps=len(match.states))
             context.matches.remove(match)
+        dead = R.dead_nodes(gm)
         for number, match in enumerate(context.matches):
-            reason = _outside_use(match)
+            reason = _outside_use(match, dead)
             if reason:
                 context.skip(match.states[0], reason, steps=len(match.states))
                 continue
@@ -218,7 +219,7 @@ def _used_outside(node: fx.Node, match) -> bool:
     return any(user not in match.nodes for user in node.users)
 
 
-def _outside_use(match) -> str:
+def _outside_use(match, dead: set) -> str:
     keep = set(match.states) | set(match.spikes) | {s for group in match.spike_groups for s in group}
     for node in keep:
         mutated = next((u for u in node.users if R.in_place(u) and u not in match.nodes), None)
@@ -228,7 +229,7 @@ def _outside_use(match) -> str:
     for node in match.nodes:
         if node in keep:
             continue
-        outside = [u for u in node.users if u not in match.nodes]
+        outside = [u for u in R.live_users(node, dead) if u not in match.nodes]
         if outside:
             return (f"an intermediate value of the layer ({node.name}) is also used outside it, by "
                     f"{outside[0].name}; only spikes and membrane can be taken from a fused layer")

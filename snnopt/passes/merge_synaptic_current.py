@@ -10,6 +10,8 @@ recorded), since the fused CuBa op does not return it.
 
 from __future__ import annotations
 
+from snnopt.passes import regions as R
+
 
 class MergeSynapticCurrent:
     """Pass: fold integrator + LIF pairs into CuBa-LIF matches (see module docstring)."""
@@ -18,6 +20,7 @@ class MergeSynapticCurrent:
 
     def __call__(self, gm, context) -> bool:
         integrators = {tuple(m.states): m for m in context.matches if m.kind == "leaky_integrator"}
+        dead = R.dead_nodes(gm)
         merged = 0
         for match in list(context.matches):
             if match.kind != "lif" or match.recurrent_weight is not None:
@@ -26,7 +29,7 @@ class MergeSynapticCurrent:
             if synaptic is None or synaptic not in context.matches:
                 continue
             inside = synaptic.nodes | match.nodes
-            if any(user not in inside for state in synaptic.states for user in state.users):
+            if any(user not in inside for state in synaptic.states for user in R.live_users(state, dead)):
                 continue
             match.kind = "cuba_lif"
             match.alpha, match.alpha_value = synaptic.beta, synaptic.beta_value

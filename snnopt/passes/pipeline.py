@@ -18,6 +18,7 @@ from snnopt.passes.canonicalize import Canonicalize
 from snnopt.passes.detect_leaky_integrator import DetectLeakyIntegrator
 from snnopt.passes.detect_lif_recurrence import DetectLifRecurrence
 from snnopt.passes.eliminate_dead_code import EliminateDeadCode
+from snnopt.passes.expand_recurrent_linear import ExpandRecurrentLinear
 from snnopt.passes.fold_step_slices import FoldStepSlices
 from snnopt.passes.fuse_layers import FuseLayers
 from snnopt.passes.hoist_linear import HoistLinear
@@ -25,6 +26,7 @@ from snnopt.passes.merge_synaptic_current import MergeSynapticCurrent
 from snnopt.passes.propagate_active_sets import PropagateActiveSets
 from snnopt.passes.recognise_spike_functions import RecogniseSpikeFunctions
 from snnopt.passes.report_opaque_recurrences import ReportOpaqueRecurrences
+from snnopt.passes.share_constant_subexpressions import ShareConstantSubexpressions
 from snnopt.passes.trace import source_of
 from snnopt.report import SkippedRegion
 
@@ -64,6 +66,7 @@ class ExcludeLayers:
     def __call__(self, gm, context) -> bool:
         kept = []
         for number, match in enumerate(context.matches):
+            match.number = number  # later passes may refuse matches: context.fused is not numbered alike
             if number in context.excluded_layers:
                 context.skip(match.states[0], context.excluded_layers[number],
                              steps=len(match.states))
@@ -75,7 +78,9 @@ class ExcludeLayers:
 
 PASSES = (
     Canonicalize(),
+    ShareConstantSubexpressions(),
     RecogniseSpikeFunctions(),
+    ExpandRecurrentLinear(),
     DetectLifRecurrence(),
     DetectLeakyIntegrator(),
     ReportOpaqueRecurrences(),

@@ -136,6 +136,26 @@ def constant_value(node: Any, dependent: set) -> Optional[Any]:
     return node.meta.get("value")
 
 
+def dead_nodes(gm: fx.GraphModule) -> set:
+    """Nodes whose results nothing live reads and that change nothing (what eliminate_dead_code removes at
+    the end): snnTorch's traced ``if not syn == None`` tests, the reset spike ``reset_mechanism="none"``
+    still computes from the initial state. Before that pass they must not count as uses of a layer's
+    values outside it; they stay in the graph meanwhile (a last step's unused spike still marks its
+    membrane as one)."""
+    dead: set = set()
+    for node in reversed(gm.graph.nodes):
+        if node.op in ("output", "placeholder") or in_place(node) or node.is_impure():
+            continue
+        if all(user in dead for user in node.users):
+            dead.add(node)
+    return dead
+
+
+def live_users(node: fx.Node, dead: set) -> list:
+    """``node``'s users less the :func:`dead_nodes`."""
+    return [u for u in node.users if u not in dead]
+
+
 def in_place(node: fx.Node) -> bool:
     """Whether ``node`` mutates one of its arguments (``x.add_(…)``, ``x[i] = …``, ``out=``)."""
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):

@@ -209,6 +209,7 @@ class ConcreteTracer(fx.Tracer):
         self._placeholder_values: list = []
         self._module_stack: list[str] = [""]
         self.grad_at_start = True
+        self._buffers_at_start: dict = {}
 
     def current_module_path(self) -> str:
         return self._module_stack[-1]
@@ -226,6 +227,18 @@ class ConcreteTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> ConcreteProxy:
         return ConcreteProxy(node, self)
+
+    def create_arg(self, a: Any):
+        # fx refers to any tensor that is a buffer *now* by the buffer's name, to be read when the graph
+        # runs. A buffer the forward itself assigned while tracing (snnTorch's ``self.mem =
+        # torch.zeros_like(...)`` in ``reset_mem``) holds, at that point, a value the forward computed
+        # from shapes and constants; when the graph runs the buffer holds whatever the module's last
+        # call (or the state restored after tracing) left there, which the graph never writes. The
+        # trace-time value is what the forward used: it becomes a constant of the graph.
+        if isinstance(a, Tensor) and not isinstance(a, torch.nn.Parameter) and id(a) not in self._buffers_at_start \
+                and any(a is b for b in self.root.buffers()):
+            return super().create_arg(a.detach().clone())
+        return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         if self.grad_at_start and not torch.is_grad_enabled() and kind != "placeholder":
@@ -275,6 +288,7 @@ class ConcreteTracer(fx.Tracer):
     def trace_with_values(self, root: torch.nn.Module, example_inputs: tuple) -> fx.Graph:
         self._placeholder_values = list(example_inputs)
         self.grad_at_start = torch.is_grad_enabled()
+        self._buffers_at_start = {id(b): b for b in root.buffers()}  # (kept: their ids stay theirs)
         concrete_args = _defaults_beyond(root, len(example_inputs))
         with _autograd_functions_as_nodes(self):
             return self.trace(root, concrete_args=concrete_args or None)

@@ -297,7 +297,7 @@ def test_whole_zoo_packages_and_onnx_in_process(tmp_path, case_name):
 
     case = next(c for c in ALL_CASES if c.name == case_name)
     model, x = case.build(), case.example_inputs()
-    optimized = snnopt.optimize(model, x)
+    optimized = snnopt.optimize(model, x, backward="sparse" if "sparse" in case.modes else "exact")
     left_whole = any(getattr(n.target, "__name__", "") == "run_unchanged" for n in optimized.graph.nodes)
     try:
         emit_package(optimized, tmp_path / "opt", example_inputs=x)

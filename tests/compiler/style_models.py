@@ -30,6 +30,7 @@ Outputs are tensors or tuples/lists of tensors; tests flatten them with ``torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -687,6 +688,87 @@ class SnntorchInitHidden(nn.Module):
         return torch.stack(spk_rec, dim=1).sum(dim=1)
 
 
+def _snntorch_spike_grad(surrogate_fn, sparse_twin: bool, window: float):
+    if not sparse_twin:  # snnTorch's reset is detached already; the twin windows the surrogate only
+        return surrogate_fn
+    return lambda u: surrogate_fn(_WindowGate.apply(u, window))
+
+
+class SnntorchSynaptic(nn.Module):
+    """snnTorch ``Synaptic`` (current-based) then ``Leaky``, states passed explicitly."""
+
+    def __init__(self, n_in=32, n_hidden=24, n_out=16, seed=32, sparse_twin=False, window=WINDOW):
+        super().__init__()
+        import snntorch
+        from snntorch import surrogate
+
+        spike_grad = _snntorch_spike_grad(surrogate.fast_sigmoid(slope=25), sparse_twin, window)
+        self.fc1 = _linear(n_in, n_hidden, seed, gain=1.2, bias_mean=0.02)
+        self.lif1 = snntorch.Synaptic(alpha=0.7, beta=0.9, spike_grad=spike_grad)
+        self.fc2 = _linear(n_hidden, n_out, seed + 10, gain=2.5, bias_mean=0.1)
+        self.lif2 = snntorch.Leaky(beta=0.85, spike_grad=spike_grad)
+
+    def forward(self, x):
+        syn1, mem1 = self.lif1.init_synaptic()
+        mem2 = self.lif2.init_leaky()
+        spikes = []
+        for step in range(x.shape[1]):
+            spk1, syn1, mem1 = self.lif1(self.fc1(x[:, step]), syn1, mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            spikes.append(spk2)
+        return torch.stack(spikes, dim=1)
+
+
+class SnntorchRecurrent(nn.Module):
+    """snnTorch ``RLeaky`` or ``RSynaptic`` (all-to-all ``nn.Linear`` recurrence, with its bias) in an
+    ``nn.Sequential``, ``init_hidden=True``, reset inside ``forward``."""
+
+    def __init__(self, n_in=32, n_hidden=24, seed=33, sparse_twin=False, window=WINDOW, synaptic=False):
+        super().__init__()
+        import snntorch
+        from snntorch import surrogate
+
+        spike_grad = _snntorch_spike_grad(surrogate.atan(alpha=2.0), sparse_twin, window)
+        if synaptic:
+            lif = snntorch.RSynaptic(alpha=0.7, beta=0.9, linear_features=n_hidden, spike_grad=spike_grad,
+                                     init_hidden=True)
+        else:
+            lif = snntorch.RLeaky(beta=0.9, linear_features=n_hidden, spike_grad=spike_grad, init_hidden=True)
+        lif.recurrent = _linear(n_hidden, n_hidden, seed + 20, gain=0.8, bias_mean=-0.02)
+        self.net = nn.Sequential(_linear(n_in, n_hidden, seed, gain=1.2 if synaptic else 2.2, bias_mean=0.05), lif)
+
+    def forward(self, x):
+        self.net[1].reset_mem()
+        return torch.stack([self.net(x[:, step]) for step in range(x.shape[1])], dim=1)
+
+
+class SnntorchLearnable(nn.Module):
+    """snnTorch layers whose decays and threshold are parameters: ``Leaky(learn_beta, learn_threshold)``
+    (β read through ``beta.clamp(0, 1)`` at every step) and ``Synaptic(learn_alpha, learn_beta)``."""
+
+    def __init__(self, n_in=32, n_hidden=24, n_out=16, seed=34, sparse_twin=False, window=WINDOW):
+        super().__init__()
+        import snntorch
+        from snntorch import surrogate
+
+        spike_grad = _snntorch_spike_grad(surrogate.fast_sigmoid(slope=25), sparse_twin, window)
+        self.fc1 = _linear(n_in, n_hidden, seed, gain=2.2, bias_mean=0.05)
+        self.lif1 = snntorch.Leaky(beta=0.9, spike_grad=spike_grad, learn_beta=True, learn_threshold=True)
+        self.fc2 = _linear(n_hidden, n_out, seed + 10, gain=1.6, bias_mean=0.05)
+        self.lif2 = snntorch.Synaptic(alpha=0.7, beta=0.85, spike_grad=spike_grad, learn_alpha=True,
+                                      learn_beta=True)
+
+    def forward(self, x):
+        mem1 = self.lif1.init_leaky()
+        syn2, mem2 = self.lif2.init_synaptic()
+        spikes = []
+        for step in range(x.shape[1]):
+            spk1, mem1 = self.lif1(self.fc1(x[:, step]), mem1)
+            spk2, syn2, mem2 = self.lif2(self.fc2(spk1), syn2, mem2)
+            spikes.append(spk2)
+        return torch.stack(spikes, dim=1)
+
+
 # ------------------------------------------------------------------------------ running a case
 
 
@@ -740,6 +822,7 @@ class StyleCase:
     input_seed: int = 0
     fully_fused: bool = True
     window: float = WINDOW
+    modes: tuple[str, ...] = ("exact", "sparse")  # the backward modes that fuse it
 
     def build(self, sparse_twin: bool = False) -> nn.Module:
         return self.model(sparse_twin=sparse_twin, window=self.window)
@@ -831,6 +914,19 @@ PEER_CASES: list[StyleCase] = [
               styles=("snntorch leaky init_leaky", "fast_sigmoid(25)", "membrane records", "several layers")),
     StyleCase("snntorch_init_hidden", SnntorchInitHidden, features=32, expected_fused={"lif": 1},
               styles=("snntorch leaky init_hidden", "atan(2)", "output summed")),
+    StyleCase("snntorch_synaptic", SnntorchSynaptic, features=32, expected_fused={"cuba_lif": 1, "lif": 1},
+              styles=("snntorch synaptic", "cuba", "fast_sigmoid(25)", "several layers", "output stacked")),
+    StyleCase("snntorch_rleaky", SnntorchRecurrent, features=32, expected_fused={"lif": 1},
+              styles=("snntorch rleaky init_hidden", "recurrent", "nn.Linear recurrence with bias", "atan(2)",
+                      "output stacked")),
+    StyleCase("snntorch_rsynaptic", functools.partial(SnntorchRecurrent, synaptic=True), features=32,
+              expected_fused={"cuba_lif": 1},
+              styles=("snntorch rsynaptic init_hidden", "cuba", "recurrent", "nn.Linear recurrence with bias",
+                      "atan(2)", "output stacked")),
+    # β, α and θ are parameters: backward="sparse" treats them as constants and refuses (tested apart).
+    StyleCase("snntorch_learnable", SnntorchLearnable, features=32, expected_fused={"lif": 1, "cuba_lif": 1},
+              styles=("snntorch learn_beta learn_threshold", "snntorch synaptic learn_alpha", "learnable beta",
+                      "cuba", "several layers", "output stacked"), modes=("exact",)),
 ]
 
 ALL_CASES: list[StyleCase] = STYLE_CASES + UNSUPPORTED_CASES + PEER_CASES
