@@ -1,7 +1,7 @@
 """Write a recurrent ``nn.Linear`` module call as the weight product plus the bias it adds.
 
 Matches: a call of an ``nn.Linear`` module (kept whole by the tracer, like any library module)
-whose input is a layer's own spikes, ``spike(v - θ)`` or those spikes times a constant, and whose
+whose input is a layer's own spikes, ``spike(v - θ)`` or those spikes times an exact 1, and whose
 output flows back into the same layer's next membrane: the recurrence of snnTorch's ``RLeaky``
 and ``RSynaptic`` (``self.recurrent(self.spk)``) or of a user's ``self.rec(s)``. Produces
 ``linear(s, weight) + bias`` with the module's own parameters (``get_attr`` nodes), which the LIF
@@ -11,8 +11,8 @@ the rounding of the separate bias addition; translation validation checks the re
 
 Refuses (leaves the call alone) when the linear does not feed back into the layer whose spikes it
 reads (a feed-forward layer between two spiking layers: ``hoist_linear`` batches those over time
-as module calls), or when the module is not exactly ``torch.nn.Linear`` (a subclass may compute
-something else).
+as module calls), when its input is the spikes scaled by anything but 1, or when the module is
+not exactly ``torch.nn.Linear`` (a subclass may compute something else).
 """
 
 from __future__ import annotations
@@ -24,31 +24,21 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from snnopt.passes import regions as R
+from snnopt.passes.detect_lif_recurrence import _threshold_of, _unit_multiple
 
 # How far forward from the linear's output, and from the membrane, the search for their meeting
 # goes (nodes, not steps): one step's update is a handful of arithmetic nodes.
 _MEETING_DEPTH = 12
 
 
-def _spike_source(node, dependent: set):
-    """The spike call ``node`` is (or is a constant multiple of), else None."""
+def _spike_source(node):
+    """The spike call ``node`` is, or is the unit multiple of (``spk * graded_spikes_factor``), else None: the
+    forms the recurrence detection reads as the recurrent input (expanding others would fuse nothing)."""
     if isinstance(node, fx.Node) and "spike" in node.meta:
         return node
-    if R.is_call(node, *R.MULTIPLY, operator.truediv, torch.div, "div") and len(node.args) == 2:
-        first, second = node.args
-        constant = lambda a: not isinstance(a, fx.Node) or a not in dependent  # noqa: E731
-        if isinstance(first, fx.Node) and "spike" in first.meta and constant(second):
-            return first
-        if node.target in R.MULTIPLY and isinstance(second, fx.Node) and "spike" in second.meta and constant(first):
-            return second
+    if isinstance(node, fx.Node):
+        return next((a for a in node.all_input_nodes if "spike" in a.meta and _unit_multiple(node, a)), None)
     return None
-
-
-def _membrane_of(spike: fx.Node):
-    argument = spike.args[0] if spike.args else None
-    if R.is_call(argument, *R.SUBTRACT) and isinstance(argument.args[0], fx.Node):
-        return argument.args[0]
-    return argument if isinstance(argument, fx.Node) else None
 
 
 def _reach(start: fx.Node, stop: set) -> set:
@@ -88,9 +78,9 @@ class ExpandRecurrentLinear:
             module = gm.get_submodule(node.target)
             if type(module) is not torch.nn.Linear:
                 continue
-            spike = _spike_source(node.args[0], dependent)
-            membrane = _membrane_of(spike) if spike is not None else None
-            if membrane is None or not _feeds_back(node, membrane, spike_nodes):
+            spike = _spike_source(node.args[0])
+            membrane = _threshold_of(spike, dependent)[0] if spike is not None else None
+            if not isinstance(membrane, fx.Node) or not _feeds_back(node, membrane, spike_nodes):
                 continue
             self._expand(gm, node, module)
             expanded += 1
